@@ -1,0 +1,124 @@
+"""memprune command line: thin wiring of files to the library (see DESIGN.md §3)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .errors import MemPruneError
+from .generate import GenerationSettings
+from .models import DEFAULT_MODEL
+from .select import GRANULARITIES, NEURON_SCORES, SelectionSettings
+
+TESTBED_CAPTIONS = Path(DEFAULT_MODEL) / "captions"
+
+
+class FriendlyGroup(click.Group):
+    """Every MemPruneError becomes one sentence on stderr and exit code 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MemPruneError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def default_testbed_file(model: str | None, given: str | None, name: str, option: str) -> str:
+    """Prompt files default to the embedded testbed's captions when the testbed is the model."""
+    if given is not None:
+        return given
+    if model in (None, DEFAULT_MODEL):
+        return str(TESTBED_CAPTIONS / name)
+    raise MemPruneError(f"{option} is required when --model is not the embedded testbed.")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+model_option = click.option("--model", default=None, help="Diffusers pipeline folder or hub id (default: the embedded testbed).")
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+dtype_option = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+
+
+@click.group(cls=FriendlyGroup)
+@click.version_option(package_name="memprune")
+def main():
+    """Locate and delete the neurons of a diffusion model that carry memorized training images."""
+
+
+@main.command()
+@model_option
+@click.option("--memorized", default=None, type=click.Path(), help="Memorized prompts (.txt/.csv/.jsonl).")
+@click.option("--reference", default="empty", show_default=True, help="'empty' (the empty prompt) or a file of non-memorized prompts.")
+@click.option("--steps", default=50, show_default=True, help="Sampling steps per generation.")
+@click.option("--seeds", default=1, show_default=True, help="Generations per prompt.")
+@click.option("--seed", default=0, show_default=True, help="First seed.")
+@click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's).")
+@click.option("--batch-size", default=8, show_default=True, help="Prompts per pipeline call.")
+@click.option("--ratio", default=0.01, show_default=True, help="Share k/H of columns kept per output row (0, 1].")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="weight", show_default=True)
+@click.option("--neuron-score", type=click.Choice(NEURON_SCORES), default="zscore", show_default=True)
+@click.option("--half", type=click.Choice(["both", "cond", "uncond"]), default="both", show_default=True, help="CFG half to record.")
+@click.option("--num-prompts", type=int, default=None, help="Locate on a seeded sample of this many memorized prompts.")
+@click.option("--sample-seed", default=0, show_default=True, help="Seed of --num-prompts and of the subsets.")
+@click.option("--subsets", default=0, show_default=True, help="N seeded subsets for the overlap analysis (0: none).")
+@click.option("--subset-size", default=10, show_default=True, help="Prompts per subset (m).")
+@click.option("--control", default=None, type=click.Path(), help="Non-memorized prompts for the overlap controls.")
+@device_option
+@dtype_option
+@out_option
+@overwrite_option
+def locate(model, memorized, reference, steps, seeds, seed, guidance_scale, batch_size, ratio, granularity,
+           neuron_score, half, num_prompts, sample_seed, subsets, subset_size, control, device, dtype, out, overwrite):
+    """Record FFN activations of memorized vs reference prompts and select the memorization weights."""
+    from .locate import LocateSettings, locate_to_folder
+
+    memorized = default_testbed_file(model, memorized, "memorized.csv", "--memorized")
+    if subsets and control is None and model in (None, DEFAULT_MODEL):
+        control = str(TESTBED_CAPTIONS / "non_memorized_same_style.csv")
+    settings = LocateSettings(
+        model=model or DEFAULT_MODEL,
+        memorized=memorized,
+        reference=reference,
+        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
+        selection=SelectionSettings(ratio=ratio, granularity=granularity, neuron_score=neuron_score),
+        half=half,
+        num_prompts=num_prompts,
+        sample_seed=sample_seed,
+        subsets=subsets,
+        subset_size=subset_size,
+        control=control,
+    )
+    summary = locate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype))
+    click.echo(summary)
+
+
+@main.command()
+@model_option
+@click.option("--masks", "masks_folder", required=True, type=click.Path(), help="Output folder of `memprune locate`.")
+@click.option("--timesteps", default=10, show_default=True, help="τ: prune the union of the masks of steps 0..τ-1.")
+@device_option
+@out_option
+@overwrite_option
+def prune(model, masks_folder, timesteps, device, out, overwrite):
+    """Zero the located weights and save an edited pipeline that stock diffusers loads."""
+    from .prune import prune_to_folder
+
+    click.echo(prune_to_folder(model or DEFAULT_MODEL, masks_folder, out, timesteps=timesteps, overwrite=overwrite, device=device))
+
+
+def _register_optional_commands() -> None:
+    """Commands of modules that may be absent in a partial install are added only when importable."""
+    try:
+        from .testbed.cli import testbed
+    except ImportError:
+        return
+    main.add_command(testbed)
+
+
+_register_optional_commands()

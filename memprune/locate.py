@@ -1,0 +1,176 @@
+"""`memprune locate`: record memorized and reference prompts, select with Wanda, compare seeded subsets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import MemPruneError
+from .generate import GenerationSettings, generate, uses_cfg
+from .masks import Masks, subset_overlap
+from .models import denoiser, layer_shapes, model_identity, output_linears
+from .prompts import PromptList, empty_prompts, read_prompts, seeded_subsets
+from .record import HALVES, ActivationRecorder
+from .select import SelectionSettings, select
+from .stats import NeuronStats
+
+
+@dataclass
+class LocateSettings:
+    model: str
+    memorized: str
+    reference: str = "empty"  # "empty" or a prompt file of non-memorized captions
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
+    half: str = "both"
+    num_prompts: int | None = None  # locate on a seeded sample of this many memorized prompts
+    sample_seed: int = 0
+    subsets: int = 0  # N seeded subsets for the overlap analysis (0: none)
+    subset_size: int = 10
+    control: str | None = None  # non-memorized prompts for the overlap controls
+
+    def __post_init__(self):
+        if self.half not in HALVES:
+            raise MemPruneError(f"Unknown --half '{self.half}': use one of {', '.join(HALVES)}.")
+        if self.generation.steps < 1 or self.generation.seeds < 1:
+            raise MemPruneError("--steps and --seeds must be at least 1.")
+        if self.subsets == 1:
+            raise MemPruneError("--subsets needs at least 2 subsets to compare (or 0 for none).")
+
+
+@dataclass
+class LocateResult:
+    masks: Masks
+    memorized_stats: NeuronStats
+    reference_stats: NeuronStats
+    prompts: PromptList
+    overlap: pd.DataFrame | None = None
+    subset_masks: dict[str, list[Masks]] = field(default_factory=dict)
+
+
+def record_prompts(pipe, prompts: list[str], generation: GenerationSettings, half: str = "both",
+                   desc: str = "recording", progress: bool = True) -> NeuronStats:
+    """Generate every prompt with hooks on; return the statistics (latents are discarded, no VAE decode)."""
+    recorder = ActivationRecorder(denoiser(pipe), half=half, cfg=uses_cfg(pipe, generation))
+    with recorder:
+        for _ in generate(pipe, prompts, generation, output_type="latent", before_call=recorder.new_generation,
+                          progress=progress, desc=desc):
+            pass
+    recorder.stats.check_finite()
+    recorder.stats.meta.update({"prompts": len(prompts), "half": half, "steps": generation.steps, "seeds": generation.seeds})
+    return recorder.stats.to("cpu")
+
+
+def reference_prompts(reference: str, count: int, seed: int) -> list[str]:
+    """The reference set, as many prompts as the memorized set so the summed statistics are comparable:
+    the empty prompt repeated, or a seeded sample of a non-memorized file (cycled if it is shorter)."""
+    if reference == "empty":
+        return empty_prompts(count).prompts
+    captions = read_prompts(reference).prompts
+    order = np.random.default_rng(seed).permutation(len(captions))
+    return [captions[order[i % len(captions)]] for i in range(count)]
+
+
+class _Locator:
+    """Records and selects with one pipeline and one set of settings; caches reference statistics by size."""
+
+    def __init__(self, pipe, settings: LocateSettings):
+        self.pipe = pipe
+        self.settings = settings
+        self.weights = {name: linear.weight for name, linear in output_linears(denoiser(pipe)).items()}
+        self._reference_cache: dict[int, NeuronStats] = {}
+
+    def reference_stats(self, count: int) -> NeuronStats:
+        if count not in self._reference_cache:
+            prompts = reference_prompts(self.settings.reference, count, self.settings.sample_seed)
+            self._reference_cache[count] = record_prompts(
+                self.pipe, prompts, self.settings.generation, self.settings.half, desc=f"reference ({count})"
+            )
+        return self._reference_cache[count]
+
+    def locate(self, prompts: list[str], desc: str, meta: dict) -> tuple[Masks, NeuronStats, NeuronStats]:
+        memorized = record_prompts(self.pipe, prompts, self.settings.generation, self.settings.half, desc=desc)
+        reference = self.reference_stats(len(prompts))
+        masks = select(self.weights, memorized, reference, self.settings.selection, meta=meta)
+        return masks, memorized, reference
+
+
+def locate(settings: LocateSettings, pipe) -> LocateResult:
+    """Masks of the memorized prompts (all, or a seeded sample), plus subset overlap with controls if asked."""
+    memorized = read_prompts(settings.memorized)
+    if settings.num_prompts is not None:
+        memorized = memorized.subset(seeded_subsets(len(memorized), 1, settings.num_prompts, settings.sample_seed)[0])
+    net = denoiser(pipe)
+    meta = {
+        "model": model_identity(settings.model, pipe),
+        "settings": {"half": settings.half, "reference": settings.reference, "generation": vars(settings.generation)},
+        "prompts": memorized.prompts,
+    }
+    meta["model"]["layer_shapes"] = layer_shapes(net)
+    locator = _Locator(pipe, settings)
+    masks, memorized_stats, reference_stats = locator.locate(memorized.prompts, "memorized", meta)
+    result = LocateResult(masks, memorized_stats, reference_stats, memorized)
+    if settings.subsets:
+        result.subset_masks = subset_masks(locator, settings)
+        result.overlap = subset_overlap(result.subset_masks)
+    return result
+
+
+def subset_masks(locator: _Locator, settings: LocateSettings) -> dict[str, list[Masks]]:
+    """Masks of N seeded memorized subsets and N non-memorized (control) subsets of the same size."""
+    if settings.control is None:
+        raise MemPruneError("--subsets needs non-memorized prompts for the controls: give --control FILE.")
+    groups = {"memorized": read_prompts(settings.memorized), "non_memorized": read_prompts(settings.control)}
+    result = {}
+    for offset, (name, prompts) in enumerate(groups.items()):
+        draws = seeded_subsets(len(prompts), settings.subsets, settings.subset_size, settings.sample_seed + 1 + offset)
+        result[name] = [
+            locator.locate(prompts.subset(draw).prompts, f"{name} subset {i + 1}/{len(draws)}", {"subset": draw})[0]
+            for i, draw in enumerate(draws)
+        ]
+    return result
+
+
+def save_locate_result(result: LocateResult, folder: str | Path) -> None:
+    folder = Path(folder)
+    result.masks.save(folder)
+    (folder / "stats").mkdir(exist_ok=True)
+    result.memorized_stats.save(folder / "stats" / "memorized.safetensors")
+    result.reference_stats.save(folder / "stats" / "reference.safetensors")
+    pd.DataFrame({"caption": result.prompts.prompts}).to_csv(folder / "prompts_used.csv", index=False)
+    if result.overlap is not None:
+        result.overlap.to_csv(folder / "overlap.csv", index=False)
+
+
+def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, device: str = "auto", dtype=None) -> str:
+    """The `memprune locate` command as a function: load, locate, write the folder atomically; return a summary."""
+    from .masks import summarize_overlap
+    from .models import load_pipeline, resolve_device
+    from .runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
+
+    check_output_dir(out, overwrite)
+    read_prompts(settings.memorized)  # fail on a bad prompt file before loading a model
+    if settings.reference != "empty":
+        read_prompts(settings.reference)
+    timer = Timer()
+    with timer("load"):
+        pipe = load_pipeline(settings.model, resolve_device(device), dtype)
+    with timer("locate"):
+        result = locate(settings, pipe)
+    protected = [settings.model] if Path(settings.model).exists() else []
+    with atomic_output_dir(out, overwrite, protected) as staging:
+        save_locate_result(result, staging)
+        inputs = {"memorized": settings.memorized, "reference": settings.reference, "control": settings.control}
+        write_run_json(staging, settings, inputs, timer.seconds, model=result.masks.meta["model"])
+    counts = result.masks.count()
+    lines = [
+        f"Located {sum(counts.values())} weight selections over {len(result.masks.layers)} layers x "
+        f"{len(result.masks.steps)} steps from {len(result.prompts)} memorized prompts.",
+        f"Masks: {Path(out) / 'masks.safetensors'}",
+    ]
+    if result.overlap is not None:
+        lines.append("Subset overlap (mean IoU):\n" + summarize_overlap(result.overlap).round(3).to_string())
+        lines.append(f"Overlap table: {Path(out) / 'overlap.csv'}")
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""Masks: which weights of each FeedForward output Linear were selected, per (layer, step).
+
+A mask is stored sparsely as the sorted flat indices of its selected entries in the weight W (C x H),
+so memory and file size scale with what is selected, not with the model (SDXL x 50 steps would be GBs
+of booleans). IoU, per-step unions and save/load work on these index sets.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from itertools import combinations, product
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import MemPruneError
+
+Key = tuple[str, int]
+MASKS_FILE = "masks.safetensors"
+MASKS_META = "masks.json"
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|A ∩ B| / |A ∪ B| of two sorted index sets (or two boolean masks); NaN when both are empty."""
+    if a.dtype == torch.bool:
+        a, b = a.flatten().nonzero().squeeze(1), b.flatten().nonzero().squeeze(1)
+    intersection = np.intersect1d(a.cpu().numpy(), b.cpu().numpy(), assume_unique=True).size
+    union = a.numel() + b.numel() - intersection
+    return intersection / union if union else float("nan")
+
+
+@dataclass
+class Masks:
+    indices: dict[Key, torch.Tensor]  # sorted int64 flat indices into the (C, H) weight
+    shapes: dict[str, tuple[int, int]]
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dense(cls, dense: dict[Key, torch.Tensor], meta: dict | None = None) -> "Masks":
+        shapes = {layer: tuple(mask.shape) for (layer, _), mask in dense.items()}
+        indices = {key: mask.flatten().nonzero().squeeze(1).cpu() for key, mask in dense.items()}
+        return cls(indices=indices, shapes=shapes, meta=dict(meta or {}))
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.shapes)
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({step for _, step in self.indices})
+
+    def dense(self, layer: str, step: int) -> torch.Tensor:
+        return self._to_dense(layer, self.indices[(layer, step)])
+
+    def _to_dense(self, layer: str, indices: torch.Tensor) -> torch.Tensor:
+        rows, columns = self.shapes[layer]
+        mask = torch.zeros(rows * columns, dtype=torch.bool)
+        mask[indices] = True
+        return mask.view(rows, columns)
+
+    def union_indices(self, steps: int | Iterable[int]) -> dict[str, torch.Tensor]:
+        """Per layer, the indices selected at any of `steps` (an int τ means steps 0..τ-1)."""
+        wanted = range(steps) if isinstance(steps, int) else list(steps)
+        missing = [s for s in wanted if s not in self.steps]
+        if missing:
+            raise MemPruneError(
+                f"The masks hold steps {self.steps[0]}..{self.steps[-1]} but step {missing[0]} was asked for: "
+                f"use --timesteps {len(self.steps)} or fewer."
+            )
+        return {
+            layer: torch.unique(torch.cat([self.indices[(layer, s)] for s in wanted if (layer, s) in self.indices]))
+            for layer in self.layers
+        }
+
+    def union(self, steps: int | Iterable[int]) -> dict[str, torch.Tensor]:
+        """Per layer, the boolean mask of weights selected at any of `steps`."""
+        return {layer: self._to_dense(layer, idx) for layer, idx in self.union_indices(steps).items()}
+
+    def count(self) -> dict[Key, int]:
+        return {key: int(idx.numel()) for key, idx in self.indices.items()}
+
+    def iou(self, other: "Masks") -> pd.DataFrame:
+        """IoU per (layer, step) present in both."""
+        rows = [
+            {"layer": layer, "step": step, "iou": iou(idx, other.indices[(layer, step)])}
+            for (layer, step), idx in self.indices.items()
+            if (layer, step) in other.indices
+        ]
+        return pd.DataFrame(rows, columns=["layer", "step", "iou"])
+
+    def check_compatible(self, shapes: dict[str, list[int]]) -> None:
+        """Refuse masks made for another model: every layer must exist with the same weight shape."""
+        for layer, shape in self.shapes.items():
+            if layer not in shapes:
+                raise MemPruneError(
+                    f"The masks were made for another model: layer '{layer}' does not exist in this one "
+                    f"(masks from {self.meta.get('model', {}).get('source', 'an unknown model')})."
+                )
+            if tuple(shapes[layer]) != tuple(shape):
+                raise MemPruneError(
+                    f"The masks were made for another model: layer '{layer}' has weight shape {list(shape)} "
+                    f"in the masks but {list(shapes[layer])} in this model."
+                )
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{layer}|{step}": idx.contiguous() for (layer, step), idx in self.indices.items()}
+        save_file(tensors, str(folder / MASKS_FILE))
+        meta = {
+            **self.meta,
+            "layers": {layer: list(shape) for layer, shape in self.shapes.items()},
+            "steps": self.steps,
+            "selected": {f"{layer}|{step}": n for (layer, step), n in self.count().items()},
+        }
+        (folder / MASKS_META).write_text(json.dumps(meta, indent=1))
+        return folder / MASKS_FILE
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Masks":
+        folder = Path(folder)
+        if folder.is_file():
+            folder = folder.parent
+        if not (folder / MASKS_FILE).is_file() or not (folder / MASKS_META).is_file():
+            raise MemPruneError(f"'{folder}' holds no {MASKS_FILE} + {MASKS_META}: give the output folder of `memprune locate`.")
+        try:
+            tensors = load_file(str(folder / MASKS_FILE))
+            meta = json.loads((folder / MASKS_META).read_text())
+            shapes = {layer: tuple(shape) for layer, shape in meta.pop("layers").items()}
+        except Exception as exc:
+            raise MemPruneError(f"Masks in '{folder}' are unreadable or malformed: {exc}.") from exc
+        meta.pop("steps", None)
+        meta.pop("selected", None)
+        indices = {}
+        for key, idx in tensors.items():
+            layer, step = key.rsplit("|", 1)
+            indices[(layer, int(step))] = idx
+        return cls(indices=indices, shapes=shapes, meta=meta)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+OVERLAP_COLUMNS = ["group_a", "group_b", "subset_a", "subset_b", "layer", "step", "iou"]
+
+
+def subset_overlap(groups: dict[str, list[Masks]]) -> pd.DataFrame:
+    """Tidy pairwise IoU: pairs i<j inside each group (no diagonal) and all pairs across groups."""
+    frames = []
+    names = list(groups)
+    pairs = [(g, g, i, j) for g in names for i, j in combinations(range(len(groups[g])), 2)]
+    pairs += [
+        (a, b, i, j)
+        for a, b in combinations(names, 2)
+        for i, j in product(range(len(groups[a])), range(len(groups[b])))
+    ]
+    for group_a, group_b, i, j in pairs:
+        frame = groups[group_a][i].iou(groups[group_b][j])
+        frame.insert(0, "subset_b", j)
+        frame.insert(0, "subset_a", i)
+        frame.insert(0, "group_b", group_b)
+        frame.insert(0, "group_a", group_a)
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=OVERLAP_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[OVERLAP_COLUMNS]
+
+
+def summarize_overlap(overlap: pd.DataFrame) -> pd.DataFrame:
+    """Mean IoU per comparison (group pair): overall, and the range of the per-layer means."""
+    comparison = overlap["group_a"] + " vs " + overlap["group_b"]
+    by_layer = overlap.groupby([comparison, "layer"])["iou"].mean().groupby(level=0)
+    return pd.DataFrame(
+        {
+            "mean_iou": overlap.groupby(comparison)["iou"].mean(),
+            "min_layer_iou": by_layer.min(),
+            "max_layer_iou": by_layer.max(),
+        }
+    ).rename_axis("comparison")

@@ -1,0 +1,115 @@
+"""Load a pipeline (local folder, hub id or the embedded testbed) and find its FeedForward layers."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import MemPruneError
+
+# The embedded memorization testbed shipped with the repository (see data/testbed/MODEL_CARD.md).
+DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "data" / "testbed")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise MemPruneError(f"Unknown device '{device}': use auto, cpu, cuda or cuda:N.") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MemPruneError(f"Device '{device}' was asked for but CUDA is not available: use --device cpu.")
+    return resolved
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
+
+
+def check_model_source(model: str) -> None:
+    """Fail early, with one sentence, on a model argument that cannot be a diffusers pipeline."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MemPruneError(f"Model '{model}' is a file, not a diffusers pipeline folder.")
+        if not (path / "model_index.json").is_file():
+            raise MemPruneError(
+                f"Model folder '{model}' has no model_index.json: it is not a diffusers pipeline "
+                "(save one with pipeline.save_pretrained)."
+            )
+        return
+    if not _looks_like_hub_id(model):
+        raise MemPruneError(f"Model '{model}' does not exist: give a diffusers pipeline folder or a hub id (org/name).")
+
+
+def load_pipeline(model: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load any diffusers text-to-image pipeline; weights as safetensors, never remote code."""
+    from diffusers import DiffusionPipeline
+
+    model = model or DEFAULT_MODEL
+    check_model_source(model)
+    kwargs = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    except Exception as exc:  # diffusers raises many types; all mean "cannot load this"
+        raise MemPruneError(f"Could not load a diffusers pipeline from '{model}': {str(exc).splitlines()[0]}") from exc
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # it would replace memorized copies by black images and hide them
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(torch.device(device) if isinstance(device, str) else device)
+    denoiser(pipe)  # fail now, with a clear message, on a pipeline without FeedForward layers
+    return pipe
+
+
+def denoiser(pipe) -> nn.Module:
+    """The network called once per sampling step: `unet` (SD 1.x/2.x/SDXL) or `transformer` (DiT-style)."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            if not find_feedforwards(module):
+                raise MemPruneError(f"The pipeline's {name} has no FeedForward layers: memprune has nothing to record.")
+            return module
+    raise MemPruneError("The pipeline has neither a unet nor a transformer: it is not a text-to-image diffusion pipeline.")
+
+
+def find_feedforwards(model: nn.Module) -> dict[str, nn.Module]:
+    """All diffusers FeedForward modules by dotted name, in module order (found by type, never by name)."""
+    from diffusers.models.attention import FeedForward
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, FeedForward)}
+
+
+def output_linear(feedforward: nn.Module) -> nn.Linear:
+    """The FeedForward's last nn.Linear (H -> C): its input is the recorded activation."""
+    linears = [m for m in feedforward.net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise MemPruneError("A FeedForward layer has no nn.Linear in its net: unsupported architecture.")
+    return linears[-1]
+
+
+def output_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: output_linear(ff) for name, ff in find_feedforwards(model).items()}
+
+
+def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {name: list(linear.weight.shape) for name, linear in output_linears(model).items()}
+
+
+def model_identity(model_source: str, pipe) -> dict:
+    """What a masks file records about the model it was made for."""
+    net = denoiser(pipe)
+    shapes = layer_shapes(net)
+    fingerprint = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "source": str(model_source),
+        "denoiser_class": type(net).__name__,
+        "pipeline_class": type(pipe).__name__,
+        "layer_shapes_sha256": fingerprint,
+    }

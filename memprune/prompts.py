@@ -1,0 +1,140 @@
+"""Read prompt files (.txt, .csv, .jsonl) with optional labels; draw seeded subsets."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MemPruneError
+
+CAPTION_COLUMNS = ("Caption", "caption", "prompt", "text", "Prompt", "Text")
+LABEL_COLUMNS = ("type", "label", "group")
+IMAGE_COLUMNS = ("image", "image_file", "file")
+
+
+@dataclass
+class PromptList:
+    """Prompts with optional per-prompt labels (e.g. VM/TM) and ground-truth image files."""
+
+    prompts: list[str]
+    source: str = ""
+    labels: list[str] | None = None
+    images: list[str | None] | None = None
+    extra: dict[str, list] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, indices) -> "PromptList":
+        pick = lambda values: None if values is None else [values[i] for i in indices]  # noqa: E731
+        return PromptList(
+            prompts=[self.prompts[i] for i in indices],
+            source=self.source,
+            labels=pick(self.labels),
+            images=pick(self.images),
+            extra={k: [v[i] for i in indices] for k, v in self.extra.items()},
+        )
+
+
+def empty_prompts(count: int) -> PromptList:
+    """Chavhan's default reference: the empty prompt, as many times as there are memorized prompts."""
+    return PromptList(prompts=[""] * count, source="empty")
+
+
+def _first_present(columns, candidates):
+    return next((c for c in candidates if c in columns), None)
+
+
+def _read_csv(path: Path, text: str) -> PromptList:
+    first_line = text.splitlines()[0] if text else ""
+    delimiter = ";" if first_line.count(";") > first_line.count(",") else ","
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    columns = reader.fieldnames or []
+    caption_column = _first_present(columns, CAPTION_COLUMNS)
+    if caption_column is None:
+        raise MemPruneError(
+            f"Prompt file '{path}' has no caption column: name one of {', '.join(CAPTION_COLUMNS[:4])} in its header line."
+        )
+    rows = list(reader)
+    label_column = _first_present(columns, LABEL_COLUMNS)
+    image_column = _first_present(columns, IMAGE_COLUMNS)
+    prompts = []
+    for line_number, row in enumerate(rows, start=2):
+        caption = row.get(caption_column)
+        if caption is None:
+            raise MemPruneError(f"Prompt file '{path}' line {line_number} has no {caption_column} value: fix or remove that line.")
+        prompts.append(caption.strip())
+    base = path.parent
+    images = None
+    if image_column:
+        images = [str((base / row[image_column]).resolve()) if row.get(image_column) else None for row in rows]
+    known = {caption_column, label_column, image_column, ""}
+    extra = {c: [row.get(c) for row in rows] for c in columns if c not in known and c is not None}
+    return PromptList(
+        prompts=prompts,
+        source=str(path),
+        labels=[row[label_column] for row in rows] if label_column else None,
+        images=images,
+        extra=extra,
+    )
+
+
+def _read_jsonl(path: Path, text: str) -> PromptList:
+    records = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MemPruneError(f"Prompt file '{path}' line {line_number} is not valid JSON: {exc.msg}.") from exc
+        if isinstance(record, str):
+            record = {"prompt": record}
+        key = _first_present(record, CAPTION_COLUMNS) if isinstance(record, dict) else None
+        if key is None:
+            raise MemPruneError(f"Prompt file '{path}' line {line_number} has no caption/prompt/text field.")
+        records.append(record)
+    label_key = _first_present(records[0], LABEL_COLUMNS) if records else None
+    return PromptList(
+        prompts=[str(r[_first_present(r, CAPTION_COLUMNS)]).strip() for r in records],
+        source=str(path),
+        labels=[str(r.get(label_key, "")) for r in records] if label_key else None,
+    )
+
+
+def read_prompts(path: str | Path, label: str | None = None) -> PromptList:
+    """Read a prompt file; `label` keeps only rows with that label (e.g. "VM")."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemPruneError(f"Prompt file '{path}' does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MemPruneError(f"Prompt file '{path}' is not UTF-8 text.") from exc
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        prompts = _read_csv(path, text)
+    elif suffix in (".jsonl", ".json"):
+        prompts = _read_jsonl(path, text)
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = PromptList(prompts=lines, source=str(path))
+    if label is not None:
+        if prompts.labels is None:
+            raise MemPruneError(f"Prompt file '{path}' has no label column, so it cannot be filtered by '{label}'.")
+        prompts = prompts.subset([i for i, value in enumerate(prompts.labels) if value == label])
+    if len(prompts) == 0:
+        raise MemPruneError(f"Prompt file '{path}' holds no prompts: give at least one caption.")
+    return prompts
+
+
+def seeded_subsets(n_items: int, n_subsets: int, size: int, seed: int = 0) -> list[list[int]]:
+    """N random subsets of `size` indices, drawn without replacement inside each subset; same seed, same subsets."""
+    if size > n_items:
+        raise MemPruneError(f"Subset size {size} is larger than the {n_items} prompts available.")
+    rng = np.random.default_rng(seed)
+    return [sorted(rng.choice(n_items, size=size, replace=False).tolist()) for _ in range(n_subsets)]

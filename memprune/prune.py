@@ -1,0 +1,125 @@
+"""Apply masks to a pipeline (zero the selected weights of each FeedForward output Linear) and save it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import MemPruneError
+from .masks import MASKS_FILE, Masks, file_sha256
+from .models import denoiser, layer_shapes, output_linears
+
+PRUNE_INFO = "memprune.json"
+
+
+@dataclass
+class PruneResult:
+    """What an edit replaced, so it can be undone and verified (as ROME returns its edit)."""
+
+    timesteps: int
+    zeroed: dict[str, int] = field(default_factory=dict)  # masked weights per layer
+    indices: dict[str, torch.Tensor] = field(default_factory=dict)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def total_zeroed(self) -> int:
+        return sum(self.zeroed.values())
+
+
+def apply_masks(pipe, masks: Masks, timesteps: int = 10) -> PruneResult:
+    """Zero the union over steps 0..timesteps-1 of the masks, in place on `pipe`; biases are untouched."""
+    if timesteps < 1:
+        raise MemPruneError(f"--timesteps must be at least 1, got {timesteps}.")
+    if timesteps > len(masks.steps):
+        raise MemPruneError(
+            f"--timesteps {timesteps} is larger than the {len(masks.steps)} steps recorded in the masks: "
+            f"use at most {len(masks.steps)}."
+        )
+    net = denoiser(pipe)
+    masks.check_compatible(layer_shapes(net))
+    linears = output_linears(net)
+    result = PruneResult(timesteps=timesteps)
+    with torch.no_grad():
+        for layer, indices in masks.union_indices(timesteps).items():
+            flat = linears[layer].weight.view(-1)
+            indices = indices.to(flat.device)
+            result.indices[layer] = indices.cpu()
+            result.originals[layer] = flat[indices].detach().cpu().clone()
+            flat[indices] = 0
+            result.zeroed[layer] = int(indices.numel())
+    return result
+
+
+def undo(pipe, result: PruneResult) -> None:
+    """Restore the weights an `apply_masks` call replaced."""
+    linears = output_linears(denoiser(pipe))
+    with torch.no_grad():
+        for layer, indices in result.indices.items():
+            flat = linears[layer].weight.view(-1)
+            flat[indices.to(flat.device)] = result.originals[layer].to(flat)
+
+
+def prune_info(source: str, masks_folder: str | Path, result: PruneResult, masks: Masks) -> dict:
+    shapes = masks.shapes
+    return {
+        "source": str(source),
+        "masks": str(Path(masks_folder).resolve()),
+        "masks_sha256": file_sha256(Path(masks_folder) / MASKS_FILE),
+        "timesteps": result.timesteps,
+        "zeroed_weights": result.zeroed,
+        "zeroed_share": {layer: n / (shapes[layer][0] * shapes[layer][1]) for layer, n in result.zeroed.items()},
+        "total_zeroed": result.total_zeroed,
+        "selection": masks.meta.get("selection", {}),
+    }
+
+
+def save_pruned(pipe, folder: str | Path, info: dict) -> None:
+    """A complete diffusers pipeline folder (safetensors) that stock diffusers loads, plus memprune.json."""
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    (Path(folder) / PRUNE_INFO).write_text(json.dumps(info, indent=1))
+
+
+def verify_pruned(folder: str | Path, masks: Masks, timesteps: int) -> int:
+    """Reload the saved pipeline with stock diffusers and check every masked weight is zero; return the count."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+    linears = output_linears(denoiser(pipe))
+    checked = 0
+    for layer, indices in masks.union_indices(timesteps).items():
+        values = linears[layer].weight.view(-1)[indices]
+        if torch.count_nonzero(values):
+            raise MemPruneError(f"Verification failed: {layer} still has non-zero masked weights after reload.")
+        checked += indices.numel()
+    return checked
+
+
+def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrite: bool = False, device: str = "auto") -> str:
+    """The `memprune prune` command as a function: load a fresh copy, zero, save atomically, reload and verify."""
+    from .models import load_pipeline, resolve_device
+    from .runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
+
+    check_output_dir(out, overwrite)
+    masks = Masks.load(masks_folder)
+    timer = Timer()
+    with timer("load"):
+        pipe = load_pipeline(model, resolve_device(device))
+    with timer("prune"):
+        result = apply_masks(pipe, masks, timesteps)
+    protected = [model] if Path(model).exists() else []
+    with atomic_output_dir(out, overwrite, protected) as staging:
+        info = prune_info(model, masks_folder, result, masks)
+        with timer("save"):
+            save_pruned(pipe.to("cpu"), staging, info)
+        with timer("verify"):
+            verified = verify_pruned(staging, masks, timesteps)
+        write_run_json(staging, {"model": model, "masks": str(masks_folder), "timesteps": timesteps},
+                       {"masks": Path(masks_folder) / MASKS_FILE}, timer.seconds, zeroed_weights=result.zeroed)
+    total = sum(n for n in (masks.shapes[layer][0] * masks.shapes[layer][1] for layer in result.zeroed))
+    return (
+        f"Zeroed {result.total_zeroed} weights ({result.total_zeroed / total:.3%} of the FeedForward output weights) "
+        f"in {len(result.zeroed)} layers, steps 0..{timesteps - 1}; verified {verified} zeros after reload.\n"
+        f"Edited pipeline: {out}"
+    )

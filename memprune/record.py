@@ -1,0 +1,87 @@
+"""ActivationRecorder: forward hooks on every FeedForward's output Linear, reduced into NeuronStats."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import MemPruneError
+from .models import output_linears
+from .stats import NeuronStats
+
+Half = Literal["both", "cond", "uncond"]
+HALVES = ("both", "cond", "uncond")
+
+
+class ActivationRecorder:
+    """Context manager recording FFN hidden activations of a denoiser, per layer and per sampling step.
+
+    The step is the index of the denoiser call since the last `new_generation()` (0 = first, noisiest call).
+    With classifier-free guidance the pipeline batches [unconditional, conditional]; `half` picks which part
+    is recorded. On exit it removes exactly the hooks it added, also after an exception.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        half: Half = "both",
+        cfg: bool = True,
+        stats: NeuronStats | None = None,
+        layer_filter=None,
+    ):
+        if half not in HALVES:
+            raise MemPruneError(f"Unknown half '{half}': use one of {', '.join(HALVES)}.")
+        if not cfg and half == "uncond":
+            raise MemPruneError("half='uncond' needs classifier-free guidance (guidance scale > 1).")
+        self.denoiser = denoiser
+        self.half = half
+        self.cfg = cfg
+        self.stats = stats if stats is not None else NeuronStats()
+        linears = output_linears(denoiser)
+        self.linears = {name: m for name, m in linears.items() if layer_filter is None or layer_filter(name)}
+        self.step = -1
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def new_generation(self) -> None:
+        """Call before each pipeline call: the next denoiser call is step 0."""
+        self.step = -1
+
+    def _on_denoiser_call(self, module, args, kwargs):
+        self.step += 1
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if timestep is not None and self.step not in self.stats.timesteps:
+            value = timestep.flatten()[0] if torch.is_tensor(timestep) else timestep
+            self.stats.timesteps[self.step] = float(value)
+
+    def _select_half(self, x: torch.Tensor) -> torch.Tensor:
+        if self.half == "both" or not self.cfg:
+            return x
+        half_size = x.shape[0] // 2
+        return x[:half_size] if self.half == "uncond" else x[half_size:]
+
+    def _hook_for(self, layer: str):
+        def hook(module, args):
+            if self.step < 0:
+                raise MemPruneError("ActivationRecorder saw a FeedForward call before any denoiser call.")
+            self.stats.update(layer, self.step, self._select_half(args[0].detach()))
+
+        return hook
+
+    def __enter__(self) -> "ActivationRecorder":
+        try:
+            self._handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True))
+            for layer, linear in self.linears.items():
+                self._handles.append(linear.register_forward_pre_hook(self._hook_for(layer)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()

@@ -1,0 +1,87 @@
+"""Selection: Wanda (weight granularity, Chavhan et al.) and neuron granularity (z-score or ratio)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MemPruneError
+from .masks import Masks
+from .stats import NeuronStats
+
+GRANULARITIES = ("weight", "neuron")
+NEURON_SCORES = ("zscore", "ratio")
+
+
+@dataclass
+class SelectionSettings:
+    ratio: float = 0.01
+    granularity: str = "weight"
+    neuron_score: str = "zscore"
+
+    def __post_init__(self):
+        if not 0 < self.ratio <= 1:
+            raise MemPruneError(f"--ratio must be in (0, 1], got {self.ratio}.")
+        if self.granularity not in GRANULARITIES:
+            raise MemPruneError(f"Unknown granularity '{self.granularity}': use weight or neuron.")
+        if self.neuron_score not in NEURON_SCORES:
+            raise MemPruneError(f"Unknown neuron score '{self.neuron_score}': use zscore or ratio.")
+
+
+def keep_count(ratio: float, width: int) -> int:
+    return math.floor(ratio * width)
+
+
+def wanda_mask(weight: torch.Tensor, a_mem: torch.Tensor, a_ref: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Per output row i keep the top-k columns of |W[i]| * a_mem, then only columns with a_mem > a_ref."""
+    a_mem = a_mem.to(weight.device, torch.float32)
+    a_ref = a_ref.to(weight.device, torch.float32)
+    scores = weight.detach().abs().float() * a_mem[None, :]
+    k = keep_count(ratio, weight.shape[1])
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        mask.scatter_(1, scores.topk(k, dim=1).indices, True)
+    return mask & (a_mem > a_ref)[None, :]
+
+
+def neuron_scores(memorized, reference, score: str = "zscore") -> torch.Tensor:
+    """NeMo-style z-score of the token-averaged activation, or the ratio of Wanda norms."""
+    eps = 1e-8
+    if score == "zscore":
+        return (memorized.mean - reference.mean) / (reference.std + eps)
+    return memorized.wanda_norm / (reference.wanda_norm + eps)
+
+
+def neuron_mask(weight: torch.Tensor, memorized, reference, ratio: float, score: str = "zscore") -> torch.Tensor:
+    """Top-k neurons (whole columns of W) by score, kept only where the score says 'more active than reference'."""
+    scores = neuron_scores(memorized, reference, score).to(weight.device, torch.float32)
+    k = keep_count(ratio, weight.shape[1])
+    columns = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
+    if k > 0:
+        columns[scores.topk(k).indices] = True
+    columns &= scores > (0.0 if score == "zscore" else 1.0)
+    return columns[None, :].expand(weight.shape[0], -1).clone()
+
+
+def select(
+    weights: dict[str, torch.Tensor],
+    memorized: NeuronStats,
+    reference: NeuronStats,
+    settings: SelectionSettings,
+    steps: list[int] | None = None,
+    meta: dict | None = None,
+) -> Masks:
+    """Masks for every (layer, step) recorded in both statistics."""
+    steps = steps if steps is not None else memorized.steps
+    dense = {}
+    for layer, weight in weights.items():
+        for step in steps:
+            if (layer, step) not in memorized.accumulators or (layer, step) not in reference.accumulators:
+                raise MemPruneError(f"No statistics for {layer} at step {step}: record both prompt sets with the same --steps.")
+            mem, ref = memorized[(layer, step)], reference[(layer, step)]
+            if settings.granularity == "weight":
+                dense[(layer, step)] = wanda_mask(weight, mem.wanda_norm, ref.wanda_norm, settings.ratio)
+            else:
+                dense[(layer, step)] = neuron_mask(weight, mem, ref, settings.ratio, settings.neuron_score)
+    return Masks.from_dense(dense, meta={"selection": vars(settings).copy(), **(meta or {})})

@@ -1,0 +1,159 @@
+"""NeuronStats: per (layer, step) accumulators of FeedForward hidden activations, mergeable and saveable.
+
+For every (layer, step) and hidden unit j:
+- sumsq_normed[j] = sum over samples and tokens of (x_j / ||x||_2)^2  -> Wanda norm a[j] = sqrt(sumsq_normed[j])
+- count, mean[j], m2[j] of the token-averaged activation per sample (Chan et al.'s parallel Welford), so
+  two partial statistics merge exactly into the statistics of the union.
+Raw activations are never stored: memory does not grow with the number of prompts.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import MemPruneError
+
+Key = tuple[str, int]
+FIELDS = ("sumsq_normed", "mean", "m2")
+
+
+@dataclass
+class Accumulator:
+    """Statistics of one layer at one step."""
+
+    sumsq_normed: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+    count: int = 0  # samples (prompt x seed x CFG half) seen
+    tokens: int = 0  # tokens seen (samples x spatial positions)
+
+    @classmethod
+    def zeros(cls, width: int, device, dtype) -> "Accumulator":
+        return cls(*(torch.zeros(width, device=device, dtype=dtype) for _ in FIELDS))
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Reduce a (samples, tokens, H) activation into the accumulators, on its own device."""
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        samples, tokens, width = x.shape
+        # One float32 copy of the squares, then a matrix-vector product does normalise-and-sum in one pass.
+        squares = x.to(torch.float32).square_() if x.dtype != torch.float32 else x.square()
+        inverse_norms = squares.sum(-1).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
+        self.sumsq_normed += (inverse_norms.reshape(1, -1) @ squares.reshape(-1, width)).squeeze(0).to(self.mean.dtype)
+        sample_means = x.mean(dim=1, dtype=torch.float32).to(self.mean.dtype)
+        batch_mean = sample_means.mean(0)
+        batch_m2 = (sample_means - batch_mean).square_().sum(0)
+        self._merge_moments(samples, batch_mean, batch_m2)
+        self.tokens += samples * tokens
+
+    def _merge_moments(self, count_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        count_a = self.count
+        total = count_a + count_b
+        delta = mean_b - self.mean
+        self.mean += delta * (count_b / total)
+        self.m2 += m2_b + delta.square() * (count_a * count_b / total)
+        self.count = total
+
+    def merge(self, other: "Accumulator") -> None:
+        self.sumsq_normed += other.sumsq_normed.to(self.sumsq_normed)
+        if other.count:
+            self._merge_moments(other.count, other.mean.to(self.mean), other.m2.to(self.m2))
+        self.tokens += other.tokens
+
+    @property
+    def wanda_norm(self) -> torch.Tensor:
+        return self.sumsq_normed.sqrt()
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Sample standard deviation of the token-averaged activation (0 with fewer than 2 samples)."""
+        return (self.m2 / max(self.count - 1, 1)).sqrt()
+
+
+@dataclass
+class NeuronStats:
+    """Accumulators for every recorded (layer, step), plus the scheduler timestep of each step."""
+
+    accumulators: dict[Key, Accumulator] = field(default_factory=dict)
+    timesteps: dict[int, float] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def update(self, layer: str, step: int, x: torch.Tensor) -> None:
+        key = (layer, step)
+        accumulator = self.accumulators.get(key)
+        if accumulator is None:
+            dtype = torch.float64 if x.device.type == "cpu" else torch.float32
+            accumulator = self.accumulators[key] = Accumulator.zeros(x.shape[-1], x.device, dtype)
+        accumulator.add_batch(x)
+
+    def __getitem__(self, key: Key) -> Accumulator:
+        return self.accumulators[key]
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(layer for layer, _ in self.accumulators))
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({step for _, step in self.accumulators})
+
+    def merge(self, other: "NeuronStats") -> "NeuronStats":
+        """Add `other` into self (in place) and return self: equals recording the union of both inputs."""
+        for key, accumulator in other.accumulators.items():
+            if key in self.accumulators:
+                self.accumulators[key].merge(accumulator)
+            else:
+                mine = Accumulator.zeros(accumulator.mean.numel(), accumulator.mean.device, accumulator.mean.dtype)
+                mine.merge(accumulator)
+                self.accumulators[key] = mine
+        self.timesteps.update(other.timesteps)
+        return self
+
+    def check_finite(self) -> None:
+        for (layer, step), accumulator in self.accumulators.items():
+            if not all(torch.isfinite(getattr(accumulator, name)).all() for name in FIELDS):
+                raise MemPruneError(
+                    f"Activations of {layer} at step {step} contain NaN or inf: run in float32 (--dtype float32) "
+                    "or check the model weights."
+                )
+
+    def to(self, device) -> "NeuronStats":
+        for accumulator in self.accumulators.values():
+            for name in FIELDS:
+                setattr(accumulator, name, getattr(accumulator, name).to(device))
+        return self
+
+    def save(self, path: str | Path) -> None:
+        """Write `path` (.safetensors) and a JSON sidecar with counts, timesteps and meta."""
+        path = Path(path)
+        tensors = {
+            f"{layer}|{step}|{name}": getattr(acc, name).detach().cpu().contiguous()
+            for (layer, step), acc in self.accumulators.items()
+            for name in FIELDS
+        }
+        save_file(tensors, str(path))
+        sidecar = {
+            "counts": {f"{layer}|{step}": [acc.count, acc.tokens] for (layer, step), acc in self.accumulators.items()},
+            "timesteps": {str(step): value for step, value in self.timesteps.items()},
+            "meta": self.meta,
+        }
+        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeuronStats":
+        path = Path(path)
+        if not path.is_file() or not path.with_suffix(".json").is_file():
+            raise MemPruneError(f"Statistics file '{path}' or its .json sidecar is missing.")
+        tensors = load_file(str(path))
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        stats = cls(timesteps={int(k): v for k, v in sidecar["timesteps"].items()}, meta=sidecar.get("meta", {}))
+        for key, (count, tokens) in sidecar["counts"].items():
+            layer, step = key.rsplit("|", 1)
+            stats.accumulators[(layer, int(step))] = Accumulator(
+                *(tensors[f"{key}|{name}"] for name in FIELDS), count=count, tokens=tokens
+            )
+        return stats
