@@ -150,7 +150,9 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
     from .models import load_pipeline, resolve_device
     from .runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
 
-    check_output_dir(out, overwrite)
+    source = settings.model
+    protected = [source] if Path(source).exists() else []
+    check_output_dir(out, overwrite, protected)
     read_prompts(settings.memorized)  # fail on a bad prompt file before loading a model
     if settings.reference != "empty":
         read_prompts(settings.reference)
@@ -159,7 +161,6 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
         pipe = load_pipeline(settings.model, resolve_device(device), dtype)
     with timer("locate"):
         result = locate(settings, pipe)
-    protected = [settings.model] if Path(settings.model).exists() else []
     with atomic_output_dir(out, overwrite, protected) as staging:
         save_locate_result(result, staging)
         inputs = {"memorized": settings.memorized, "reference": settings.reference, "control": settings.control}

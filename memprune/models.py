@@ -55,7 +55,7 @@ def load_pipeline(model: str | None = None, device: str | torch.device = "cpu", 
     check_model_source(model)
     kwargs = {"use_safetensors": True}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs["dtype"] = dtype
     try:
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     except Exception as exc:  # diffusers raises many types; all mean "cannot load this"

@@ -30,6 +30,8 @@ class PruneResult:
 
 def apply_masks(pipe, masks: Masks, timesteps: int = 10) -> PruneResult:
     """Zero the union over steps 0..timesteps-1 of the masks, in place on `pipe`; biases are untouched."""
+    net = denoiser(pipe)
+    masks.check_compatible(layer_shapes(net))
     if timesteps < 1:
         raise MemPruneError(f"--timesteps must be at least 1, got {timesteps}.")
     if timesteps > len(masks.steps):
@@ -37,8 +39,6 @@ def apply_masks(pipe, masks: Masks, timesteps: int = 10) -> PruneResult:
             f"--timesteps {timesteps} is larger than the {len(masks.steps)} steps recorded in the masks: "
             f"use at most {len(masks.steps)}."
         )
-    net = denoiser(pipe)
-    masks.check_compatible(layer_shapes(net))
     linears = output_linears(net)
     result = PruneResult(timesteps=timesteps)
     with torch.no_grad():
@@ -101,14 +101,15 @@ def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrit
     from .models import load_pipeline, resolve_device
     from .runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
 
-    check_output_dir(out, overwrite)
+    source = model
+    protected = [source] if Path(source).exists() else []
+    check_output_dir(out, overwrite, protected)
     masks = Masks.load(masks_folder)
     timer = Timer()
     with timer("load"):
         pipe = load_pipeline(model, resolve_device(device))
     with timer("prune"):
         result = apply_masks(pipe, masks, timesteps)
-    protected = [model] if Path(model).exists() else []
     with atomic_output_dir(out, overwrite, protected) as staging:
         info = prune_info(model, masks_folder, result, masks)
         with timer("save"):

@@ -14,12 +14,18 @@ from pathlib import Path
 from .errors import MemPruneError
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+def check_output_dir(out: str | Path, overwrite: bool, protected=()) -> Path:
+    """Refuse an existing output (unless overwrite) and one that is, contains or lies in a `protected` source."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise MemPruneError(f"Output folder '{out}' already exists: choose another --out or pass --overwrite.")
     if out.exists() and not out.is_dir():
         raise MemPruneError(f"Output '{out}' exists and is a file, not a folder.")
+    resolved = out.resolve()
+    for path in protected:
+        path = Path(path).resolve()
+        if resolved == path or path in resolved.parents or resolved in path.parents:
+            raise MemPruneError(f"Output folder '{out}' overlaps the source '{path}': memprune never writes into a source.")
     return out
 
 
@@ -29,11 +35,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, protected: list[
 
     `protected` are paths (e.g. the source model) that `out` must not be or contain.
     """
-    out = check_output_dir(out, overwrite).resolve()
-    for path in protected:
-        path = Path(path).resolve()
-        if out == path or path in out.parents or out in path.parents:
-            raise MemPruneError(f"Output folder '{out}' overlaps the source '{path}': memprune never writes into a source.")
+    out = check_output_dir(out, overwrite, protected).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -1,0 +1,345 @@
+"""Train the memorization testbed: VAE, then UNet (DDPM), then write a pipeline folder.
+
+Reproducible from a seed: every batch is drawn from a generator seeded by (seed, step), so a
+run resumed from a checkpoint sees exactly the batches an uninterrupted run would. The text
+encoder is frozen, so caption embeddings and image latents are computed once up front and the
+UNet is the only thing trained in the main loop (the CPU budget goes to UNet steps).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import DataConfig, TestbedData, all_captions, build_data
+from .model import (
+    ModelConfig,
+    assemble_pipeline,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    train_scheduler,
+)
+from .tokenizer import train_clip_tokenizer
+
+
+@dataclass
+class TestbedConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Stage 1: VAE (short; its reconstruction quality is the ceiling for any copy).
+    vae_steps: int = 1200
+    vae_batch_size: int = 32
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    # Stage 2: UNet.
+    steps: int = 4400
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_steps: int = 200
+    # Cosine decay to `final_lr_fraction` over the last part of training: memorization sharpens there.
+    decay_fraction: float = 0.3
+    final_lr_fraction: float = 0.05
+    # LAION-like mixture: memorized images are a small share of samples but each seen hundreds
+    # of times; the pool emoji a few times each; the control emoji once each; the rest shapes.
+    memorized_share: float = 0.10
+    pool_share: float = 0.20
+    empty_caption_prob: float = 0.10  # for classifier-free guidance
+    checkpoint_every_s: float = 300.0
+    keep_snapshots: bool = True  # UNet weights at every checkpoint, to follow memorization
+    threads: int = 1
+
+    @property
+    def views_per_memorized(self) -> float:
+        return self.steps * self.batch_size * self.memorized_share / max(self.data.n_memorized, 1)
+
+
+def config_to_dict(cfg: TestbedConfig) -> dict:
+    return asdict(cfg)
+
+
+def config_from_dict(d: dict) -> TestbedConfig:
+    """Inverse of `config_to_dict` (nested dataclasses rebuilt, tuples restored)."""
+    from .model import SchedulerConfig, TextConfig, UNetConfig, VAEConfig
+
+    m = d.get("model", {})
+    model = ModelConfig(
+        vae=VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.get("vae", {}).items()}),
+        text=TextConfig(**m.get("text", {})),
+        unet=UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.get("unet", {}).items()}),
+        scheduler=SchedulerConfig(**m.get("scheduler", {})),
+    )
+    rest = {k: v for k, v in d.items() if k not in ("data", "model")}
+    return TestbedConfig(data=DataConfig(**d.get("data", {})), model=model, **rest)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1] (the VAE's input range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def lr_factor(step: int, cfg: TestbedConfig) -> float:
+    """Linear warmup, constant, then cosine decay over the last `decay_fraction` of steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    start = int(cfg.steps * (1 - cfg.decay_fraction))
+    if step < start:
+        return 1.0
+    t = (step - start) / max(cfg.steps - start, 1)
+    return cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# --------------------------------------------------------------------------- stage 1: VAE
+
+def train_vae(cfg: TestbedConfig, data: TestbedData, work_dir: str, progress: bool = True):
+    """Train the tiny AutoencoderKL on all training images; cached in work_dir/vae."""
+    vae_dir = os.path.join(work_dir, "vae")
+    if os.path.exists(os.path.join(vae_dir, "config.json")):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(vae_dir)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg.model.vae)
+    images = to_tensor(np.concatenate([data.memorized_images, data.control_images, data.pool_images, data.general_images]))
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng([cfg.seed, 2])
+    bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress, mininterval=5)
+    for step in bar:
+        # Cosine lr over the short VAE run.
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        x = images[rng.integers(0, len(images), cfg.vae_batch_size)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    # SD scales latents to unit variance; compute the factor from the training latents.
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    tmp = vae_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, vae_dir)
+    return vae
+
+
+# --------------------------------------------------------------------------- stage 2: UNet
+
+@dataclass
+class TrainingSet:
+    """Pre-encoded latents (mean, std) and caption embeddings of every training image."""
+
+    mean: dict[str, torch.Tensor]
+    std: dict[str, torch.Tensor]
+    caption_ids: dict[str, torch.Tensor]  # index into `embeddings` per image
+    embeddings: torch.Tensor  # (n_captions + 1) × L × D; the last row is the empty caption
+
+
+@torch.no_grad()
+def encode_training_set(data: TestbedData, vae, tokenizer, text_encoder) -> TrainingSet:
+    groups = {
+        "memorized": (data.memorized_images, [e.caption for e in data.memorized]),
+        "control": (data.control_images, [e.caption for e in data.control]),
+        "pool": (data.pool_images, [e.caption for e in data.pool]),
+        "general": (data.general_images, [data.general_train_specs[i].caption for i in data.general_spec_index]),
+    }
+    captions = sorted({c for _, caps in groups.values() for c in caps})
+    index = {c: i for i, c in enumerate(captions)}
+    emb = []
+    for i in range(0, len(captions) + 1, 256):
+        chunk = (captions + [""])[i : i + 256]
+        ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        emb.append(text_encoder(ids)[0])
+    embeddings = torch.cat(emb)
+    mean, std, cap_ids = {}, {}, {}
+    for name, (imgs, caps) in groups.items():
+        x = to_tensor(imgs)
+        ms, ss = [], []
+        for i in range(0, len(x), 512):
+            d = vae.encode(x[i : i + 512]).latent_dist
+            ms.append(d.mean)
+            ss.append(d.std)
+        mean[name] = torch.cat(ms) * vae.config.scaling_factor
+        std[name] = torch.cat(ss) * vae.config.scaling_factor
+        cap_ids[name] = torch.tensor([index[c] for c in caps])
+    return TrainingSet(mean, std, cap_ids, embeddings)
+
+
+def control_steps(cfg: TestbedConfig) -> np.ndarray:
+    """The step at which each control image is shown (exactly once in the whole run)."""
+    return _control_steps_cached(cfg.seed, cfg.steps, cfg.data.n_control)
+
+
+@functools.lru_cache(maxsize=4)
+def _control_steps_cached(seed: int, steps: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 3])
+    return rng.choice(steps, size=n, replace=steps < n)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(seed: int, group: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, 4, group, epoch]).permutation(n)
+
+
+def batch_indices(step: int, cfg: TestbedConfig, sizes: dict[str, int]) -> list[tuple[str, int]]:
+    """Which training images form batch `step` — a pure function of (seed, step).
+
+    Memorized and pool images are taken round-robin through per-epoch permutations, so each is
+    seen equally often; general images are drawn uniformly; control images at their own step."""
+    b = cfg.batch_size
+    out: list[tuple[str, int]] = []
+    ctrl = _control_steps_cached(cfg.seed, cfg.steps, cfg.data.n_control)
+    for i in np.nonzero(ctrl == step)[0]:
+        out.append(("control", int(i)))
+    for name, share in (("memorized", cfg.memorized_share), ("pool", cfg.pool_share)):
+        n = sizes[name]
+        if n == 0:
+            continue
+        lo, hi = math.floor(step * b * share), math.floor((step + 1) * b * share)
+        for k in range(lo, hi):
+            epoch, pos = divmod(k, n)
+            perm = _epoch_permutation(cfg.seed, 0 if name == "memorized" else 1, epoch, n)
+            out.append((name, int(perm[pos])))
+    rng = np.random.default_rng([cfg.seed, 5, step])
+    for i in rng.integers(0, sizes["general"], max(b - len(out), 0)):
+        out.append(("general", int(i)))
+    return out[:b] if len(out) > b else out
+
+
+def train_unet(cfg: TestbedConfig, ts: TrainingSet, work_dir: str, progress: bool = True, log=None):
+    """DDPM training of the UNet, resumable from work_dir/unet_ckpt.pt."""
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg.model.unet, cfg.model.vae.latent_channels, cfg.model.text.hidden_size)
+    sched = train_scheduler(cfg.model.scheduler)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt_path = os.path.join(work_dir, "unet_ckpt.pt")
+    snap_dir = os.path.join(work_dir, "snapshots")
+    os.makedirs(snap_dir, exist_ok=True)
+    start = 0
+    if os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, weights_only=False)
+        unet.load_state_dict(ck["unet"])
+        opt.load_state_dict(ck["opt"])
+        start = ck["step"]
+    sizes = {k: len(v) for k, v in ts.mean.items()}
+    empty_id = len(ts.embeddings) - 1
+
+    def save(step: int) -> None:
+        _atomic_torch_save({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
+        if cfg.keep_snapshots:
+            save_file(unet.state_dict(), os.path.join(snap_dir, f"unet_step{step:06d}.safetensors"))
+
+    unet.train()
+    last_save = time.time()
+    t0, done = time.time(), 0
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet", disable=not progress, mininterval=10)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(step, cfg)
+        g_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        items = batch_indices(step, cfg, sizes)
+        mean = torch.stack([ts.mean[n][i] for n, i in items])
+        std = torch.stack([ts.std[n][i] for n, i in items])
+        cap = torch.stack([ts.caption_ids[n][i] for n, i in items])
+        drop = torch.rand(len(items), generator=g_rng) < cfg.empty_caption_prob
+        cap = torch.where(drop, torch.full_like(cap, empty_id), cap)
+        latents = mean + std * torch.randn(mean.shape, generator=g_rng)
+        noise = torch.randn(latents.shape, generator=g_rng)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(items),), generator=g_rng)
+        noisy = sched.add_noise(latents, noise, t)
+        target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        pred = unet(noisy, t, ts.embeddings[cap]).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        done += 1
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        if log is not None and step % 100 == 0:
+            el = time.time() - t0
+            log(f"step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"samples/s {done * cfg.batch_size / max(el, 1e-9):.1f}")
+        if time.time() - last_save > cfg.checkpoint_every_s:
+            save(step + 1)
+            last_save = time.time()
+    if start < cfg.steps:
+        save(cfg.steps)
+    unet.eval()
+    return unet
+
+
+# --------------------------------------------------------------------------- stage 0 + all
+
+def build_tokenizer_and_text_encoder(cfg: TestbedConfig, data: TestbedData):
+    tokenizer = train_clip_tokenizer(all_captions(data), model_max_length=cfg.model.text.max_length)
+    torch.manual_seed(cfg.seed + 7)  # the frozen random text encoder is part of the model
+    text_encoder = build_text_encoder(cfg.model.text, tokenizer)
+    return tokenizer, text_encoder
+
+
+def train_testbed(config: TestbedConfig, out: str, work_dir: str | None = None, progress: bool = True,
+                  log=None) -> str:
+    """Train the whole testbed and write a complete folder at `out` (must not exist).
+
+    `work_dir` keeps checkpoints (VAE, UNet + optimizer) so an interrupted run resumes where it
+    stopped when called again with the same config and work_dir. The folder is written to a
+    temporary sibling and renamed, so `out` is either complete or absent."""
+    from .export import write_testbed_folder  # noqa: WPS433 (import cycle avoidance)
+
+    torch.set_num_threads(config.threads)
+    work_dir = work_dir or out + ".work"
+    os.makedirs(work_dir, exist_ok=True)
+    cfg_path = os.path.join(work_dir, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            if json.load(f) != json.loads(json.dumps(config_to_dict(config))):
+                raise ValueError(f"{work_dir} holds checkpoints of a different configuration")
+    else:
+        with open(cfg_path, "w") as f:
+            json.dump(config_to_dict(config), f, indent=1)
+    t_start = time.time()
+    data = build_data(dataclasses.replace(config.data, seed=config.seed))
+    tokenizer, text_encoder = build_tokenizer_and_text_encoder(config, data)
+    vae = train_vae(config, data, work_dir, progress)
+    vae.eval().requires_grad_(False)
+    ts = encode_training_set(data, vae, tokenizer, text_encoder)
+    unet = train_unet(config, ts, work_dir, progress, log)
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, config.model.scheduler)
+    write_testbed_folder(pipe, data, config, out, train_seconds=time.time() - t_start)
+    return out
+
+
+def load_unet_snapshot(pipe, path: str):
+    """Swap a UNet snapshot (from work_dir/snapshots) into a pipeline, for measuring curves."""
+    pipe.unet.load_state_dict(load_file(path))
+    return pipe

@@ -1,0 +1,127 @@
+"""The CLI end to end on a tiny saved pipeline, and every bad input: one sentence, non-zero exit, nothing written."""
+import json
+
+import pytest
+from click.testing import CliRunner
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from memprune.cli import main
+
+LOCATE = ["locate", "--steps", "3", "--ratio", "0.1", "--batch-size", "2", "--device", "cpu"]
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def assert_refused(result, message):
+    assert result.exit_code != 0, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+@pytest.fixture(scope="module")
+def located(saved_pipelines, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    prompts = folder / "memorized.txt"
+    prompts.write_text("a red circle\na blue square\nthe cat\n")
+    out = folder / "run"
+    result = run(*LOCATE, "--model", saved_pipelines["sd1"], "--memorized", prompts, "--out", out)
+    assert result.exit_code == 0, result.output
+    return {"prompts": prompts, "out": out, "folder": folder}
+
+
+def test_locate_then_prune_end_to_end(located, saved_pipelines):
+    out = located["out"]
+    for name in ("masks.safetensors", "masks.json", "run.json", "stats/memorized.safetensors", "stats/reference.json"):
+        assert (out / name).is_file(), name
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["settings"]["selection"]["ratio"] == 0.1 and "sha256" in run_info["inputs"]["memorized"]
+    assert json.loads((out / "masks.json").read_text())["steps"] == [0, 1, 2]
+    pruned = located["folder"] / "pruned"
+    result = run("prune", "--model", saved_pipelines["sd1"], "--masks", out, "--timesteps", "2", "--out", pruned,
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output
+    info = json.loads((pruned / "memprune.json").read_text())
+    assert info["timesteps"] == 2 and info["total_zeroed"] > 0
+    StableDiffusionPipeline.from_pretrained(str(pruned))  # stock diffusers loads it
+
+
+def test_same_command_twice_gives_identical_masks(located, saved_pipelines):
+    again = located["folder"] / "again"
+    result = run(*LOCATE, "--model", saved_pipelines["sd1"], "--memorized", located["prompts"], "--out", again)
+    assert result.exit_code == 0, result.output
+    first, second = load_file(str(located["out"] / "masks.safetensors")), load_file(str(again / "masks.safetensors"))
+    assert first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
+
+
+def test_bad_model_inputs(located, tmp_path):
+    prompts = located["prompts"]
+    assert_refused(run(*LOCATE, "--model", tmp_path / "nope", "--memorized", prompts, "--out", tmp_path / "o"), "does not exist")
+    (tmp_path / "plain").mkdir()
+    assert_refused(run(*LOCATE, "--model", tmp_path / "plain", "--memorized", prompts, "--out", tmp_path / "o"),
+                   "not a diffusers pipeline")
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_without_feedforwards(saved_pipelines, located, tmp_path):
+    pipe = StableDiffusionPipeline.from_pretrained(str(saved_pipelines["sd1"]))
+    pipe.unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None,
+    )
+    pipe.save_pretrained(str(tmp_path / "noff"))
+    result = run(*LOCATE, "--model", tmp_path / "noff", "--memorized", located["prompts"], "--out", tmp_path / "o")
+    assert_refused(result, "no FeedForward layers")
+
+
+def test_bad_prompt_files(saved_pipelines, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    no_caption = tmp_path / "nocap.csv"
+    no_caption.write_text("id,url\n1,http://x\n")
+    model = saved_pipelines["sd1"]
+    assert_refused(run(*LOCATE, "--model", model, "--memorized", empty, "--out", tmp_path / "o"), "holds no prompts")
+    assert_refused(run(*LOCATE, "--model", model, "--memorized", no_caption, "--out", tmp_path / "o"), "no caption column")
+    assert_refused(run(*LOCATE, "--model", model, "--memorized", tmp_path / "missing.txt", "--out", tmp_path / "o"),
+                   "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_ratio_timesteps_and_existing_output(saved_pipelines, located, tmp_path):
+    model, prompts = saved_pipelines["sd1"], located["prompts"]
+    for ratio in ("0", "1.5"):
+        assert_refused(run(*LOCATE, "--model", model, "--memorized", prompts, "--ratio", ratio, "--out", tmp_path / "o"),
+                       "--ratio must be in (0, 1]")
+    assert_refused(run("prune", "--model", model, "--masks", located["out"], "--timesteps", "4", "--out", tmp_path / "o"),
+                   "larger than the 3 steps")
+    assert_refused(run(*LOCATE, "--model", model, "--memorized", prompts, "--out", located["out"]), "already exists")
+    assert_refused(run("prune", "--model", model, "--masks", tmp_path, "--out", tmp_path / "o"), "holds no masks.safetensors")
+    assert not (tmp_path / "o").exists()
+
+
+def test_masks_for_another_model_are_refused(saved_pipelines, located, tmp_path):
+    result = run("prune", "--model", saved_pipelines["sdxl"], "--masks", located["out"], "--out", tmp_path / "o")
+    assert_refused(result, "made for another model")
+    # Same layer names, another shape: edit the recorded shape of one layer.
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "masks.safetensors").write_bytes((located["out"] / "masks.safetensors").read_bytes())
+    meta = json.loads((located["out"] / "masks.json").read_text())
+    first = next(iter(meta["layers"]))
+    meta["layers"][first] = [meta["layers"][first][0], meta["layers"][first][1] * 2]
+    (masks / "masks.json").write_text(json.dumps(meta))
+    result = run("prune", "--model", saved_pipelines["sd1"], "--masks", masks, "--out", tmp_path / "o")
+    assert_refused(result, "has weight shape")
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_inside_source_is_refused(saved_pipelines, located):
+    model = saved_pipelines["sd1"]
+    result = run("prune", "--model", model, "--masks", located["out"], "--out", model / "pruned", "--device", "cpu")
+    assert_refused(result, "never writes into a source")
+    assert not (model / "pruned").exists()
