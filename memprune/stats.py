@@ -36,26 +36,31 @@ class Accumulator:
         return cls(*(torch.zeros(width, device=device, dtype=dtype) for _ in FIELDS))
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """Reduce a (samples, tokens, H) activation into the accumulators, on its own device."""
+        """Reduce a (samples, tokens, H) activation into the accumulators, on its own device.
+
+        This runs inside a hook on every FeedForward call, so it uses few, fused ops (in-place addmv, var_mean):
+        on small models the cost is the number of ops, on large ones the passes over the activation.
+        """
         if x.dim() == 2:
             x = x.unsqueeze(1)
         samples, tokens, width = x.shape
-        # One float32 copy of the squares, then a matrix-vector product does normalise-and-sum in one pass.
-        squares = x.to(torch.float32).square_() if x.dtype != torch.float32 else x.square()
+        # Squares in float32 (fp16 squares overflow); one matrix-vector product normalises and sums per unit.
+        squares = x.float().square_() if x.dtype != torch.float32 else x.square()
         inverse_norms = squares.sum(-1).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
-        self.sumsq_normed += (inverse_norms.reshape(1, -1) @ squares.reshape(-1, width)).squeeze(0).to(self.mean.dtype)
-        sample_means = x.mean(dim=1, dtype=torch.float32).to(self.mean.dtype)
-        batch_mean = sample_means.mean(0)
-        batch_m2 = (sample_means - batch_mean).square_().sum(0)
-        self._merge_moments(samples, batch_mean, batch_m2)
+        self.sumsq_normed.addmv_(squares.view(-1, width).t(), inverse_norms.view(-1))
+        # mean(dtype=...) copies even when x is already float32, so ask for the dtype only when it differs.
+        sample_means = x.mean(dim=1) if x.dtype == torch.float32 else x.mean(dim=1, dtype=torch.float32)
+        batch_var, batch_mean = torch.var_mean(sample_means, dim=0, correction=0)
+        self._merge_moments(samples, batch_mean, batch_var, batch_scale=samples)
         self.tokens += samples * tokens
 
-    def _merge_moments(self, count_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+    def _merge_moments(self, count_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, batch_scale: float = 1.0) -> None:
+        """Chan et al.'s parallel update; `m2_b * batch_scale` is the second batch's sum of squared deviations."""
         count_a = self.count
         total = count_a + count_b
         delta = mean_b - self.mean
-        self.mean += delta * (count_b / total)
-        self.m2 += m2_b + delta.square() * (count_a * count_b / total)
+        self.mean.add_(delta, alpha=count_b / total)
+        self.m2.add_(m2_b, alpha=batch_scale).addcmul_(delta, delta, value=count_a * count_b / total)
         self.count = total
 
     def merge(self, other: "Accumulator") -> None:
@@ -86,8 +91,8 @@ class NeuronStats:
         key = (layer, step)
         accumulator = self.accumulators.get(key)
         if accumulator is None:
-            dtype = torch.float64 if x.device.type == "cpu" else torch.float32
-            accumulator = self.accumulators[key] = Accumulator.zeros(x.shape[-1], x.device, dtype)
+            # float32 where the activations are (in the hook); float64 once on the host (see `to`).
+            accumulator = self.accumulators[key] = Accumulator.zeros(x.shape[-1], x.device, torch.float32)
         accumulator.add_batch(x)
 
     def __getitem__(self, key: Key) -> Accumulator:
@@ -122,9 +127,11 @@ class NeuronStats:
                 )
 
     def to(self, device) -> "NeuronStats":
+        """Move to `device`: float64 on the host (merging many partial statistics), float32 on an accelerator."""
+        dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
         for accumulator in self.accumulators.values():
             for name in FIELDS:
-                setattr(accumulator, name, getattr(accumulator, name).to(device))
+                setattr(accumulator, name, getattr(accumulator, name).to(device, dtype))
         return self
 
     def save(self, path: str | Path) -> None:
