@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# `make demo`: locate memorization on 10 memorized captions of the embedded testbed, prune it, and evaluate
+# the edit on the OTHER memorized captions, the same-style controls and held-out general captions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+OUT=runs/demo
+SECONDS=0
+echo "== 1/3 locate: Wanda masks from a seeded sample of 10 memorized captions vs the empty prompt"
+$BIN/memprune locate --num-prompts 10 --sample-seed 0 --out "$OUT/locate" --overwrite
+echo "== 2/3 prune: zero the union of the masks of the first 10 steps"
+$BIN/memprune prune --masks "$OUT/locate" --timesteps 10 --out "$OUT/pruned" --overwrite
+echo "== 3/3 evaluate: unedited vs edited, memorized captions outside the sample, controls, general captions"
+$BIN/memprune evaluate --edited "$OUT/pruned" --exclude-prompts "$OUT/locate/prompts_used.csv" \
+    --out "$OUT/evaluate" --overwrite
+echo
+cat "$OUT/evaluate/metrics.md"
+echo
+echo "demo finished in ${SECONDS}s; outputs in $OUT/"
