@@ -148,6 +148,7 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
     """The `memprune locate` command as a function: load, locate, write the folder atomically; return a summary."""
     from .masks import summarize_overlap
     from .models import load_pipeline, resolve_device
+    from .plots import write_locate_plots
     from .runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
 
     source = settings.model
@@ -163,6 +164,7 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
         result = locate(settings, pipe)
     with atomic_output_dir(out, overwrite, protected) as staging:
         save_locate_result(result, staging)
+        write_locate_plots(staging, result.masks, result.overlap)
         inputs = {"memorized": settings.memorized, "reference": settings.reference, "control": settings.control}
         write_run_json(staging, settings, inputs, timer.seconds, model=result.masks.meta["model"])
     counts = result.masks.count()

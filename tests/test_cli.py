@@ -125,3 +125,29 @@ def test_output_inside_source_is_refused(saved_pipelines, located):
     result = run("prune", "--model", model, "--masks", located["out"], "--out", model / "pruned", "--device", "cpu")
     assert_refused(result, "never writes into a source")
     assert not (model / "pruned").exists()
+
+
+def test_locate_with_subsets_writes_overlap_and_plots(saved_pipelines, located, tmp_path):
+    control = tmp_path / "control.txt"
+    control.write_text("a photo of the dog\nthe white background\na green square\n")
+    out = tmp_path / "overlap"
+    result = run(*LOCATE, "--model", saved_pipelines["sd1"], "--memorized", located["prompts"], "--control", control,
+                 "--subsets", 3, "--subset-size", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    overlap = pd.read_csv(out / "overlap.csv")
+    assert list(overlap.columns) == ["group_a", "group_b", "subset_a", "subset_b", "layer", "step", "iou"]
+    pairs = overlap.groupby(["group_a", "group_b"]).size() // (7 * 3)  # 7 layers x 3 steps per pair of subsets
+    assert pairs.to_dict() == {("memorized", "memorized"): 3, ("memorized", "non_memorized"): 9,
+                               ("non_memorized", "non_memorized"): 3}
+    assert overlap.iou.between(0, 1).all()
+    for png in ("iou_heatmap.png", "iou_by_layer.png", "iou_by_step.png", "selected_share_by_layer.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert "memorized vs memorized" in result.output
+
+
+def test_subsets_without_control_are_refused(saved_pipelines, located, tmp_path):
+    result = run(*LOCATE, "--model", saved_pipelines["sd1"], "--memorized", located["prompts"], "--subsets", 2,
+                 "--subset-size", 2, "--out", tmp_path / "o")
+    assert_refused(result, "--control")

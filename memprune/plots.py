@@ -1,0 +1,133 @@
+"""Figures from the tidy tables memprune writes (overlap.csv, masks): each function returns a matplotlib Figure."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files, not windows: runs headless in CI and notebooks alike
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+COMPARISON_LABELS = {
+    ("memorized", "memorized"): "memorized vs memorized",
+    ("memorized", "non_memorized"): "memorized vs non-memorized (control)",
+    ("non_memorized", "non_memorized"): "non-memorized vs non-memorized (control)",
+}
+
+
+def short_layer_name(layer: str) -> str:
+    """down_blocks.1.attentions.0.transformer_blocks.0.ff -> down1.a0.t0; mid_block.attentions.0... -> mid.a0.t0"""
+    short = layer.removesuffix(".ff")
+    for long, abbreviation in (("down_blocks.", "down"), ("up_blocks.", "up"), ("mid_block", "mid"),
+                               (".attentions.", ".a"), (".transformer_blocks.", ".t")):
+        short = short.replace(long, abbreviation)
+    return short
+
+
+def unet_order(layers) -> list[str]:
+    """Layers in the order data flows through a UNet (down, mid, up); diffusers registers mid_block last."""
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    return sorted(layers, key=lambda layer: rank.get(layer.split(".")[0], 1))  # stable: keeps order within a part
+
+
+def _comparison(overlap: pd.DataFrame) -> pd.Series:
+    return pd.Series([COMPARISON_LABELS.get((a, b), f"{a} vs {b}") for a, b in zip(overlap.group_a, overlap.group_b)],
+                     index=overlap.index)
+
+
+def iou_heatmap(overlap: pd.DataFrame, group: str = "memorized") -> plt.Figure:
+    """Mean pairwise IoU of `group` subsets per layer (rows) and step (columns)."""
+    within = overlap[(overlap.group_a == group) & (overlap.group_b == group)]
+    table = within.pivot_table(index="layer", columns="step", values="iou", aggfunc="mean", sort=False)
+    table = table.loc[unet_order(table.index)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * table.shape[1] + 3), max(3, 0.35 * table.shape[0] + 1.5)))
+    image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(table.index)), [short_layer_name(l) for l in table.index], fontsize=8)
+    step_ticks = list(range(0, table.shape[1], max(1, table.shape[1] // 10)))
+    ax.set_xticks(step_ticks, [str(table.columns[i]) for i in step_ticks])
+    ax.set_xlabel("sampling step (0 = noisiest)")
+    ax.set_ylabel("FeedForward layer")
+    ax.set_title(f"Mask IoU between {group.replace('_', '-')} subsets (mean over pairs)")
+    fig.colorbar(image, ax=ax, label="IoU")
+    fig.tight_layout()
+    return fig
+
+
+def _iou_lines(overlap: pd.DataFrame, by: str, xlabel: str, title: str) -> plt.Figure:
+    frame = overlap.assign(comparison=_comparison(overlap))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for comparison, group in frame.groupby("comparison", sort=False):
+        means = group.groupby(by, sort=False)["iou"].agg(["mean", "std"])
+        if by == "layer":
+            means = means.loc[unet_order(means.index)]
+        x = range(len(means)) if by == "layer" else means.index
+        ax.errorbar(x, means["mean"], yerr=means["std"], marker="o", capsize=2, label=comparison)
+    if by == "layer":
+        layers = unet_order(frame.groupby("layer", sort=False).size().index)
+        ax.set_xticks(range(len(layers)), [short_layer_name(l) for l in layers], rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mask IoU (mean ± std over pairs)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def iou_by_layer(overlap: pd.DataFrame) -> plt.Figure:
+    return _iou_lines(overlap, "layer", "FeedForward layer", "Subset mask IoU per layer, with controls")
+
+
+def iou_by_step(overlap: pd.DataFrame) -> plt.Figure:
+    return _iou_lines(overlap, "step", "sampling step (0 = noisiest)", "Subset mask IoU per step, with controls")
+
+
+def iou_vs_subset_size(overlap: pd.DataFrame) -> plt.Figure:
+    """`overlap` concatenates several locate runs with a `subset_size` column."""
+    frame = overlap.assign(comparison=_comparison(overlap))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for comparison, group in frame.groupby("comparison", sort=False):
+        means = group.groupby("subset_size")["iou"].mean()
+        ax.plot(means.index, means.to_numpy(), marker="o", label=comparison)
+    ax.set_xlabel("prompts per subset (m)")
+    ax.set_ylabel("mean mask IoU")
+    ax.set_ylim(0, 1)
+    ax.set_title("Subset mask IoU vs subset size")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def selected_share_by_layer(masks, timesteps: int = 10) -> plt.Figure:
+    """Share of each layer's output weights in the union of steps 0..timesteps-1 (what `prune` would zero)."""
+    union = masks.union_indices(min(timesteps, len(masks.steps)))
+    shares = {layer: union[layer].numel() / (masks.shapes[layer][0] * masks.shapes[layer][1]) for layer in unet_order(union)}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(range(len(shares)), [100 * s for s in shares.values()])
+    ax.set_xticks(range(len(shares)), [short_layer_name(l) for l in shares], rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("FeedForward layer")
+    ax.set_ylabel("weights selected (%)")
+    ax.set_title(f"Share of output weights selected per layer (union of steps 0..{min(timesteps, len(masks.steps)) - 1})")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_locate_plots(folder: str | Path, masks, overlap: pd.DataFrame | None, timesteps: int = 10) -> list[Path]:
+    """The PNGs `memprune locate` writes into its output folder."""
+    folder = Path(folder)
+    paths = [save_figure(selected_share_by_layer(masks, timesteps), folder / "selected_share_by_layer.png")]
+    if overlap is not None and len(overlap):
+        paths.append(save_figure(iou_heatmap(overlap), folder / "iou_heatmap.png"))
+        paths.append(save_figure(iou_by_layer(overlap), folder / "iou_by_layer.png"))
+        paths.append(save_figure(iou_by_step(overlap), folder / "iou_by_step.png"))
+    return paths
