@@ -187,3 +187,16 @@ def summarize_overlap(overlap: pd.DataFrame) -> pd.DataFrame:
             "max_layer_iou": by_layer.max(),
         }
     ).rename_axis("comparison")
+
+
+def random_masks_like(masks: Masks, timesteps: int, seed: int = 0) -> Masks:
+    """The control of the pruning claim: per layer, as many uniformly random weights as the union of
+    `masks` over steps 0..timesteps-1 selects, repeated at each of those steps (so its union is that set)."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = {}
+    for layer, selected in masks.union_indices(timesteps).items():
+        rows, columns = masks.shapes[layer]
+        chosen = torch.randperm(rows * columns, generator=generator)[: selected.numel()].sort().values
+        indices.update({(layer, step): chosen for step in range(timesteps)})
+    meta = {**masks.meta, "selection": {"method": "random", "seed": seed, "matched_to": masks.meta.get("selection")}}
+    return Masks(indices=indices, shapes=dict(masks.shapes), meta=meta)

@@ -111,3 +111,14 @@ def test_select_covers_every_layer_and_step():
     masks = select({"l": torch.randn(5, 8)}, memorized, reference, SelectionSettings(ratio=0.25))
     assert masks.steps == [0, 1, 2] and masks.shapes == {"l": (5, 8)}
     assert all(n <= 5 * 2 for n in masks.count().values())
+
+
+def test_random_masks_match_union_size_per_layer():
+    from memprune.masks import random_masks_like
+
+    a, b = known_masks()
+    masks = Masks.from_dense({("l", 0): a, ("l", 1): b, ("m", 0): a, ("m", 1): a})
+    random = random_masks_like(masks, timesteps=2, seed=3)
+    assert {layer: idx.numel() for layer, idx in random.union_indices(2).items()} == {"l": 5, "m": 3}
+    assert torch.equal(random.indices[("l", 0)], random.indices[("l", 1)])
+    assert not torch.equal(random_masks_like(masks, 2, seed=4).indices[("l", 0)], random.indices[("l", 0)])
