@@ -54,6 +54,7 @@ def main():
 @main.command()
 @model_option
 @click.option("--memorized", default=None, type=click.Path(), help="Memorized prompts (.txt/.csv/.jsonl).")
+@click.option("--label", "memorized_label", default=None, help="Keep only memorized prompts with this label (e.g. VM).")
 @click.option("--reference", default="empty", show_default=True, help="'empty' (the empty prompt) or a file of non-memorized prompts.")
 @click.option("--steps", default=50, show_default=True, help="Sampling steps per generation.")
 @click.option("--seeds", default=1, show_default=True, help="Generations per prompt.")
@@ -73,7 +74,7 @@ def main():
 @dtype_option
 @out_option
 @overwrite_option
-def locate(model, memorized, reference, steps, seeds, seed, guidance_scale, batch_size, ratio, granularity,
+def locate(model, memorized, memorized_label, reference, steps, seeds, seed, guidance_scale, batch_size, ratio, granularity,
            neuron_score, half, num_prompts, sample_seed, subsets, subset_size, control, device, dtype, out, overwrite):
     """Record FFN activations of memorized vs reference prompts and select the memorization weights."""
     from .locate import LocateSettings, locate_to_folder
@@ -84,6 +85,7 @@ def locate(model, memorized, reference, steps, seeds, seed, guidance_scale, batc
     settings = LocateSettings(
         model=model or DEFAULT_MODEL,
         memorized=memorized,
+        memorized_label=memorized_label,
         reference=reference,
         generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
         selection=SelectionSettings(ratio=ratio, granularity=granularity, neuron_score=neuron_score),
@@ -110,6 +112,68 @@ def prune(model, masks_folder, timesteps, device, out, overwrite):
     from .prune import prune_to_folder
 
     click.echo(prune_to_folder(model or DEFAULT_MODEL, masks_folder, out, timesteps=timesteps, overwrite=overwrite, device=device))
+
+
+@main.command()
+@model_option
+@click.option("--edited", default=None, type=click.Path(), help="Edited pipeline folder (e.g. the output of `memprune prune`).")
+@click.option("--memorized", default=None, type=click.Path(), help="Memorized prompts (testbed default: its memorized.csv).")
+@click.option("--reference", default=None, type=click.Path(),
+              help="Non-memorized prompts (required off the testbed; testbed default: its control and general captions).")
+@click.option("--control", default=None, help="Same-style non-memorized prompts, or 'none' (testbed default: its same-style file).")
+@click.option("--general", default=None, help="General captions with attribute columns, or 'none' (testbed default: held-out).")
+@click.option("--exclude-prompts", default=None, type=click.Path(),
+              help="prompts_used.csv of locate: memorized prompts not in it form the memorized_held_out group.")
+@click.option("--seeds", default=4, show_default=True, help="Generations per prompt.")
+@click.option("--seed", default=0, show_default=True, help="First seed.")
+@click.option("--steps", default=50, show_default=True, help="Sampling steps per generation.")
+@click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's).")
+@click.option("--batch-size", default=8, show_default=True, help="Prompts per pipeline call.")
+@click.option("--similarity", type=click.Choice(["ssim", "l2"]), default="ssim", show_default=True,
+              help="Built-in similarity backend (used when no --sscd is given).")
+@click.option("--sscd", default=None, type=click.Path(), help="SSCD model file (TorchScript, or .onnx with onnxruntime).")
+@click.option("--threshold-percentile", default=95.0, show_default=True,
+              help="Copy threshold: this percentile of non-memorized similarities.")
+@click.option("--grid-prompts", default=8, show_default=True, help="Prompts (rows) per image grid; 0: no grids.")
+@device_option
+@dtype_option
+@out_option
+@overwrite_option
+def evaluate(model, edited, memorized, reference, control, general, exclude_prompts, seeds, seed, steps, guidance_scale,
+             batch_size, similarity, sscd, threshold_percentile, grid_prompts, device, dtype, out, overwrite):
+    """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
+    from .evaluate import EvaluateSettings, evaluate_to_folder
+
+    settings = EvaluateSettings(
+        model=model or DEFAULT_MODEL, edited=edited, memorized=memorized, reference=reference, control=control,
+        general=general, exclude_prompts=exclude_prompts,
+        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
+        similarity=similarity, sscd=sscd, threshold_percentile=threshold_percentile, grid_prompts=grid_prompts,
+    )
+    click.echo(evaluate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype), log=click.echo))
+
+
+@main.command()
+@model_option
+@click.option("--prompts", required=True, type=click.Path(), help="Prompt file; a label column (type/label) gives ROC AUC.")
+@click.option("--steps", default=50, show_default=True, help="Sampling steps per generation.")
+@click.option("--seeds", default=1, show_default=True, help="Generations per prompt (scores are averaged).")
+@click.option("--seed", default=0, show_default=True, help="First seed.")
+@click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's; must be > 1).")
+@click.option("--batch-size", default=8, show_default=True, help="Prompts per pipeline call.")
+@device_option
+@dtype_option
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Scores FILE.csv (ROC summary: FILE.json beside it).")
+@overwrite_option
+def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, device, dtype, out, overwrite):
+    """Score prompts with Wen et al.'s text-conditional noise norm; ROC AUC and TPR at 1% FPR for labelled files."""
+    from .detect import DetectSettings, detect_to_file
+
+    settings = DetectSettings(
+        model=model or DEFAULT_MODEL, prompts=prompts,
+        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
+    )
+    click.echo(detect_to_file(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype)))
 
 
 def _register_optional_commands() -> None:

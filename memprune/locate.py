@@ -22,6 +22,7 @@ class LocateSettings:
     model: str
     memorized: str
     reference: str = "empty"  # "empty" or a prompt file of non-memorized captions
+    memorized_label: str | None = None  # keep only memorized prompts with this label (e.g. "VM")
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     half: str = "both"
@@ -73,14 +74,25 @@ def reference_prompts(reference: str, count: int, seed: int) -> list[str]:
     return [captions[order[i % len(captions)]] for i in range(count)]
 
 
-class _Locator:
-    """Records and selects with one pipeline and one set of settings; caches reference statistics by size."""
+class Locator:
+    """Records and selects with one pipeline and one set of settings.
+
+    Statistics are cached by prompt list, so selecting again with other settings (ratio, granularity) — as
+    sweeps and notebooks do — costs no generation; reference statistics are cached by size.
+    """
 
     def __init__(self, pipe, settings: LocateSettings):
         self.pipe = pipe
         self.settings = settings
         self.weights = {name: linear.weight for name, linear in output_linears(denoiser(pipe)).items()}
+        self._stats_cache: dict[tuple[str, ...], NeuronStats] = {}
         self._reference_cache: dict[int, NeuronStats] = {}
+
+    def stats(self, prompts: list[str], desc: str = "recording") -> NeuronStats:
+        key = tuple(prompts)
+        if key not in self._stats_cache:
+            self._stats_cache[key] = record_prompts(self.pipe, prompts, self.settings.generation, self.settings.half, desc=desc)
+        return self._stats_cache[key]
 
     def reference_stats(self, count: int) -> NeuronStats:
         if count not in self._reference_cache:
@@ -90,16 +102,16 @@ class _Locator:
             )
         return self._reference_cache[count]
 
-    def locate(self, prompts: list[str], desc: str, meta: dict) -> tuple[Masks, NeuronStats, NeuronStats]:
-        memorized = record_prompts(self.pipe, prompts, self.settings.generation, self.settings.half, desc=desc)
+    def masks(self, prompts: list[str], selection: SelectionSettings | None = None, meta: dict | None = None,
+              desc: str = "recording") -> Masks:
+        memorized = self.stats(prompts, desc)
         reference = self.reference_stats(len(prompts))
-        masks = select(self.weights, memorized, reference, self.settings.selection, meta=meta)
-        return masks, memorized, reference
+        return select(self.weights, memorized, reference, selection or self.settings.selection, meta=meta)
 
 
 def locate(settings: LocateSettings, pipe) -> LocateResult:
     """Masks of the memorized prompts (all, or a seeded sample), plus subset overlap with controls if asked."""
-    memorized = read_prompts(settings.memorized)
+    memorized = read_prompts(settings.memorized, label=settings.memorized_label)
     if settings.num_prompts is not None:
         memorized = memorized.subset(seeded_subsets(len(memorized), 1, settings.num_prompts, settings.sample_seed)[0])
     net = denoiser(pipe)
@@ -109,25 +121,27 @@ def locate(settings: LocateSettings, pipe) -> LocateResult:
         "prompts": memorized.prompts,
     }
     meta["model"]["layer_shapes"] = layer_shapes(net)
-    locator = _Locator(pipe, settings)
-    masks, memorized_stats, reference_stats = locator.locate(memorized.prompts, "memorized", meta)
-    result = LocateResult(masks, memorized_stats, reference_stats, memorized)
+    locator = Locator(pipe, settings)
+    masks = locator.masks(memorized.prompts, meta=meta, desc="memorized")
+    result = LocateResult(masks, locator.stats(memorized.prompts), locator.reference_stats(len(memorized)), memorized)
     if settings.subsets:
         result.subset_masks = subset_masks(locator, settings)
         result.overlap = subset_overlap(result.subset_masks)
     return result
 
 
-def subset_masks(locator: _Locator, settings: LocateSettings) -> dict[str, list[Masks]]:
+def subset_masks(locator: Locator, settings: LocateSettings, selection: SelectionSettings | None = None
+                 ) -> dict[str, list[Masks]]:
     """Masks of N seeded memorized subsets and N non-memorized (control) subsets of the same size."""
     if settings.control is None:
         raise MemPruneError("--subsets needs non-memorized prompts for the controls: give --control FILE.")
-    groups = {"memorized": read_prompts(settings.memorized), "non_memorized": read_prompts(settings.control)}
+    groups = {"memorized": read_prompts(settings.memorized, label=settings.memorized_label),
+              "non_memorized": read_prompts(settings.control)}
     result = {}
     for offset, (name, prompts) in enumerate(groups.items()):
         draws = seeded_subsets(len(prompts), settings.subsets, settings.subset_size, settings.sample_seed + 1 + offset)
         result[name] = [
-            locator.locate(prompts.subset(draw).prompts, f"{name} subset {i + 1}/{len(draws)}", {"subset": draw})[0]
+            locator.masks(prompts.subset(draw).prompts, selection, {"subset": draw}, f"{name} subset {i + 1}/{len(draws)}")
             for i, draw in enumerate(draws)
         ]
     return result
@@ -154,7 +168,7 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
     source = settings.model
     protected = [source] if Path(source).exists() else []
     check_output_dir(out, overwrite, protected)
-    read_prompts(settings.memorized)  # fail on a bad prompt file before loading a model
+    read_prompts(settings.memorized, label=settings.memorized_label)  # fail on a bad prompt file before loading a model
     if settings.reference != "empty":
         read_prompts(settings.reference)
     timer = Timer()

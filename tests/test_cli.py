@@ -151,3 +151,12 @@ def test_subsets_without_control_are_refused(saved_pipelines, located, tmp_path)
     result = run(*LOCATE, "--model", saved_pipelines["sd1"], "--memorized", located["prompts"], "--subsets", 2,
                  "--subset-size", 2, "--out", tmp_path / "o")
     assert_refused(result, "--control")
+
+
+def test_label_filter_of_memorized_prompts(saved_pipelines, prompt_file, tmp_path):
+    out = tmp_path / "vm"
+    result = run(*LOCATE, "--model", saved_pipelines["sd1"], "--memorized", prompt_file, "--label", "VM", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "from 3 memorized prompts" in result.output  # 3 of the 4 rows are VM
+    assert_refused(run(*LOCATE, "--model", saved_pipelines["sd1"], "--memorized", prompt_file, "--label", "XX",
+                       "--out", tmp_path / "o"), "holds no prompts")
