@@ -127,6 +127,8 @@ def read_prompts(path: str | Path, label: str | None = None) -> PromptList:
         if prompts.labels is None:
             raise MemPruneError(f"Prompt file '{path}' has no label column, so it cannot be filtered by '{label}'.")
         prompts = prompts.subset([i for i, value in enumerate(prompts.labels) if value == label])
+        if len(prompts) == 0:
+            raise MemPruneError(f"Prompt file '{path}' holds no prompts with label '{label}'.")
     if len(prompts) == 0:
         raise MemPruneError(f"Prompt file '{path}' holds no prompts: give at least one caption.")
     return prompts
