@@ -135,12 +135,14 @@ def prune(model, masks_folder, timesteps, device, out, overwrite):
 @click.option("--threshold-percentile", default=95.0, show_default=True,
               help="Copy threshold: this percentile of non-memorized similarities.")
 @click.option("--grid-prompts", default=8, show_default=True, help="Prompts (rows) per image grid; 0: no grids.")
+@click.option("--attributes/--no-attributes", default=True, show_default=True,
+              help="attribute_accuracy on the general captions with the testbed's classifier.")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def evaluate(model, edited, memorized, reference, control, general, exclude_prompts, seeds, seed, steps, guidance_scale,
-             batch_size, similarity, sscd, threshold_percentile, grid_prompts, device, dtype, out, overwrite):
+             batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes, device, dtype, out, overwrite):
     """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
     from .evaluate import EvaluateSettings, evaluate_to_folder
 
@@ -148,7 +150,7 @@ def evaluate(model, edited, memorized, reference, control, general, exclude_prom
         model=model or DEFAULT_MODEL, edited=edited, memorized=memorized, reference=reference, control=control,
         general=general, exclude_prompts=exclude_prompts,
         generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
-        similarity=similarity, sscd=sscd, threshold_percentile=threshold_percentile, grid_prompts=grid_prompts,
+        similarity=similarity, sscd=sscd, threshold_percentile=threshold_percentile, grid_prompts=grid_prompts, attributes=attributes,
     )
     click.echo(evaluate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype), log=click.echo))
 

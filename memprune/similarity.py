@@ -249,8 +249,12 @@ class SSCDBackend:
                             "cosine of normalised embeddings)")
 
     def _load_torchscript(self):
+        import warnings
+
         try:
-            module = torch.jit.load(str(self.path), map_location="cpu").eval()
+            with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; SSCD ships as TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(self.path), map_location="cpu").eval()
         except Exception as exc:  # torch raises RuntimeError/ValueError variants for non-TorchScript files
             raise MemPruneError(f"SSCD model file '{self.path}' is not a TorchScript file (torch.jit.load failed); "
                                 "give a TorchScript .pt or an .onnx file.") from exc

@@ -1,0 +1,734 @@
+"""`memprune evaluate`: generate with fixed seeds from the unedited and an edited model and measure
+memorization, diversity, utility, detection and cost (DESIGN.md §5).
+
+Groups (the `group` column of metrics.csv):
+- ``memorized``: the --memorized prompts; ``memorized_held_out``: those of them NOT used for locating
+  (captions absent from --exclude-prompts, a locate prompts_used.csv) — the generalisation claim;
+- ``non_memorized``: the --reference prompts; on the embedded testbed without --reference, the pool of
+  the two non-memorized groups below (no extra generation);
+- ``same_style_control`` (--control; testbed default: non-memorized emoji, each seen once in training)
+  and ``general`` (--general; testbed default: held-out shape captions with their attributes).
+
+Copy threshold and memorization rate. When training images are known (an ``image`` column), a
+generation's *copy similarity* is its similarity to its prompt's training image; the threshold is the
+`threshold_percentile` (95) of the similarity of the unedited model's non-memorized generations to their
+*nearest* known training image (any group), calibrated on ``same_style_control`` if present, else
+``non_memorized``. Without training images (real SD) the unedited model's generation of a memorized
+prompt stands in for its training image (NeMo's "SSCD gen"): the threshold is the percentile of the
+unedited non-memorized generations' similarity to the nearest unedited memorized generation, and the
+edited model's memorized generations count as copies when their similarity to the unedited generation
+(same prompt and seed) is above it; the unedited model's rate is then undefined and not written.
+Memorization rate = share of generations strictly above the threshold, over generations that have a
+copy reference. One threshold (from the unedited model) serves both models.
+
+Other metrics: ``diversity`` = mean pairwise similarity between the seeds of one prompt (higher = less
+diverse), averaged over prompts; ``detection_score`` = Wen et al.'s noise norm (memprune.detect),
+``detection_auc`` = ROC AUC of the per-prompt score (mean over seeds), all memorized prompts (positive)
+vs the row's non-memorized group; ``attribute_accuracy`` (general captions, testbed classifier);
+``seconds_per_image`` per model and group, both models timed in the same run with the same settings
+(generation alternates unedited/edited per prompt file after one warm-up call each).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .detect import generate_with_scores, roc_summary, summarize_steps
+from .errors import MemPruneError
+from .generate import GenerationSettings, uses_cfg
+from .models import DEFAULT_MODEL, check_model_source
+from .prompts import PromptList, read_prompts
+from .similarity import SimilarityBackend, load_image, make_backend, mean_pairwise, tensor_to_pil
+
+MODELS = ("unedited", "edited")
+GROUPS = ("memorized", "memorized_held_out", "non_memorized", "same_style_control", "general")
+MEMORIZED_GROUPS = ("memorized", "memorized_held_out")
+NON_MEMORIZED_GROUPS = ("non_memorized", "same_style_control", "general")
+METRICS = (
+    "n_prompts", "n_generations", "copy_threshold", "memorization_rate", "copy_similarity", "similarity_to_unedited",
+    "diversity", "attribute_accuracy", "detection_score", "detection_score_first_step", "detection_auc",
+    "detection_auc_first_step", "seconds_per_image", "seconds_per_image_ratio",
+)
+TESTBED_CAPTIONS = Path(DEFAULT_MODEL) / "captions"
+TESTBED_FILES = {"memorized": "memorized.csv", "control": "non_memorized_same_style.csv", "general": "general_heldout.csv"}
+NONE = "none"  # --control none / --general none: leave the testbed default out
+
+
+class AttributeClassifier(Protocol):
+    """Predicts the known attributes of generated images: (N, 3, H, W) in [0, 1] -> one {attribute: value} per image.
+
+    Attribute names are matched with the columns of the general prompt file (e.g. shape, colour, background, size).
+    """
+
+    def __call__(self, images: torch.Tensor) -> list[dict[str, str]]: ...
+
+
+def load_testbed_classifier(model_folder: str | Path = DEFAULT_MODEL, log: Callable[[str], None] | None = None
+                            ) -> AttributeClassifier | None:
+    """The testbed's attribute classifier as an AttributeClassifier, or None when memprune.testbed is not importable.
+
+    Uses `memprune.testbed.attributes.load_classifier(model_folder)` when the testbed provides it (saved weights),
+    else trains the classifier with `train_attribute_classifier()` (deterministic: fixed seeds, one torch thread;
+    minutes on a CPU). Either object's `predict(uint8 N×H×W×3) -> {attribute: names}` is adapted to the protocol.
+    """
+    try:
+        from .testbed import attributes
+    except ImportError:
+        return None
+    factory = getattr(attributes, "load_classifier", None)
+    if callable(factory):
+        classifier = factory(str(model_folder))
+    elif callable(getattr(attributes, "train_attribute_classifier", None)):
+        (log or (lambda message: None))("Training the testbed attribute classifier (deterministic; minutes on a CPU).")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            classifier = attributes.train_attribute_classifier()
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        return None
+    if not hasattr(classifier, "predict"):
+        return classifier
+
+    def classify(images: torch.Tensor) -> list[dict[str, str]]:
+        array = (images.detach().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        predicted = classifier.predict(array)
+        return [{name: str(values[i]) for name, values in predicted.items()} for i in range(len(array))]
+
+    return classify
+
+
+@dataclass
+class EvaluateSettings:
+    model: str = DEFAULT_MODEL
+    edited: str | None = None
+    memorized: str | None = None
+    reference: str | None = None  # non-memorized prompts; testbed default: pool of control and general
+    control: str | None = None  # same-style non-memorized prompts ("none": leave out)
+    general: str | None = None  # general captions with attribute columns ("none": leave out)
+    exclude_prompts: str | None = None  # prompts_used.csv of locate: gives the memorized_held_out group
+    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(steps=50, seeds=4))
+    similarity: str = "ssim"  # built-in backend: ssim or l2 (ignored when sscd is given)
+    sscd: str | None = None  # SSCD TorchScript or ONNX file
+    threshold_percentile: float = 95.0
+    grid_prompts: int = 8  # prompts (rows) per image grid
+    attributes: bool = True  # attribute_accuracy on the general captions (testbed classifier)
+
+    def __post_init__(self):
+        self.model = self.model or DEFAULT_MODEL
+        if self.generation.steps < 1 or self.generation.seeds < 1:
+            raise MemPruneError("--steps and --seeds must be at least 1.")
+        if self.generation.batch_size < 1:
+            raise MemPruneError("--batch-size must be at least 1.")
+        if not 0 < self.threshold_percentile <= 100:
+            raise MemPruneError(f"--threshold-percentile must be in (0, 100], got {self.threshold_percentile}.")
+        if self.grid_prompts < 0:
+            raise MemPruneError("--grid-prompts must be 0 or more.")
+        if self.sscd is None and self.similarity not in ("ssim", "l2"):
+            raise MemPruneError(f"Unknown similarity '{self.similarity}': use ssim or l2, or give --sscd FILE.")
+
+    @property
+    def is_testbed(self) -> bool:
+        return is_testbed(self.model)
+
+    def with_defaults(self) -> "EvaluateSettings":
+        """Fill the testbed's caption files where none were given; require --memorized/--reference otherwise.
+
+        Idempotent; "none" stays in the settings (as given) and means "no such group".
+        """
+        values = {}
+        if self.is_testbed:
+            for name, filename in TESTBED_FILES.items():
+                if getattr(self, name) is None:
+                    values[name] = str(TESTBED_CAPTIONS / filename)
+        else:
+            for name in ("memorized", "reference"):
+                if getattr(self, name) is None:
+                    raise MemPruneError(f"--{name} is required when --model is not the embedded testbed.")
+        for name in ("memorized", "reference"):
+            if getattr(self, name) == NONE:
+                raise MemPruneError(f"--{name} none is not allowed: evaluate needs that prompt file.")
+        settings = replace(self, **values)
+        if all(settings.prompt_file(name) is None for name in ("reference", "control", "general")):
+            raise MemPruneError("No non-memorized prompts: give --reference FILE (or keep --control/--general).")
+        return settings
+
+    def prompt_file(self, role: str) -> str | None:
+        """The file of a role (memorized, reference, control, general), None when absent or "none"."""
+        value = getattr(self, role)
+        return None if value in (None, NONE) else value
+
+
+def is_testbed(model: str | None) -> bool:
+    if model is None:
+        return True
+    try:
+        return Path(model).expanduser().resolve() == Path(DEFAULT_MODEL).resolve()
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------- edited model
+
+def same_model(a: str, b: str) -> bool:
+    """Local folders compare by resolved path, hub ids by name."""
+    path_a, path_b = Path(a).expanduser(), Path(b).expanduser()
+    if path_a.exists() or path_b.exists():
+        return path_a.exists() and path_b.exists() and path_a.resolve() == path_b.resolve()
+    return a.strip().rstrip("/") == b.strip().rstrip("/")
+
+
+def check_edited(model: str, edited: str) -> str:
+    """Refuse an edited model whose memprune.json names another base; return a note on what was checked."""
+    from .prune import PRUNE_INFO
+
+    check_model_source(edited)
+    info_path = Path(edited).expanduser() / PRUNE_INFO
+    if not info_path.is_file():
+        return f"Edited model '{edited}' has no {PRUNE_INFO}: its base model could not be checked."
+    try:
+        source = json.loads(info_path.read_text())["source"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise MemPruneError(f"'{info_path}' is not a valid memprune.json (no 'source'): re-run memprune prune.") from exc
+    if not same_model(str(source), str(model)):
+        raise MemPruneError(
+            f"Edited model '{edited}' was pruned from '{source}', not from --model '{model}': "
+            f"evaluate it against its own base (--model {source})."
+        )
+    return f"Edited model '{edited}' was pruned from '{source}' (= --model)."
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+@dataclass
+class Group:
+    name: str
+    members: list[tuple[str, int]]  # (source, prompt index)
+
+
+def _read_sources(settings: EvaluateSettings) -> tuple[dict[str, PromptList], dict[str, str]]:
+    """Prompt files by role (memorized, reference, control, general); a file given twice is read (and generated) once.
+
+    Returns the prompt lists by source key and, per role, the source key it uses.
+    """
+    sources: dict[str, PromptList] = {}
+    by_path: dict[Path, str] = {}
+    roles: dict[str, str] = {}
+    for role in ("memorized", "reference", "control", "general"):
+        path = settings.prompt_file(role)
+        if path is None:
+            continue
+        resolved = Path(path).expanduser().resolve()
+        if resolved in by_path:
+            roles[role] = by_path[resolved]
+            continue
+        sources[role] = read_prompts(path)
+        by_path[resolved] = roles[role] = role
+    for prompts in sources.values():
+        _locate_training_images(prompts)
+    return sources, roles
+
+
+def _locate_training_images(prompts: PromptList) -> None:
+    """Image paths are relative to the prompt file; a file in a captions/ folder may also name them relative to the
+    folder above it (the testbed writes captions/memorized.csv with images/memorized/000.png)."""
+    folder = Path(prompts.source).resolve().parent
+    for index, image in enumerate(prompts.images or []):
+        if not image or Path(image).is_file():
+            continue
+        path = Path(image)
+        if folder in path.parents and (folder.parent / path.relative_to(folder)).is_file():
+            prompts.images[index] = str(folder.parent / path.relative_to(folder))
+            continue
+        raise MemPruneError(f"Prompt file '{prompts.source}' row {index + 1}: training image '{image}' does not exist.")
+
+
+def _build_groups(settings: EvaluateSettings, sources: dict[str, PromptList], roles: dict[str, str]) -> tuple[dict[str, Group], list[str]]:
+    notes = []
+    memorized = sources[roles["memorized"]]
+    groups = {"memorized": Group("memorized", [(roles["memorized"], i) for i in range(len(memorized))])}
+    if settings.exclude_prompts is not None:
+        used = set(read_prompts(settings.exclude_prompts).prompts)
+        held_out = [i for i, caption in enumerate(memorized.prompts) if caption not in used]
+        if len(held_out) == len(memorized):
+            raise MemPruneError(
+                f"None of the captions in '{settings.exclude_prompts}' is a memorized prompt of '{memorized.source}': "
+                "was it written by locate on another --memorized file?"
+            )
+        if held_out:
+            groups["memorized_held_out"] = Group("memorized_held_out", [(roles["memorized"], i) for i in held_out])
+        else:
+            notes.append("Every memorized prompt was used for locating: no memorized_held_out group.")
+    members = lambda role: [(roles[role], i) for i in range(len(sources[roles[role]]))]  # noqa: E731
+    if "reference" in roles:
+        groups["non_memorized"] = Group("non_memorized", members("reference"))
+    else:
+        groups["non_memorized"] = Group("non_memorized", [m for role in ("control", "general") if role in roles for m in members(role)])
+    if "control" in roles:
+        groups["same_style_control"] = Group("same_style_control", members("control"))
+    if "general" in roles:
+        groups["general"] = Group("general", members("general"))
+    return groups, notes
+
+
+# --------------------------------------------------------------------------------------------- result
+
+@dataclass
+class EvaluationResult:
+    metrics: pd.DataFrame  # tidy: model, group, metric, value
+    generations: pd.DataFrame  # one row per model, source, prompt and seed
+    threshold: float
+    threshold_info: dict
+    backend: str  # the similarity backend's description
+    images: dict[tuple[str, str], torch.Tensor]  # (model, source) -> (prompts, seeds, 3, H, W) in [0, 1]
+    sources: dict[str, PromptList]
+    groups: dict[str, Group]
+    training_images: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def value(self, model: str, group: str, metric: str) -> float:
+        rows = self.metrics[(self.metrics.model == model) & (self.metrics.group == group) & (self.metrics.metric == metric)]
+        if rows.empty:
+            raise KeyError((model, group, metric))
+        return float(rows.value.iloc[0])
+
+
+def calibrate_threshold(similarities, percentile: float = 95.0) -> float:
+    """The copy threshold: the given percentile (linear interpolation, numpy's default) of non-memorized similarities."""
+    values = np.asarray(similarities, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise MemPruneError("No non-memorized generations to calibrate the copy threshold on.")
+    return float(np.percentile(values, percentile))
+
+
+def memorization_rate(similarities, threshold: float) -> float:
+    """Share of generations whose copy similarity is strictly above the threshold (NaN entries are left out)."""
+    values = np.asarray(similarities, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(np.mean(values > threshold)) if values.size else float("nan")
+
+
+def diversity(backend: SimilarityBackend, features: torch.Tensor) -> float:
+    """Mean over prompts of the mean pairwise similarity between seeds: features (prompts, seeds, ...)."""
+    values = [mean_pairwise(backend, prompt_features) for prompt_features in features]
+    values = [v for v in values if math.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _attribute_predictions(classifier: AttributeClassifier, images: torch.Tensor) -> list[dict[str, str]]:
+    predictions = classifier(images)
+    if isinstance(predictions, pd.DataFrame):
+        predictions = predictions.to_dict("records")
+    elif isinstance(predictions, dict):
+        keys = list(predictions)
+        predictions = [{k: predictions[k][i] for k in keys} for i in range(len(images))]
+    predictions = list(predictions)
+    if len(predictions) != len(images):
+        raise MemPruneError(f"The attribute classifier returned {len(predictions)} predictions for {len(images)} images.")
+    return predictions
+
+
+def attribute_accuracy(predictions: list[dict], expected: list[dict]) -> float:
+    """Share of (image, attribute) pairs predicted right, over the attributes both sides name (case-insensitive)."""
+    alias = {"color": "colour"}
+    hits = []
+    for predicted, truth in zip(predictions, expected):
+        truth = {alias.get(k, k): v for k, v in truth.items() if v not in (None, "")}
+        for key, value in predicted.items():
+            key = alias.get(key, key)
+            if key in truth:
+                hits.append(str(value).strip().lower() == str(truth[key]).strip().lower())
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+
+def _generate_source(pipe, prompts: list[str], generation: GenerationSettings, desc: str, progress: bool):
+    """Images (P, S, 3, H, W), per-generation Wen scores (P, S) mean and first step (NaN without CFG)."""
+    n, seeds = len(prompts), generation.seeds
+    images: list[list[torch.Tensor | None]] = [[None] * seeds for _ in range(n)]
+    mean = np.full((n, seeds), np.nan)
+    first = np.full((n, seeds), np.nan)
+    for index, seed, image, per_step in generate_with_scores(pipe, prompts, generation, "pt", progress, desc):
+        s = seed - generation.seed
+        images[index][s] = image.detach().to("cpu", torch.float32).clamp(0, 1)
+        if per_step is not None:
+            mean[index, s], first[index, s] = summarize_steps(per_step)
+    return torch.stack([torch.stack(row) for row in images]), mean, first
+
+
+def _warm_up(pipe, prompt: str, generation: GenerationSettings) -> None:
+    """One short call so that the first timed group does not pay for lazy initialisation."""
+    from .generate import generate
+
+    warm = replace(generation, steps=min(2, generation.steps), seeds=1, batch_size=1)
+    for _ in generate(pipe, [prompt], warm, output_type="latent", progress=False):
+        pass
+
+
+def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None, attribute_classifier="auto",
+             device: str = "auto", dtype=None, progress: bool = True, log: Callable[[str], None] | None = None) -> EvaluationResult:
+    """Generate every prompt file with both models (same seeds) and compute the metrics (see the module docstring).
+
+    `pipe`/`edited_pipe` may be given loaded; otherwise they are loaded from settings.model / settings.edited.
+    `attribute_classifier`: "auto" (the testbed's, if importable and the model is the testbed), None, or a callable.
+    """
+    import time
+
+    from .models import load_pipeline, resolve_device
+
+    log = log or (lambda message: None)
+    settings = settings.with_defaults()
+    notes: list[str] = []
+    if settings.edited is not None:
+        notes.append(check_edited(settings.model, settings.edited))
+    backend = make_backend(settings.similarity, settings.sscd)
+    log(f"Similarity backend: {backend.description}")
+    sources, roles = _read_sources(settings)
+    groups, group_notes = _build_groups(settings, sources, roles)
+    notes += group_notes
+    if attribute_classifier == "auto":
+        wanted = settings.attributes and settings.is_testbed and "general" in groups
+        attribute_classifier = load_testbed_classifier(settings.model, log) if wanted else None
+        if wanted and attribute_classifier is None:
+            notes.append("No testbed attribute classifier is importable: attribute_accuracy is skipped.")
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    target = resolve_device(device)
+    if pipe is None:
+        pipe = load_pipeline(settings.model, target, dtype)
+    if edited_pipe is None and settings.edited is not None:
+        edited_pipe = load_pipeline(settings.edited, target, dtype)
+    timings["load"] = round(time.perf_counter() - start, 3)
+    pipes = {"unedited": pipe, **({"edited": edited_pipe} if edited_pipe is not None else {})}
+    cfg = uses_cfg(pipe, settings.generation)
+    if not cfg:
+        notes.append("No classifier-free guidance (guidance scale <= 1): detection metrics are skipped.")
+
+    generation = settings.generation
+    first_prompt = sources[roles["memorized"]].prompts[0]
+    for model_pipe in pipes.values():
+        _warm_up(model_pipe, first_prompt, generation)
+    images, det_mean, det_first, seconds = {}, {}, {}, {}
+    for source, prompts in sources.items():
+        for model, model_pipe in pipes.items():  # alternate models per file: load drift hits both alike
+            tic = time.perf_counter()
+            images[model, source], det_mean[model, source], det_first[model, source] = _generate_source(
+                model_pipe, prompts.prompts, generation, f"{model}: {source}", progress)
+            seconds[model, source] = time.perf_counter() - tic
+            timings[f"generate_{model}_{source}"] = round(seconds[model, source], 3)
+
+    tic = time.perf_counter()
+    computed = _compute(settings, backend, sources, groups, pipes, images, det_mean, det_first, seconds, cfg,
+                        attribute_classifier)
+    timings["metrics"] = round(time.perf_counter() - tic, 3)
+    metrics, generations, threshold, threshold_info, training = computed
+    return EvaluationResult(metrics=metrics, generations=generations, threshold=threshold, threshold_info=threshold_info,
+                            backend=backend.description, images=images, sources=sources, groups=groups,
+                            training_images=training, timings=timings, notes=notes)
+
+
+def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_first, seconds, cfg, classifier):
+    models = list(pipes)
+    size = next(iter(images.values())).shape[-2:]
+    # Features of every generation, (P, S, ...), and of the known training images.
+    features = {key: backend.features(value.flatten(0, 1)) for key, value in images.items()}
+    features = {key: value.view(*images[key].shape[:2], *value.shape[1:]) for key, value in features.items()}
+    training: dict[str, list[torch.Tensor | None]] = {}
+    training_features: dict[str, list[torch.Tensor | None]] = {}
+    pool, pool_paths = [], set()
+    for source, prompts in sources.items():
+        paths = prompts.images or [None] * len(prompts)
+        training[source] = [load_image(path, tuple(size)) if path else None for path in paths]
+        known = [i for i, image in enumerate(training[source]) if image is not None]
+        encoded = backend.features(torch.stack([training[source][i] for i in known])) if known else None
+        training_features[source] = [None] * len(prompts)
+        for row, i in enumerate(known):
+            training_features[source][i] = encoded[row]
+            if paths[i] not in pool_paths:
+                pool_paths.add(paths[i])
+                pool.append(encoded[row])
+
+    shape = lambda source: images[models[0], source].shape[:2]  # noqa: E731
+    nan = lambda source: np.full(tuple(shape(source)), np.nan)  # noqa: E731
+    copy_sim, to_unedited = {}, {}
+    for (model, source), feats in features.items():
+        values = nan(source)
+        for i, reference in enumerate(training_features[source]):
+            if reference is not None:
+                values[i] = backend.paired(feats[i], reference[None].expand_as(feats[i])).numpy()
+        copy_sim[model, source] = values
+        if model == "edited":
+            unedited = features["unedited", source]
+            to_unedited[source] = backend.paired(feats.flatten(0, 1), unedited.flatten(0, 1)).view(shape(source)).numpy()
+
+    # Threshold calibration on the unedited model's non-memorized generations.
+    memorized_source = groups["memorized"].members[0][0]
+    mode = "training_image" if any(f is not None for f in training_features[memorized_source]) else "unedited_generation"
+    calibration = "same_style_control" if "same_style_control" in groups else "non_memorized"
+    members = groups[calibration].members
+    calib_feats = torch.stack([features["unedited", source][i] for source, i in members]).flatten(0, 1)
+    if mode == "training_image":
+        pool_tensor = torch.stack(pool)
+        pool_text = f"{len(pool)} known training images"
+    else:
+        pool_tensor = features["unedited", memorized_source].flatten(0, 1)
+        pool_text = f"{len(pool_tensor)} unedited memorized generations (stand-ins for the training images)"
+    nearest = backend.matrix(calib_feats, pool_tensor).max(dim=1).values.numpy()
+    threshold = calibrate_threshold(nearest, settings.threshold_percentile)
+    threshold_info = {
+        "value": threshold, "percentile": settings.threshold_percentile, "calibrated_on": calibration,
+        "mode": mode, "generations": int(len(nearest)),
+        "description": f"{settings.threshold_percentile:g}th percentile of the similarity of {len(nearest)} unedited "
+                       f"{calibration} generations to their nearest of {pool_text}; backend {backend.name}",
+    }
+    nearest_by_member = dict(zip(members, nearest.reshape(len(members), -1)))
+
+    copy_reference = {}
+    for model, source in images:
+        if mode == "training_image":
+            copy_reference[model, source] = copy_sim[model, source]
+        elif model == "edited" and source == memorized_source:
+            copy_reference[model, source] = to_unedited[source]
+        else:
+            copy_reference[model, source] = nan(source)
+
+    attributes = {}
+    if classifier is not None and "general" in groups:
+        general_source = groups["general"].members[0][0]
+        prompts = sources[general_source]
+        expected = [{k: prompts.extra[k][i] for k in prompts.extra} for i in range(len(prompts))]
+        for model in models:
+            batch = images[model, general_source]
+            predictions = _attribute_predictions(classifier, batch.flatten(0, 1))
+            truth = [expected[i] for i in range(batch.shape[0]) for _ in range(batch.shape[1])]
+            attributes[model] = attribute_accuracy(predictions, truth)
+
+    # Per-generation table.
+    records = []
+    for (model, source), imgs in images.items():
+        prompts = sources[source]
+        for i in range(imgs.shape[0]):
+            for s in range(imgs.shape[1]):
+                near = nearest_by_member.get((source, i))
+                records.append({
+                    "model": model, "source": source, "prompt_index": i, "caption": prompts.prompts[i],
+                    "seed": settings.generation.seed + s,
+                    "copy_similarity": copy_sim[model, source][i, s],
+                    "similarity_to_unedited": to_unedited[source][i, s] if model == "edited" else np.nan,
+                    "nearest_training_similarity": near[s] if near is not None and model == "unedited" else np.nan,
+                    "copy_reference_similarity": copy_reference[model, source][i, s],
+                    "is_copy": (copy_reference[model, source][i, s] > threshold
+                                if np.isfinite(copy_reference[model, source][i, s]) else np.nan),
+                    "detection_score": det_mean[model, source][i, s],
+                    "detection_score_first_step": det_first[model, source][i, s],
+                })
+    generations = pd.DataFrame(records)
+
+    rows = [("unedited", calibration, "copy_threshold", threshold)]
+    pick = lambda table, members: np.stack([table[source][i] for source, i in members])  # noqa: E731
+    for model in models:
+        per_model = lambda table: {source: table[model, source] for source in sources}  # noqa: E731
+        for name, group in groups.items():
+            add = lambda metric, value: rows.append((model, name, metric, float(value)))  # noqa: E731
+            add("n_prompts", len(group.members))
+            add("n_generations", len(group.members) * settings.generation.seeds)
+            reference_values = pick(per_model(copy_reference), group.members)
+            if np.isfinite(reference_values).any():
+                add("memorization_rate", memorization_rate(reference_values, threshold))
+            copy_values = pick(per_model(copy_sim), group.members)
+            if np.isfinite(copy_values).any():
+                add("copy_similarity", np.nanmean(copy_values))
+            if model == "edited":
+                add("similarity_to_unedited", pick(to_unedited, group.members).mean())
+            if settings.generation.seeds > 1:
+                add("diversity", diversity(backend, torch.stack([features[model, s][i] for s, i in group.members])))
+            if name == "general" and model in attributes and math.isfinite(attributes[model]):
+                add("attribute_accuracy", attributes[model])
+            if cfg:
+                add("detection_score", pick(per_model(det_mean), group.members).mean())
+                add("detection_score_first_step", pick(per_model(det_first), group.members).mean())
+            used = {source for source, _ in group.members}
+            time_per_image = (sum(seconds[model, s] for s in used)
+                              / sum(images[model, s].shape[0] * images[model, s].shape[1] for s in used))
+            add("seconds_per_image", time_per_image)
+            if model == "edited":
+                baseline = (sum(seconds["unedited", s] for s in used)
+                            / sum(images["unedited", s].shape[0] * images["unedited", s].shape[1] for s in used))
+                add("seconds_per_image_ratio", time_per_image / baseline)
+        if cfg:
+            positives = {key: pick(per_model(table), groups["memorized"].members).mean(axis=1)
+                         for key, table in (("mean", det_mean), ("first", det_first))}
+            for name in NON_MEMORIZED_GROUPS:
+                if name not in groups:
+                    continue
+                for key, metric in (("mean", "detection_auc"), ("first", "detection_auc_first_step")):
+                    table = det_mean if key == "mean" else det_first
+                    negatives = pick(per_model(table), groups[name].members).mean(axis=1)
+                    labels = np.r_[np.ones(len(positives[key])), np.zeros(len(negatives))]
+                    roc = roc_summary(labels, np.r_[positives[key], negatives])
+                    if roc["auc"] is not None:
+                        rows.append((model, name, metric, roc["auc"]))
+    metrics = pd.DataFrame(rows, columns=["model", "group", "metric", "value"])
+    order = {name: i for i, name in enumerate(METRICS)}
+    metrics = metrics.assign(
+        _m=metrics.model.map({m: i for i, m in enumerate(MODELS)}), _g=metrics.group.map({g: i for i, g in enumerate(GROUPS)}),
+        _k=metrics.metric.map(order),
+    ).sort_values(["_m", "_g", "_k"], kind="stable").drop(columns=["_m", "_g", "_k"]).reset_index(drop=True)
+    return metrics, generations, threshold, threshold_info, training
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+def _format(value: float) -> str:
+    if value is None or not math.isfinite(value):
+        return ""
+    if float(value).is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids: list[str] = ()) -> str:
+    """A before/after table, one row per group and metric (written by hand: no tabulate dependency)."""
+    table = _before_after(result.metrics)
+    lines = [
+        "# memprune evaluate",
+        "",
+        f"- Model: `{settings.model}`" + (f"; edited: `{settings.edited}`" if settings.edited else ""),
+        f"- Similarity backend: {result.backend}",
+        f"- Copy threshold: {result.threshold:.4g} ({result.threshold_info['description']})",
+        f"- Generation: {settings.generation.steps} steps, seeds {settings.generation.seed}.."
+        f"{settings.generation.seed + settings.generation.seeds - 1}, guidance "
+        f"{settings.generation.guidance_scale if settings.generation.guidance_scale is not None else 'pipeline default'}",
+        "- diversity is a mean pairwise similarity between seeds: higher means less diverse.",
+        *[f"- Note: {note}" for note in result.notes],
+        "",
+    ]
+    models = [m for m in MODELS if m in table.columns]
+    lines.append("| group | metric | " + " | ".join(models) + " |")
+    lines.append("|---|---|" + "---:|" * len(models))
+    for (group, metric), row in table.iterrows():
+        lines.append(f"| {group} | {metric} | " + " | ".join(_format(row.get(m)) for m in models) + " |")
+    if grids:
+        lines += ["", "## Image grids", "", "Rows: prompts; columns: training image (where known), unedited model by seed, "
+                  "edited model by seed. The number under a generation is its copy similarity (* above the threshold).", ""]
+        lines += [f"![{Path(g).stem}]({g})" for g in grids]
+    return "\n".join(lines) + "\n"
+
+
+def image_grid(result: EvaluationResult, group: str, max_prompts: int = 8):
+    """A PIL image: one row per prompt (up to max_prompts); training image, unedited seeds, edited seeds."""
+    from PIL import Image, ImageDraw
+
+    members = result.groups[group].members[:max_prompts]
+    models = [m for m in MODELS if any(key[0] == m for key in result.images)]
+    seeds = next(iter(result.images.values())).shape[1]
+    height, width = next(iter(result.images.values())).shape[-2:]
+    scale = max(1, math.ceil(64 / max(height, width)))
+    cell_h, cell_w = height * scale, width * scale
+    show_training = any(result.training_images.get(s, [None] * (i + 1))[i] is not None for s, i in members)
+    label_w, header_h, footer_h, gap, block_gap = 180, 16, 12, 2, 10
+    columns = ([("training", None, None)] if show_training else []) + [
+        (model, model, s) for model in models for s in range(seeds)]
+    total_w = label_w + sum(cell_w + gap for _ in columns) + block_gap * len(models)
+    total_h = header_h + len(members) * (cell_h + footer_h + gap)
+    canvas = Image.new("RGB", (total_w, total_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    table = result.generations.set_index(["model", "source", "prompt_index", "seed"])
+    positions, x = [], label_w
+    for index, (title, model, seed) in enumerate(columns):
+        if index > 0 and model != columns[index - 1][1]:
+            x += block_gap
+        positions.append(x)
+        text = "training" if model is None else f"{model} {result.generations.seed.min() + seed}"
+        draw.text((x, 2), text, fill="black")
+        x += cell_w + gap
+    for row, (source, i) in enumerate(members):
+        y = header_h + row * (cell_h + footer_h + gap)
+        caption = result.sources[source].prompts[i]
+        caption = (caption[:28] + ("..." if len(caption) > 28 else "")).encode("latin-1", "replace").decode("latin-1")
+        draw.text((4, y + cell_h // 2 - 5), caption, fill="black")
+        for (title, model, seed), x in zip(columns, positions):
+            if model is None:
+                image = result.training_images[source][i]
+                if image is None:
+                    continue
+                footer = ""
+            else:
+                image = result.images[model, source][i, seed]
+                entry = table.loc[(model, source, i, result.generations.seed.min() + seed)]
+                value = entry["copy_reference_similarity"]
+                footer = "" if not np.isfinite(value) else f"{value:.2f}" + ("*" if value > result.threshold else "")
+            tile = tensor_to_pil(image).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (x, y))
+            if footer:
+                draw.text((x + 2, y + cell_h), footer, fill="black")
+    return canvas
+
+
+def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False, device: str = "auto", dtype=None,
+                       progress: bool = True, log: Callable[[str], None] | None = None) -> str:
+    """The `memprune evaluate` command as a function: metrics.csv, metrics.md, generations.csv, grids/, run.json."""
+    from .prune import PRUNE_INFO
+    from .runinfo import atomic_output_dir, check_output_dir, write_run_json
+
+    settings = settings.with_defaults()
+    protected = [p for p in (settings.model, settings.edited) if p and Path(p).exists()]
+    check_output_dir(out, overwrite, protected)
+    result = evaluate(settings, device=device, dtype=dtype, progress=progress, log=log)
+    with atomic_output_dir(out, overwrite, protected) as staging:
+        result.metrics.to_csv(staging / "metrics.csv", index=False)
+        result.generations.to_csv(staging / "generations.csv", index=False)
+        grids = []
+        if settings.grid_prompts:
+            (staging / "grids").mkdir()
+            seen = []
+            for name, group in result.groups.items():
+                pooled = len({source for source, _ in group.members}) > 1
+                if pooled or group.members in seen:
+                    continue
+                seen.append(group.members)
+                image_grid(result, name, settings.grid_prompts).save(staging / "grids" / f"{name}.png")
+                grids.append(f"grids/{name}.png")
+        (staging / "metrics.md").write_text(metrics_markdown(result, settings, grids))
+        inputs = {role: settings.prompt_file(role) for role in ("memorized", "reference", "control", "general")}
+        inputs["exclude_prompts"] = settings.exclude_prompts
+        inputs["sscd"] = settings.sscd
+        if settings.edited:
+            inputs["edited_memprune_json"] = str(Path(settings.edited) / PRUNE_INFO)
+        write_run_json(staging, settings, inputs, result.timings, similarity_backend=result.backend,
+                       copy_threshold=result.threshold_info, notes=result.notes,
+                       groups={name: len(group.members) for name, group in result.groups.items()})
+    lines = [f"Similarity backend: {result.backend}",
+             f"Copy threshold: {result.threshold:.4f} ({result.threshold_info['description']})."]
+    lines += [f"Note: {note}" for note in result.notes]
+    lines.append(_summary_table(result))
+    lines.append(f"Metrics: {Path(out) / 'metrics.csv'} and {Path(out) / 'metrics.md'}")
+    return "\n".join(lines)
+
+
+def _summary_table(result: EvaluationResult) -> str:
+    key = ["memorization_rate", "copy_similarity", "similarity_to_unedited", "diversity", "attribute_accuracy",
+           "detection_auc", "seconds_per_image"]
+    table = result.metrics[result.metrics.metric.isin(key)]
+    if table.empty:
+        return ""
+    return _before_after(table).round(4).to_string()
+
+
+def _before_after(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Rows (group, metric) in GROUPS and METRICS order, one column per model (unedited, edited)."""
+    table = metrics.pivot_table(index=["group", "metric"], columns="model", values="value", sort=False)
+    order = sorted(table.index, key=lambda key: (GROUPS.index(key[0]), METRICS.index(key[1])))
+    return table.loc[order, [m for m in MODELS if m in table.columns]]
