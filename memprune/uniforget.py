@@ -535,10 +535,19 @@ def _settings_dict(settings: UniForgetSettings) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def testbed_memorized_file(model: str) -> Path | None:
-    """The embedded testbed's memorized captions, when `model` is the testbed folder."""
-    candidate = Path(model) / "captions" / "memorized.csv"
+def _testbed_captions(model: str, name: str) -> Path | None:
+    candidate = Path(model) / "captions" / name
     return candidate if candidate.is_file() else None
+
+
+def testbed_memorized_file(model: str) -> Path | None:
+    """The embedded testbed's memorized captions, when `model` is a testbed folder."""
+    return _testbed_captions(model, "memorized.csv")
+
+
+def testbed_neutral_file(model: str) -> Path | None:
+    """The embedded testbed's held-out general captions (never memorized), when `model` is a testbed folder."""
+    return _testbed_captions(model, "general_heldout.csv")
 
 
 def save_gate_result(result: GateResult, folder: str | Path) -> None:
@@ -554,13 +563,14 @@ def save_gate_result(result: GateResult, folder: str | Path) -> None:
     pd.DataFrame({"caption": result.prompts}).to_csv(folder / "prompts_used.csv", index=False)
 
 
-def uniforget_to_folder(model: str, neutral: str, out, settings: UniForgetSettings | None = None,
+def uniforget_to_folder(model: str, neutral: str | None, out, settings: UniForgetSettings | None = None,
                         memorized: str | None = None, wanda_masks: str | None = None, overwrite: bool = False,
                         device: str = "auto", dtype=None) -> str:
     """Train gates on a neutral prompt file and write a masks folder that `memprune prune --masks` applies.
 
+    `neutral`: a prompt file of non-memorized captions (default on the testbed: its general_heldout.csv).
     `memorized`: memorized prompts that must not be among the neutral ones (default on the testbed: its
-    memorized.csv). `wanda_masks`: a `memprune locate` folder whose masks are united with the UniForget mask.
+    memorized.csv); when the memorized prompts are also the testbed's, the defaults can never overlap. `wanda_masks`: a `memprune locate` folder whose masks are united with the UniForget mask.
     Returns a summary.
     """
     from .masks import MASKS_FILE
@@ -571,6 +581,9 @@ def uniforget_to_folder(model: str, neutral: str, out, settings: UniForgetSettin
     settings = settings or UniForgetSettings()
     protected = [model] if Path(model).exists() else []
     check_output_dir(out, overwrite, protected)
+    neutral = neutral or testbed_neutral_file(model)
+    if neutral is None:
+        raise MemPruneError("UniForget needs neutral (non-memorized) prompts: give --neutral FILE.")
     neutral_prompts = read_prompts(neutral).prompts
     memorized = memorized or testbed_memorized_file(model)
     memorized_prompts = read_prompts(memorized).prompts if memorized else None

@@ -274,3 +274,5 @@ def test_uniforget_to_folder_then_prune(saved_pipelines, prompt_file, tmp_path):
         uniforget_to_folder(str(saved_pipelines["sd1"]), str(bad), tmp_path / "x", settings,
                             memorized=str(prompt_file), device="cpu")
     assert not (tmp_path / "x").exists()
+    with pytest.raises(MemPruneError, match="neutral"):  # no default neutral prompts off the testbed
+        uniforget_to_folder(str(saved_pipelines["sd1"]), None, tmp_path / "y", settings, device="cpu")
