@@ -414,3 +414,19 @@ def test_bad_inputs(no_truth, tmp_path):
     assert_refused(run(*base, "--reference", s.reference, "--out", existing), "already exists")
     assert_refused(run(*base, "--reference", s.reference, "--out", Path(s.model) / "eval"), "never writes into a source")
     assert not (tmp_path / "o").exists()
+
+
+def test_l2_backend_without_guidance(no_truth):
+    """--similarity l2 and no classifier-free guidance: no detection rows, similarities from 1 - normalised L2."""
+    from dataclasses import replace
+
+    settings = replace(no_truth["settings"], similarity="l2", exclude_prompts=None,
+                       generation=replace(GENERATION, guidance_scale=1.0))
+    result = evaluate(settings, progress=False)
+    check_schema(result.metrics)
+    assert not result.metrics.metric.str.startswith("detection").any()
+    assert result.backend.startswith("1 - normalised L2")
+    unedited, edited = result.images["unedited", "memorized"], result.images["edited", "memorized"]
+    distance = normalized_l2_distance(edited.flatten(0, 1), unedited.flatten(0, 1))
+    assert result.value("edited", "memorized", "similarity_to_unedited") == pytest.approx(float(1 - distance.mean()), abs=1e-5)
+    assert any("detection metrics are skipped" in note for note in result.notes)
