@@ -231,7 +231,8 @@ def build_data(config: DataConfig) -> TestbedData:
     train_specs, held_specs = _split_heldout(all_shape_specs(), config.heldout_fraction, rng)
     gen_rng = np.random.default_rng([config.seed, 1])
     idx = np.repeat(np.arange(len(train_specs)), config.images_per_general_caption)
-    general = np.stack([np.asarray(render_shape(train_specs[i], gen_rng, config.image_size)) for i in idx])
+    general = np.stack([np.asarray(render_shape(train_specs[i], gen_rng, config.image_size)) for i in idx]) if len(idx) \
+        else np.zeros((0, config.image_size, config.image_size, 3), np.uint8)
 
     def stack(items: list[EmojiItem]) -> np.ndarray:
         return np.stack([np.asarray(load_emoji(e.file, config.image_size)) for e in items])

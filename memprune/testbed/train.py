@@ -40,12 +40,13 @@ class TestbedConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # Stage 1: VAE (short; its reconstruction quality is the ceiling for any copy).
-    vae_steps: int = 1200
+    vae_steps: int = 2000
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
+    vae_decode_mean: bool = True
     # Stage 2: UNet.
-    steps: int = 4400
+    steps: int = 4200
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -121,7 +122,9 @@ def train_vae(cfg: TestbedConfig, data: TestbedData, work_dir: str, progress: bo
         return AutoencoderKL.from_pretrained(vae_dir)
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg.model.vae)
-    images = to_tensor(np.concatenate([data.memorized_images, data.control_images, data.pool_images, data.general_images]))
+    emoji = to_tensor(np.concatenate([data.memorized_images, data.control_images, data.pool_images]))
+    shapes = to_tensor(data.general_images)
+    images = torch.cat([emoji, shapes])
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng([cfg.seed, 2])
     bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress, mininterval=5)
@@ -129,9 +132,13 @@ def train_vae(cfg: TestbedConfig, data: TestbedData, work_dir: str, progress: bo
         # Cosine lr over the short VAE run.
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
-        x = images[rng.integers(0, len(images), cfg.vae_batch_size)]
+        # Half emoji, half shapes: emoji detail is what bounds how well a copy can be measured.
+        n_e = cfg.vae_batch_size // 2
+        x = torch.cat([emoji[rng.integers(0, len(emoji), n_e)], shapes[rng.integers(0, len(shapes), cfg.vae_batch_size - n_e)]])
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        # Decode the posterior mean: with a tiny KL weight the posterior noise would only slow
+        # learning down (the encoder must first learn to shrink it); SD's VAE is near-deterministic too.
+        rec = vae.decode(post.mean if cfg.vae_decode_mean else post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -234,8 +241,11 @@ def batch_indices(step: int, cfg: TestbedConfig, sizes: dict[str, int]) -> list[
     return out[:b] if len(out) > b else out
 
 
-def train_unet(cfg: TestbedConfig, ts: TrainingSet, work_dir: str, progress: bool = True, log=None):
-    """DDPM training of the UNet, resumable from work_dir/unet_ckpt.pt."""
+def train_unet(cfg: TestbedConfig, ts: TrainingSet, work_dir: str, progress: bool = True, log=None,
+               stop_at: int | None = None):
+    """DDPM training of the UNet, resumable from work_dir/unet_ckpt.pt.
+
+    `stop_at` ends the run after that step with a checkpoint (returns None): time-sliced training."""
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg.model.unet, cfg.model.vae.latent_channels, cfg.model.text.hidden_size)
     sched = train_scheduler(cfg.model.scheduler)
@@ -289,6 +299,9 @@ def train_unet(cfg: TestbedConfig, ts: TrainingSet, work_dir: str, progress: boo
             el = time.time() - t0
             log(f"step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"samples/s {done * cfg.batch_size / max(el, 1e-9):.1f}")
+        if stop_at is not None and step + 1 >= stop_at and step + 1 < cfg.steps:
+            save(step + 1)
+            return None
         if time.time() - last_save > cfg.checkpoint_every_s:
             save(step + 1)
             last_save = time.time()
@@ -308,11 +321,12 @@ def build_tokenizer_and_text_encoder(cfg: TestbedConfig, data: TestbedData):
 
 
 def train_testbed(config: TestbedConfig, out: str, work_dir: str | None = None, progress: bool = True,
-                  log=None) -> str:
-    """Train the whole testbed and write a complete folder at `out` (must not exist).
+                  log=None, overwrite: bool = False, stop_at: int | None = None) -> str | None:
+    """Train the whole testbed and write a complete folder at `out` (must not exist unless `overwrite`).
 
     `work_dir` keeps checkpoints (VAE, UNet + optimizer) so an interrupted run resumes where it
-    stopped when called again with the same config and work_dir. The folder is written to a
+    stopped when called again with the same config and work_dir (`stop_at` stops after that UNet
+    step on purpose and returns None). The folder is written to a
     temporary sibling and renamed, so `out` is either complete or absent."""
     from .export import write_testbed_folder  # noqa: WPS433 (import cycle avoidance)
 
@@ -333,9 +347,11 @@ def train_testbed(config: TestbedConfig, out: str, work_dir: str | None = None, 
     vae = train_vae(config, data, work_dir, progress)
     vae.eval().requires_grad_(False)
     ts = encode_training_set(data, vae, tokenizer, text_encoder)
-    unet = train_unet(config, ts, work_dir, progress, log)
+    unet = train_unet(config, ts, work_dir, progress, log, stop_at)
+    if unet is None:  # stopped early on request; rerun to resume
+        return None
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, config.model.scheduler)
-    write_testbed_folder(pipe, data, config, out, train_seconds=time.time() - t_start)
+    write_testbed_folder(pipe, data, config, out, train_seconds=time.time() - t_start, overwrite=overwrite)
     return out
 
 

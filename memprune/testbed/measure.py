@@ -1,0 +1,291 @@
+"""Measure what the testbed must show: memorization of the memorized captions (and not of the
+same-style control), and utility on general captions.
+
+Memorization: for each caption and seed, SSIM (pixel space, 32×32, Gaussian window) between the
+generation and the caption's training image. A generation *copies* when its SSIM exceeds a
+threshold calibrated on control generations against their nearest training image (any emoji the
+model was trained on): a quantile of that distribution, computed on half of the control captions
+and checked on the other half. SSIM is also reported relative to the VAE reconstruction ceiling
+(the best any generation can do through this VAE).
+
+Utility: the attribute classifier (`attributes.py`) reads shape / colour / background / size off
+generations of held-out general captions; diversity is the mean pairwise pixel distance between
+seeds of one caption, next to the same number for real renders of that caption.
+
+    python -m memprune.testbed.measure DIR [--seeds 4] [--steps 50] [--json out.json]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# --------------------------------------------------------------------------- SSIM
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def to_float(images) -> torch.Tensor:
+    """uint8 N×H×W×3 (numpy) or float tensor N×3×H×W in [0, 1] → float tensor N×3×H×W in [0, 1]."""
+    if isinstance(images, np.ndarray):
+        if images.dtype == np.uint8:
+            return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    return images.float()
+
+
+def ssim(a, b, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Mean SSIM (Wang et al. 2004, per RGB channel, valid Gaussian window) of paired images → N."""
+    a, b = to_float(a), to_float(b)
+    c = a.shape[1]
+    w = _gaussian_window(window, sigma).to(a).expand(c, 1, window, window)
+
+    def filt(x):
+        return F.conv2d(x, w, groups=c)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = filt(a), filt(b)
+    s_aa = filt(a * a) - mu_a**2
+    s_bb = filt(b * b) - mu_b**2
+    s_ab = filt(a * b) - mu_a * mu_b
+    m = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (s_aa + s_bb + c2))
+    return m.flatten(1).mean(1)
+
+
+def nearest_ssim(queries, refs, top_k: int = 32, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query image, the highest SSIM over `refs` and its index.
+
+    SSIM is evaluated on the `top_k` nearest references by pixel L2 (exact SSIM over thousands
+    of references per query would be slow and the best SSIM is always among the L2-nearest)."""
+    q, r = to_float(queries), to_float(refs)
+    d = torch.cdist(q.flatten(1), r.flatten(1))
+    cand = d.topk(min(top_k, len(r)), largest=False).indices  # Q × K
+    qq = q[:, None].expand(-1, cand.shape[1], -1, -1, -1).reshape(-1, *q.shape[1:])
+    rr = r[cand.reshape(-1)]
+    s = torch.cat([ssim(qq[i : i + chunk], rr[i : i + chunk]) for i in range(0, len(qq), chunk)]).view(cand.shape)
+    best, j = s.max(1)
+    return best, cand.gather(1, j[:, None])[:, 0]
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate(pipe, captions: list[str], seeds: list[int], steps: int = 50, guidance_scale: float = 7.5,
+             batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """uint8 images (len(captions)·len(seeds))×32×32×3, ordered caption-major.
+
+    One generator per image, seeded by the seed alone, so an image does not depend on batching
+    and seed s of two captions starts from the same noise."""
+    jobs = [(c, s) for c in captions for s in seeds]
+    out = []
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i : i + batch_size]
+        gens = [torch.Generator().manual_seed(s) for _, s in chunk]
+        res = pipe([c for c, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+                   generator=gens, output_type="np")
+        out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def vae_reconstruct(vae, images: np.ndarray) -> np.ndarray:
+    """Encode (posterior mean) and decode: the best image any diffusion sample can reach."""
+    x = to_float(images) * 2 - 1
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+# --------------------------------------------------------------------------- testbed folder
+
+
+def load_images(root: str, rels) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(os.path.join(root, r)).convert("RGB")) for r in rels])
+
+
+def training_emoji_images(root: str) -> np.ndarray:
+    """Every emoji image the model was trained on (memorized + control + pool), rebuilt from the
+    seed in testbed_config.json (pool images are not stored in the folder)."""
+    from .data import DataConfig, build_data
+
+    meta = json.load(open(os.path.join(root, "testbed_config.json")))
+    dcfg = dict(meta["config"]["data"])
+    dcfg["seed"] = meta["config"]["seed"]
+    dcfg["images_per_general_caption"] = 0  # general images not needed here
+    data = build_data(DataConfig(**dcfg))
+    return np.concatenate([data.memorized_images, data.control_images, data.pool_images])
+
+
+@dataclass
+class MemorizationResult:
+    seeds: list[int]
+    memorized_ssim: np.ndarray  # prompts × seeds, to the caption's own training image
+    control_ssim: np.ndarray  # prompts × seeds, to the caption's own training image
+    control_nearest: np.ndarray  # prompts × seeds, to the nearest training emoji
+    vae_ceiling_memorized: np.ndarray  # per prompt: SSIM of the VAE reconstruction
+    threshold: float
+    quantile: float
+    calibration_prompts: list[int]
+    check_prompts: list[int]
+
+    def summary(self) -> dict:
+        cal = self.control_nearest[self.calibration_prompts]
+        chk_own = self.control_ssim[self.check_prompts]
+        chk_near = self.control_nearest[self.check_prompts]
+        ceil = float(self.vae_ceiling_memorized.mean())
+        return {
+            "seeds": self.seeds,
+            "threshold": self.threshold,
+            "threshold_quantile": self.quantile,
+            "memorized_mean_ssim": float(self.memorized_ssim.mean()),
+            "memorized_median_ssim": float(np.median(self.memorized_ssim)),
+            "vae_ceiling_mean_ssim": ceil,
+            "memorized_mean_ssim_rel_ceiling": float(self.memorized_ssim.mean() / ceil),
+            "memorized_copy_rate": float((self.memorized_ssim > self.threshold).mean()),
+            "memorized_prompts_copied_majority": int(((self.memorized_ssim > self.threshold).mean(1) > 0.5).sum()),
+            "n_memorized_prompts": int(self.memorized_ssim.shape[0]),
+            "memorized_copy_rate_at_0.5": float((self.memorized_ssim > 0.5).mean()),
+            "control_mean_ssim_own": float(self.control_ssim.mean()),
+            "control_mean_ssim_nearest": float(self.control_nearest.mean()),
+            "control_calibration_mean_nearest": float(cal.mean()),
+            "control_copy_rate_own_heldout_half": float((chk_own > self.threshold).mean()),
+            "control_copy_rate_nearest_heldout_half": float((chk_near > self.threshold).mean()),
+            "control_copy_rate_own_all": float((self.control_ssim > self.threshold).mean()),
+        }
+
+
+def measure_memorization(pipe, root: str, seeds=(0, 1, 2, 3), steps: int = 50, guidance_scale: float = 7.5,
+                         quantile: float = 0.95, max_prompts: int | None = None,
+                         train_emoji: np.ndarray | None = None) -> MemorizationResult:
+    mem = pd.read_csv(os.path.join(root, "captions", "memorized.csv"))
+    ctl = pd.read_csv(os.path.join(root, "captions", "non_memorized_same_style.csv"))
+    if max_prompts:
+        mem, ctl = mem.iloc[:max_prompts], ctl.iloc[:max_prompts]
+    seeds = list(seeds)
+    k = len(seeds)
+    mem_truth = load_images(root, mem["image"])
+    ctl_truth = load_images(root, ctl["image"])
+    g_mem = generate(pipe, list(mem["caption"]), seeds, steps, guidance_scale)
+    g_ctl = generate(pipe, list(ctl["caption"]), seeds, steps, guidance_scale)
+    s_mem = ssim(g_mem, np.repeat(mem_truth, k, 0)).view(-1, k).numpy()
+    s_ctl = ssim(g_ctl, np.repeat(ctl_truth, k, 0)).view(-1, k).numpy()
+    refs = train_emoji if train_emoji is not None else training_emoji_images(root)
+    near, _ = nearest_ssim(g_ctl, refs)
+    near = near.view(-1, k).numpy()
+    ceiling = ssim(vae_reconstruct(pipe.vae, mem_truth), mem_truth).numpy()
+    # Calibrate on even-indexed control prompts, check on odd ones (no threshold sees its test set).
+    cal = list(range(0, len(ctl), 2))
+    chk = list(range(1, len(ctl), 2))
+    thr = float(np.quantile(near[cal], quantile))
+    return MemorizationResult(seeds, s_mem, s_ctl, near, ceiling, thr, quantile, cal, chk)
+
+
+def measure_utility(pipe, root: str, classifier=None, seeds=(0, 1, 2, 3), steps: int = 50,
+                    guidance_scale: float = 7.5, which: str = "general_heldout", max_prompts: int | None = None) -> dict:
+    """Attribute accuracy and diversity of generations for the general captions."""
+    from .attributes import ATTRIBUTES, train_attribute_classifier
+    from .data import COLOURS, ShapeSpec, render_shape
+
+    clf = classifier or train_attribute_classifier()
+    table = pd.read_csv(os.path.join(root, "captions", f"{which}.csv"))
+    if max_prompts:
+        table = table.iloc[:max_prompts]
+    seeds = list(seeds)
+    k = len(seeds)
+    gens = generate(pipe, list(table["caption"]), seeds, steps, guidance_scale)
+    pred = clf.predict(gens)
+    res: dict = {"captions": which, "n_prompts": len(table), "seeds": seeds}
+    for a in ATTRIBUTES:
+        truth = np.repeat(table[a].to_numpy(), k)
+        res[f"acc_{a}"] = float((pred[a] == truth).mean())
+    all_ok = np.ones(len(gens), bool)
+    for a in ATTRIBUTES:
+        all_ok &= pred[a] == np.repeat(table[a].to_numpy(), k)
+    res["acc_all_attributes"] = float(all_ok.mean())
+    res["acc_mean"] = float(np.mean([res[f"acc_{a}"] for a in ATTRIBUTES]))
+    # Diversity: mean pairwise RMS pixel distance across seeds of one caption; the same for real
+    # renders of the caption gives the scale (a copy machine would score ~0).
+    x = gens.reshape(len(table), k, -1).astype(np.float32) / 255
+    rng = np.random.default_rng(0)
+    real = np.stack([
+        np.stack([np.asarray(render_shape(ShapeSpec(r.shape, r.colour, r.background, r.size), rng)) for _ in range(k)])
+        for r in table.itertuples()
+    ]).reshape(len(table), k, -1).astype(np.float32) / 255
+
+    def pairwise(v):
+        d = np.sqrt(((v[:, :, None] - v[:, None, :]) ** 2).mean(-1))
+        iu = np.triu_indices(k, 1)
+        return float(d[:, iu[0], iu[1]].mean())
+
+    res["diversity_generated"] = pairwise(x)
+    res["diversity_real"] = pairwise(real)
+    res["real_acc_check"] = float(np.mean([
+        (clf.predict((real.reshape(-1, 32, 32, 3) * 255).round().astype(np.uint8))[a] == np.repeat(table[a].to_numpy(), k)).mean()
+        for a in ATTRIBUTES
+    ]))
+    del COLOURS
+    return res
+
+
+def load_pipeline(root: str, unet_snapshot: str | None = None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(root)
+    if unet_snapshot:
+        from safetensors.torch import load_file
+
+        pipe.unet.load_state_dict(load_file(unet_snapshot))
+    return quiet(pipe)
+
+
+def main(argv=None) -> None:
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("root")
+    ap.add_argument("--unet", default=None, help="UNet snapshot (.safetensors) to swap in")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--max-prompts", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-utility", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    pipe = load_pipeline(args.root, args.unet)
+    seeds = list(range(args.seeds))
+    m = measure_memorization(pipe, args.root, seeds, args.steps, args.guidance, max_prompts=args.max_prompts)
+    out = {"memorization": m.summary(), "unet": args.unet, "steps": args.steps, "guidance": args.guidance}
+    print(json.dumps(out["memorization"], indent=1), flush=True)
+    if not args.skip_utility:
+        out["utility"] = measure_utility(pipe, args.root, seeds=seeds, steps=args.steps, guidance_scale=args.guidance,
+                                         max_prompts=args.max_prompts)
+        print(json.dumps(out["utility"], indent=1), flush=True)
+    out["seconds"] = time.time() - t0
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
