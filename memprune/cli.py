@@ -166,7 +166,7 @@ def evaluate(model, edited, memorized, reference, control, general, exclude_prom
 @device_option
 @dtype_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Scores FILE.csv (ROC summary: FILE.json beside it).")
-@overwrite_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing FILE.csv and FILE.json.")
 def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, device, dtype, out, overwrite):
     """Score prompts with Wen et al.'s text-conditional noise norm; ROC AUC and TPR at 1% FPR for labelled files."""
     from .detect import DetectSettings, detect_to_file
