@@ -238,17 +238,10 @@ def _read_sources(settings: EvaluateSettings) -> tuple[dict[str, PromptList], di
 
 
 def _locate_training_images(prompts: PromptList) -> None:
-    """Image paths are relative to the prompt file; a file in a captions/ folder may also name them relative to the
-    folder above it (the testbed writes captions/memorized.csv with images/memorized/000.png)."""
-    folder = Path(prompts.source).resolve().parent
+    """Every named training image must exist (read_prompts resolves them; see prompts._image_path)."""
     for index, image in enumerate(prompts.images or []):
-        if not image or Path(image).is_file():
-            continue
-        path = Path(image)
-        if folder in path.parents and (folder.parent / path.relative_to(folder)).is_file():
-            prompts.images[index] = str(folder.parent / path.relative_to(folder))
-            continue
-        raise MemPruneError(f"Prompt file '{prompts.source}' row {index + 1}: training image '{image}' does not exist.")
+        if image and not Path(image).is_file():
+            raise MemPruneError(f"Prompt file '{prompts.source}' row {index + 1}: training image '{image}' does not exist.")
 
 
 def _build_groups(settings: EvaluateSettings, sources: dict[str, PromptList], roles: dict[str, str]) -> tuple[dict[str, Group], list[str]]:

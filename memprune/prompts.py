@@ -68,10 +68,9 @@ def _read_csv(path: Path, text: str) -> PromptList:
         if caption is None:
             raise MemPruneError(f"Prompt file '{path}' line {line_number} has no {caption_column} value: fix or remove that line.")
         prompts.append(caption.strip())
-    base = path.parent
     images = None
     if image_column:
-        images = [str((base / row[image_column]).resolve()) if row.get(image_column) else None for row in rows]
+        images = [_image_path(path.parent, row[image_column]) if row.get(image_column) else None for row in rows]
     known = {caption_column, label_column, image_column, ""}
     extra = {c: [row.get(c) for row in rows] for c in columns if c not in known and c is not None}
     return PromptList(
@@ -81,6 +80,15 @@ def _read_csv(path: Path, text: str) -> PromptList:
         images=images,
         extra=extra,
     )
+
+
+def _image_path(folder: Path, relative: str) -> str:
+    """Image paths are relative to the prompt file; a file in a captions/ folder may name them relative to
+    the dataset folder above it (the testbed writes captions/memorized.csv with images/memorized/000.png)."""
+    for base in (folder, folder.parent):
+        if (base / relative).is_file():
+            return str((base / relative).resolve())
+    return str((folder / relative).resolve())
 
 
 def _read_jsonl(path: Path, text: str) -> PromptList:
