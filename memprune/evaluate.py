@@ -346,7 +346,7 @@ def attribute_accuracy(predictions: list[dict], expected: list[dict]) -> float:
 
 # --------------------------------------------------------------------------------------------- evaluate
 
-def _generate_source(pipe, prompts: list[str], generation: GenerationSettings, desc: str, progress: bool):
+def generate_images(pipe, prompts: list[str], generation: GenerationSettings, desc: str, progress: bool):
     """Images (P, S, 3, H, W), per-generation Wen scores (P, S) mean and first step (NaN without CFG)."""
     n, seeds = len(prompts), generation.seeds
     images: list[list[torch.Tensor | None]] = [[None] * seeds for _ in range(n)]
@@ -417,7 +417,7 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None, attribute_
     for source, prompts in sources.items():
         for model, model_pipe in pipes.items():  # alternate models per file: load drift hits both alike
             tic = time.perf_counter()
-            images[model, source], det_mean[model, source], det_first[model, source] = _generate_source(
+            images[model, source], det_mean[model, source], det_first[model, source] = generate_images(
                 model_pipe, prompts.prompts, generation, f"{model}: {source}", progress)
             seconds[model, source] = time.perf_counter() - tic
             timings[f"generate_{model}_{source}"] = round(seconds[model, source], 3)

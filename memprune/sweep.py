@@ -1,0 +1,104 @@
+"""Pruning sweeps: memorization of held-out memorized prompts and utility, for masks at several sparsities
+and τ, against size-matched random masks — the measurement behind the claim that a mask located on a few
+memorized prompts removes memorization of the others (Chavhan et al. 2024), and its control.
+
+The pipeline is edited in place and restored after each point (`apply_masks` / `undo`), so one loaded
+model serves the whole sweep.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .evaluate import AttributeClassifier, _attribute_predictions, attribute_accuracy, generate_images, memorization_rate
+from .generate import GenerationSettings
+from .masks import Masks, random_masks_like
+from .prompts import PromptList
+from .prune import apply_masks, undo
+from .similarity import SimilarityBackend, load_image
+
+
+@dataclass
+class SweepSettings:
+    ratios: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
+    timesteps: tuple[int, ...] = (10,)
+    random_controls: int = 2  # random masks of the same size per layer, per point
+    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(steps=50, seeds=4, batch_size=16))
+
+
+@dataclass
+class Scorer:
+    """Scores one model state: memorization rate / copy similarity of held-out memorized prompts, attribute accuracy."""
+
+    held_out: PromptList  # memorized prompts NOT used to locate, with their training images
+    threshold: float
+    backend: SimilarityBackend
+    generation: GenerationSettings
+    general: PromptList | None = None
+    classifier: AttributeClassifier | None = None
+    _truth: torch.Tensor | None = None
+
+    def _training_features(self, size) -> torch.Tensor:
+        if self._truth is None:
+            images = torch.stack([load_image(path, tuple(size)) for path in self.held_out.images])
+            self._truth = self.backend.features(images)
+        return self._truth
+
+    def __call__(self, pipe) -> dict[str, float]:
+        images, _, _ = generate_images(pipe, self.held_out.prompts, self.generation, "held-out memorized", False)
+        prompts, seeds = images.shape[:2]
+        features = self.backend.features(images.flatten(0, 1))
+        truth = self._training_features(images.shape[-2:]).repeat_interleave(seeds, dim=0)
+        similarity = self.backend.paired(features, truth).numpy()
+        scores = {"memorization_rate": memorization_rate(similarity, self.threshold),
+                  "copy_similarity": float(np.mean(similarity))}
+        if self.general is not None and self.classifier is not None:
+            general, _, _ = generate_images(pipe, self.general.prompts, self.generation, "general", False)
+            predictions = _attribute_predictions(self.classifier, general.flatten(0, 1))
+            expected = [{k: self.general.extra[k][i] for k in self.general.extra}
+                        for i in range(len(self.general)) for _ in range(general.shape[1])]
+            scores["attribute_accuracy"] = attribute_accuracy(predictions, expected)
+        return scores
+
+
+def zeroed_share(masks: Masks, timesteps: int) -> float:
+    union = masks.union_indices(timesteps)
+    total = sum(masks.shapes[layer][0] * masks.shapes[layer][1] for layer in union)
+    return sum(idx.numel() for idx in union.values()) / total
+
+
+def pruning_sweep(pipe, masks_for_ratio: Callable[[float], Masks], score: Scorer, settings: SweepSettings,
+                  progress: bool = True) -> pd.DataFrame:
+    """One row per (method, ratio, τ, control seed): the scores of the pruned model, plus the unpruned baseline."""
+    rows = [{"method": "none", "ratio": 0.0, "timesteps": 0, "control_seed": -1, "zeroed_share": 0.0, **score(pipe)}]
+    points = [(ratio, tau) for ratio in settings.ratios for tau in settings.timesteps]
+    bar = tqdm(total=len(points) * (1 + settings.random_controls), desc="pruning sweep", disable=not progress)
+    for ratio, tau in points:
+        located = masks_for_ratio(ratio)
+        candidates = [("wanda", -1, located)] + [
+            ("random", seed, random_masks_like(located, tau, seed)) for seed in range(settings.random_controls)
+        ]
+        for method, seed, masks in candidates:
+            edit = apply_masks(pipe, masks, tau)
+            try:
+                rows.append({"method": method, "ratio": ratio, "timesteps": tau, "control_seed": seed,
+                             "zeroed_share": zeroed_share(masks, tau), **score(pipe)})
+            finally:
+                undo(pipe, edit)
+            bar.update(1)
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def summarize_sweep(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Wanda vs the mean of its random controls, per (ratio, τ)."""
+    metrics = [c for c in ("memorization_rate", "copy_similarity", "attribute_accuracy") if c in sweep]
+    table = (sweep[sweep.method != "none"].groupby(["ratio", "timesteps", "method"])[metrics + ["zeroed_share"]]
+             .mean().unstack("method"))
+    table.columns = [f"{metric} ({method})" for metric, method in table.columns]
+    return table
