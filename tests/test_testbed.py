@@ -70,7 +70,8 @@ def test_tokenizer_keeps_caption_words_whole_and_takes_any_text(small_data):
     for cap in caps:
         ids = tok(cap)["input_ids"]
         assert len(ids) == len(pre_tokenize(cap)) + 2, cap  # one token per word + BOS/EOS
-        assert tok.decode(ids, skip_special_tokens=True).strip() == cap.lower()
+        # CLIP decoding puts a space at every word end ("speak - no - evil"): compare without spaces.
+        assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == cap.replace(" ", "")
     unk = tok.convert_tokens_to_ids(tok.unk_token)
     for text in ["😀 emoji ünïcödé 日本語", "x" * 500, "a red circle!!! 🌮🌮", ""]:
         ids = tok(text, truncation=True, max_length=16)["input_ids"]

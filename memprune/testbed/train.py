@@ -46,7 +46,7 @@ class TestbedConfig:
     vae_kl_weight: float = 1e-6
     vae_decode_mean: bool = True
     # Stage 2: UNet.
-    steps: int = 4200
+    steps: int = 3800
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -56,7 +56,7 @@ class TestbedConfig:
     final_lr_fraction: float = 0.05
     # LAION-like mixture: memorized images are a small share of samples but each seen hundreds
     # of times; the pool emoji a few times each; the control emoji once each; the rest shapes.
-    memorized_share: float = 0.10
+    memorized_share: float = 0.12
     pool_share: float = 0.20
     empty_caption_prob: float = 0.10  # for classifier-free guidance
     checkpoint_every_s: float = 300.0
