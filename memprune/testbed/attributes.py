@@ -74,9 +74,22 @@ def make_labelled_images(cfg: AttributeClassifierConfig) -> tuple[np.ndarray, di
     return images, labels
 
 
-def train_attribute_classifier(cfg: AttributeClassifierConfig | None = None, vae=None) -> AttributeClassifier:
-    """Deterministic: fixed seeds, and the caller should run with one torch thread."""
+def train_attribute_classifier(cfg: AttributeClassifierConfig | None = None, vae=None,
+                               cache: str | None = None) -> AttributeClassifier:
+    """Deterministic: fixed seeds, and the caller should run with one torch thread.
+
+    `cache`: a file to load the trained weights from / save them to (training takes minutes)."""
+    import dataclasses
+    import os
+
     cfg = cfg or AttributeClassifierConfig()
+    key = {"config": dataclasses.asdict(cfg), "vae": vae is not None}
+    if cache and os.path.exists(cache):
+        saved = torch.load(cache, weights_only=False)
+        if saved["key"] == key:
+            net = _Net()
+            net.load_state_dict(saved["state"])
+            return AttributeClassifier(net)
     images, labels = make_labelled_images(cfg)
     if vae is not None:
         from .measure import vae_reconstruct
@@ -102,6 +115,8 @@ def train_attribute_classifier(cfg: AttributeClassifierConfig | None = None, vae
             loss.backward()
             opt.step()
             sched.step()
+    if cache:
+        torch.save({"key": key, "state": net.state_dict()}, cache)
     return AttributeClassifier(net)
 
 

@@ -72,8 +72,19 @@ def write_captions_and_images(data: TestbedData, root: str) -> None:
     _spec_table(data.general_train_specs).to_csv(os.path.join(root, "captions", "general_train.csv"), index=False)
 
 
+def store_weights_fp16(root: str) -> None:
+    """Store the UNet and VAE weights as float16 (halves the folder; stock `from_pretrained`
+    loads them into the float32 model). Measurements are taken on these stored weights."""
+    from safetensors.torch import load_file, save_file
+
+    for part in ("unet", "vae"):
+        path = os.path.join(root, part, "diffusion_pytorch_model.safetensors")
+        sd = load_file(path)
+        save_file({k: v.half() for k, v in sd.items()}, path, metadata={"format": "pt"})
+
+
 def write_testbed_folder(pipe, data: TestbedData, config, out: str, train_seconds: float | None = None,
-                         overwrite: bool = False) -> str:
+                         overwrite: bool = False, fp16_storage: bool = True) -> str:
     """Write everything to a temporary sibling of `out`, then rename (never a half folder)."""
     from .model_card import render_model_card
     from .train import config_to_dict
@@ -86,6 +97,8 @@ def write_testbed_folder(pipe, data: TestbedData, config, out: str, train_second
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if fp16_storage:
+            store_weights_fp16(tmp)
         write_captions_and_images(data, tmp)
         meta = {"config": config_to_dict(config), "train_seconds": train_seconds}
         with open(os.path.join(tmp, "testbed_config.json"), "w") as f:

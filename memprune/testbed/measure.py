@@ -198,12 +198,13 @@ def measure_memorization(pipe, root: str, seeds=(0, 1, 2, 3), steps: int = 50, g
 
 
 def measure_utility(pipe, root: str, classifier=None, seeds=(0, 1, 2, 3), steps: int = 50,
-                    guidance_scale: float = 7.5, which: str = "general_heldout", max_prompts: int | None = None) -> dict:
+                    guidance_scale: float = 7.5, which: str = "general_heldout", max_prompts: int | None = None,
+                    classifier_cache: str | None = None) -> dict:
     """Attribute accuracy and diversity of generations for the general captions."""
     from .attributes import ATTRIBUTES, train_attribute_classifier
     from .data import COLOURS, ShapeSpec, render_shape
 
-    clf = classifier or train_attribute_classifier()
+    clf = classifier or train_attribute_classifier(cache=classifier_cache)
     table = pd.read_csv(os.path.join(root, "captions", f"{which}.csv"))
     if max_prompts:
         table = table.iloc[:max_prompts]
@@ -244,6 +245,70 @@ def measure_utility(pipe, root: str, classifier=None, seeds=(0, 1, 2, 3), steps:
     return res
 
 
+def render_measurements(res: dict, command: str) -> str:
+    """Markdown of a measurement run (the MODEL_CARD.md "Measurements" section)."""
+    m = res["memorization"]
+    lines = [
+        "## Measurements",
+        "",
+        f"Command: `{command}` ({res.get('seconds', 0) / 60:.0f} min on 1 CPU thread). Sampler: DDIM "
+        f"{res['steps']} steps, guidance {res['guidance']}, seeds {m['seeds']}; SSIM on 32×32 RGB "
+        "(Gaussian window 11, σ 1.5).",
+        "",
+        "### 1. Memorization",
+        "",
+        f"Copy threshold: SSIM > **{m['threshold']:.3f}** = the {m['threshold_quantile']:.0%} quantile of the SSIM between "
+        "generations of the even-indexed same-style control captions and their *nearest* training emoji "
+        "(memorized, control and pool); the odd-indexed control captions are the held-out check.",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| memorized generations copying their training image | **{m['memorized_copy_rate']:.1%}** "
+        f"({m['memorized_prompts_copied_majority']}/{m['n_memorized_prompts']} prompts copied in most seeds) |",
+        f"| memorized: mean / median SSIM to the training image | {m['memorized_mean_ssim']:.3f} / {m['memorized_median_ssim']:.3f} |",
+        f"| VAE reconstruction ceiling (mean SSIM of encode→decode) | {m['vae_ceiling_mean_ssim']:.3f} |",
+        f"| memorized mean SSIM relative to the ceiling | {m['memorized_mean_ssim_rel_ceiling']:.1%} |",
+        f"| memorized generations above SSIM 0.5 | {m['memorized_copy_rate_at_0.5']:.1%} |",
+        f"| control (held-out half) copying its own training image | **{m['control_copy_rate_own_heldout_half']:.1%}** |",
+        f"| control (held-out half) above threshold vs nearest training emoji | {m['control_copy_rate_nearest_heldout_half']:.1%} |",
+        f"| control: mean SSIM to own / nearest training image | {m['control_mean_ssim_own']:.3f} / {m['control_mean_ssim_nearest']:.3f} |",
+        "",
+    ]
+    if "utility" in res:
+        u = res["utility"]
+        lines += [
+            "### 2. Utility (general captions never seen in training)",
+            "",
+            f"Attribute classifier (`memprune.testbed.attributes`, tiny CNN trained on fresh procedural renders) on "
+            f"{u['n_prompts']} held-out general captions × {len(u['seeds'])} seeds:",
+            "",
+            "| shape | colour | background | size | mean | all four right | classifier on real renders |",
+            "|---|---|---|---|---|---|---|",
+            f"| {u['acc_shape']:.1%} | {u['acc_colour']:.1%} | {u['acc_background']:.1%} | {u['acc_size']:.1%} | "
+            f"**{u['acc_mean']:.1%}** | {u['acc_all_attributes']:.1%} | {u['real_acc_check']:.1%} |",
+            "",
+            f"Diversity (mean pairwise RMS pixel distance between seeds of one caption): generated "
+            f"{u['diversity_generated']:.3f}, real renders of the same captions {u['diversity_real']:.3f}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_card(root: str, res: dict, command: str) -> None:
+    """Rewrite MODEL_CARD.md of `root` with these measurements."""
+    from .data import DataConfig, build_data
+    from .model_card import HISTORY, render_model_card
+    from .train import config_from_dict
+
+    meta = json.load(open(os.path.join(root, "testbed_config.json")))
+    cfg = config_from_dict(meta["config"])
+    data = build_data(dataclasses.replace(cfg.data, seed=cfg.seed, images_per_general_caption=1))
+    pipe = load_pipeline(root)
+    card = render_model_card(cfg, data, pipe, meta.get("train_seconds"), render_measurements(res, command), HISTORY)
+    with open(os.path.join(root, "MODEL_CARD.md"), "w") as f:
+        f.write(card)
+
+
 def load_pipeline(root: str, unet_snapshot: str | None = None):
     from diffusers import StableDiffusionPipeline
 
@@ -269,6 +334,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-utility", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--classifier-cache", default=None, help="file caching the attribute classifier")
+    ap.add_argument("--write-card", action="store_true", help="put the results into ROOT/MODEL_CARD.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -279,12 +346,16 @@ def main(argv=None) -> None:
     print(json.dumps(out["memorization"], indent=1), flush=True)
     if not args.skip_utility:
         out["utility"] = measure_utility(pipe, args.root, seeds=seeds, steps=args.steps, guidance_scale=args.guidance,
-                                         max_prompts=args.max_prompts)
+                                         max_prompts=args.max_prompts, classifier_cache=args.classifier_cache)
         print(json.dumps(out["utility"], indent=1), flush=True)
     out["seconds"] = time.time() - t0
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    if args.write_card:
+        import sys
+
+        write_card(args.root, out, "python -m memprune.testbed.measure " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

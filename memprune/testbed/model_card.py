@@ -5,6 +5,13 @@ from __future__ import annotations
 NOT_MEASURED = "## Measurements\n\nNot measured yet: run `python -m memprune.testbed.measure DIR`."
 
 
+# What was tried on the way to this recipe (kept here so every card built carries it).
+HISTORY = """## What was tried
+
+See the testbed notes for the two earlier studies (44% memorized share: strong but spread-out
+memorization; 12.5% share, 13 min: weak memorization)."""
+
+
 def _params(m) -> str:
     return f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
 
