@@ -38,7 +38,7 @@ class Accumulator:
     def add_batch(self, x: torch.Tensor) -> None:
         """Reduce a (samples, tokens, H) activation into the accumulators, on its own device.
 
-        This runs inside a hook on every FeedForward call, so it uses few, fused ops (in-place addmv, var_mean):
+        This runs inside a hook on every FeedForward call, so it uses few, fused ops (in-place addmv):
         on small models the cost is the number of ops, on large ones the passes over the activation.
         """
         if x.dim() == 2:
@@ -50,7 +50,9 @@ class Accumulator:
         self.sumsq_normed.addmv_(squares.view(-1, width).t(), inverse_norms.view(-1))
         # mean(dtype=...) copies even when x is already float32, so ask for the dtype only when it differs.
         sample_means = x.mean(dim=1) if x.dtype == torch.float32 else x.mean(dim=1, dtype=torch.float32)
-        batch_var, batch_mean = torch.var_mean(sample_means, dim=0, correction=0)
+        # Explicit mean/variance: torch.var_mean over dim 0 is ~10x slower on CPU for (few samples, H).
+        batch_mean = sample_means.mean(0)
+        batch_var = (sample_means - batch_mean).square_().mean(0)
         self._merge_moments(samples, batch_mean, batch_var, batch_scale=samples)
         self.tokens += samples * tokens
 
