@@ -131,3 +131,31 @@ def write_locate_plots(folder: str | Path, masks, overlap: pd.DataFrame | None, 
         paths.append(save_figure(iou_by_layer(overlap), folder / "iou_by_layer.png"))
         paths.append(save_figure(iou_by_step(overlap), folder / "iou_by_step.png"))
     return paths
+
+
+def sweep_curves(sweep: pd.DataFrame) -> plt.Figure:
+    """Pruning sweep (memprune.sweep): held-out memorization rate and utility vs the share of output weights
+    zeroed, the located mask against size-matched random masks, one line per τ."""
+    metrics = [m for m in ("memorization_rate", "attribute_accuracy") if m in sweep and sweep[m].notna().any()]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    baseline = sweep[sweep.method == "none"]
+    pruned = sweep[sweep.method != "none"]
+    for ax, metric in zip(axes[0], metrics):
+        for (method, tau), group in pruned.groupby(["method", "timesteps"]):
+            points = group.groupby("zeroed_share")[metric].mean()
+            style = "-o" if method == "wanda" else "--s"
+            label = f"{'located (Wanda)' if method == 'wanda' else 'random, same size'}, τ={tau}"
+            ax.plot(100 * points.index, 100 * points.to_numpy(), style, label=label)
+        if len(baseline):
+            ax.axhline(100 * baseline[metric].iloc[0], color="grey", linestyle=":", label="unpruned")
+        ax.set_xscale("log")
+        ax.set_xlabel("FeedForward output weights zeroed (%, log scale)")
+        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_title("Memorization of held-out memorized prompts")
+    if len(metrics) > 1:
+        axes[0][1].set_title("Utility: attribute accuracy on general captions")
+    fig.tight_layout()
+    return fig

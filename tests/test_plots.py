@@ -46,3 +46,20 @@ def test_selected_share_by_layer_heights():
     dense[(LAYERS[0], 1)][1, 1] = True
     ax = selected_share_by_layer(Masks.from_dense(dense), timesteps=2).axes[0]
     assert [p.get_height() for p in ax.patches] == [100 * 3 / 20]
+
+
+def test_sweep_curves_plot_both_methods_and_baseline():
+    from memprune.plots import sweep_curves
+
+    sweep = pd.DataFrame([
+        dict(method="none", ratio=0, timesteps=0, control_seed=-1, zeroed_share=0, memorization_rate=0.9, attribute_accuracy=0.8),
+        dict(method="wanda", ratio=0.01, timesteps=10, control_seed=-1, zeroed_share=0.02, memorization_rate=0.1, attribute_accuracy=0.78),
+        dict(method="random", ratio=0.01, timesteps=10, control_seed=0, zeroed_share=0.02, memorization_rate=0.8, attribute_accuracy=0.79),
+        dict(method="random", ratio=0.01, timesteps=10, control_seed=1, zeroed_share=0.02, memorization_rate=0.9, attribute_accuracy=0.8),
+    ])
+    fig = sweep_curves(sweep)
+    assert len(fig.axes) == 2
+    lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}
+    assert list(lines["random, same size, τ=10"]) == [85.0]  # mean of the two random controls, in %
+    assert list(lines["located (Wanda), τ=10"]) == [10.0]
+    assert fig.axes[0].get_xlabel().startswith("FeedForward output weights zeroed")
