@@ -1,3 +1,4 @@
+import pytest
 import pandas as pd
 import torch
 
@@ -60,6 +61,6 @@ def test_sweep_curves_plot_both_methods_and_baseline():
     fig = sweep_curves(sweep)
     assert len(fig.axes) == 2
     lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}
-    assert list(lines["random, same size, τ=10"]) == [85.0]  # mean of the two random controls, in %
-    assert list(lines["located (Wanda), τ=10"]) == [10.0]
+    assert list(lines["random, same size, τ=10"]) == pytest.approx([85.0])  # mean of the two random controls, in %
+    assert list(lines["located (Wanda), τ=10"]) == pytest.approx([10.0])
     assert fig.axes[0].get_xlabel().startswith("FeedForward output weights zeroed")
