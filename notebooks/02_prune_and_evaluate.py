@@ -1,0 +1,126 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Locate on 10 memorized prompts, prune, evaluate on the others — before/after, and a sparsity sweep
+#
+# The claim under test (Chavhan et al. 2024): a mask located with Wanda on a *small* set of memorized prompts
+# (10, against the empty prompt, first 10 of 50 steps) removes memorization of the *other* memorized prompts
+# too, at ~1% sparsity, while leaving general generation intact. The control is a random mask of the same size
+# per layer. Everything runs on the embedded testbed (`data/testbed`), whose training images are known.
+#
+# Executed by `make notebooks`; CI runs it with `MEMPRUNE_QUICK=1` (small settings, numbers not meaningful).
+
+# %% tags=["parameters"]
+import os
+
+QUICK = os.environ.get("MEMPRUNE_QUICK") == "1"
+LOCATE_STEPS = 10 if QUICK else 50       # sampling steps while recording
+EVAL_STEPS = 10 if QUICK else 50         # sampling steps while evaluating
+EVAL_SEEDS = 1 if QUICK else 4           # seeds per prompt in the before/after evaluation
+SWEEP_SEEDS = 1 if QUICK else 2          # seeds per prompt in each sweep point
+RATIO, TAU = 0.01, 10                    # the method's defaults
+SWEEP_RATIOS = (0.01, 0.05) if QUICK else (0.005, 0.01, 0.02, 0.05, 0.1)
+SWEEP_TAUS = (TAU,) if QUICK else (1, 10, 25)
+RANDOM_CONTROLS = 1 if QUICK else 2
+GENERAL_PROMPTS = 8 if QUICK else 48     # held-out general captions used for utility in the sweep
+
+# %%
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+from IPython.display import Markdown, display
+
+from memprune.evaluate import EvaluateSettings, evaluate, image_grid, load_testbed_classifier, metrics_markdown
+from memprune.generate import GenerationSettings
+from memprune.locate import LocateSettings, Locator
+from memprune.models import DEFAULT_MODEL, load_pipeline
+from memprune.plots import selected_share_by_layer, sweep_curves
+from memprune.prompts import read_prompts, seeded_subsets
+from memprune.prune import apply_masks
+from memprune.select import SelectionSettings
+from memprune.similarity import make_backend
+from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep
+
+torch.set_num_threads(2)
+captions = Path(DEFAULT_MODEL) / "captions"
+memorized = read_prompts(captions / "memorized.csv")
+located_indices = seeded_subsets(len(memorized), 1, 10, seed=0)[0]
+located = memorized.subset(located_indices)
+held_out = memorized.subset([i for i in range(len(memorized)) if i not in located_indices])
+print(f"locate on {len(located)} memorized captions, evaluate on the other {len(held_out)}:", located.prompts)
+
+# %% [markdown]
+# ## 1. Locate (Wanda, weight granularity, both CFG halves, reference = the empty prompt)
+
+# %%
+pipe = load_pipeline(DEFAULT_MODEL)
+settings = LocateSettings(model=DEFAULT_MODEL, memorized=str(captions / "memorized.csv"),
+                          generation=GenerationSettings(steps=LOCATE_STEPS, batch_size=10),
+                          selection=SelectionSettings(ratio=RATIO))
+locator = Locator(pipe, settings)
+masks = locator.masks(located.prompts)
+selected_share_by_layer(masks, TAU)
+
+# %% [markdown]
+# ## 2. Prune the union of steps 0..τ−1 and evaluate before/after
+# Groups: `memorized_held_out` (memorized captions outside the 10 used to locate — the claim is about these),
+# `same_style_control` (emoji seen once in training), `general` (held-out captions of the procedural shapes).
+
+# %%
+edited = load_pipeline(DEFAULT_MODEL)
+edit = apply_masks(edited, masks, TAU)
+print(f"zeroed {edit.total_zeroed} weights in {len(edit.zeroed)} layers")
+used = Path(tempfile.mkdtemp()) / "prompts_used.csv"
+pd.DataFrame({"caption": located.prompts}).to_csv(used, index=False)
+classifier = load_testbed_classifier(DEFAULT_MODEL)
+evaluation = evaluate(
+    EvaluateSettings(exclude_prompts=str(used), generation=GenerationSettings(steps=EVAL_STEPS, seeds=EVAL_SEEDS, batch_size=16)),
+    pipe=pipe, edited_pipe=edited, attribute_classifier=classifier, progress=False,
+)
+display(Markdown(metrics_markdown(evaluation, EvaluateSettings())))
+
+# %%
+before_after = evaluation.metrics.pivot_table(index=["group", "metric"], columns="model", values="value", sort=False)
+key_rows = [("memorized_held_out", "memorization_rate"), ("same_style_control", "memorization_rate"),
+            ("general", "attribute_accuracy"), ("memorized", "seconds_per_image")]
+display(before_after.loc[[k for k in key_rows if k in before_after.index]].round(3))
+
+# %% [markdown]
+# Image grids: each row is a prompt; the training image, then the unedited model's seeds, then the edited
+# model's. The number under a tile is its similarity to the training image (* = above the copy threshold).
+
+# %%
+image_grid(evaluation, "memorized_held_out", max_prompts=8)
+
+# %%
+image_grid(evaluation, "general", max_prompts=6)
+
+# %% [markdown]
+# ## 3. Sweep of the ratio and τ against size-matched random masks
+# Each point prunes in place, scores, and restores the weights. Memorization is measured on the held-out
+# memorized captions with the copy threshold calibrated above; utility on held-out general captions.
+
+# %%
+general = read_prompts(captions / "general_heldout.csv")
+general = general.subset(range(min(GENERAL_PROMPTS, len(general))))
+sweep_generation = GenerationSettings(steps=EVAL_STEPS, seeds=SWEEP_SEEDS, batch_size=16)
+scorer = Scorer(held_out=held_out, threshold=evaluation.threshold, backend=make_backend("ssim"),
+                generation=sweep_generation, general=general, classifier=classifier)
+sweep = pruning_sweep(pipe, lambda ratio: locator.masks(located.prompts, SelectionSettings(ratio=ratio)), scorer,
+                      SweepSettings(ratios=SWEEP_RATIOS, timesteps=SWEEP_TAUS, random_controls=RANDOM_CONTROLS,
+                                    generation=sweep_generation), progress=False)
+display(summarize_sweep(sweep).round(3))
+sweep_curves(sweep)
