@@ -123,3 +123,27 @@ def train_attribute_classifier(cfg: AttributeClassifierConfig | None = None, vae
 def accuracy(clf: AttributeClassifier, images: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, float]:
     pred = clf.predict(images)
     return {a: float((pred[a] == np.array(CLASSES[a])[labels[a]]).mean()) for a in ATTRIBUTES}
+
+
+CLASSIFIER_FILE = "attribute_classifier.safetensors"
+
+
+def save_classifier(clf: AttributeClassifier, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in clf.net.state_dict().items()}, path)
+
+
+def load_classifier(model_folder: str | None = None) -> AttributeClassifier:
+    """The classifier shipped in a testbed folder (`attribute_classifier.safetensors`), else a
+    freshly trained one (deterministic; minutes on one CPU thread)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    path = os.path.join(model_folder, CLASSIFIER_FILE) if model_folder else None
+    if path and os.path.exists(path):
+        net = _Net()
+        net.load_state_dict(load_file(path))
+        return AttributeClassifier(net)
+    return train_attribute_classifier()

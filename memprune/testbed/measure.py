@@ -201,10 +201,10 @@ def measure_utility(pipe, root: str, classifier=None, seeds=(0, 1, 2, 3), steps:
                     guidance_scale: float = 7.5, which: str = "general_heldout", max_prompts: int | None = None,
                     classifier_cache: str | None = None) -> dict:
     """Attribute accuracy and diversity of generations for the general captions."""
-    from .attributes import ATTRIBUTES, train_attribute_classifier
+    from .attributes import ATTRIBUTES, load_classifier, train_attribute_classifier
     from .data import COLOURS, ShapeSpec, render_shape
 
-    clf = classifier or train_attribute_classifier(cache=classifier_cache)
+    clf = classifier or (train_attribute_classifier(cache=classifier_cache) if classifier_cache else load_classifier(root))
     table = pd.read_csv(os.path.join(root, "captions", f"{which}.csv"))
     if max_prompts:
         table = table.iloc[:max_prompts]

@@ -22,6 +22,7 @@ def render_model_card(config, data, pipe, train_seconds: float | None, measureme
     n_ff = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("ff.net.2"))
     steps, bs = config.steps, config.batch_size
     minutes = f"{train_seconds / 60:.0f} min" if train_seconds else "see below"
+    pool_views = steps * bs * config.pool_share / max(len(data.pool), 1)
     return f"""# memprune memorization testbed
 
 A tiny text-to-image latent diffusion model, a stock diffusers `StableDiffusionPipeline`, trained
@@ -48,17 +49,20 @@ captions never seen in training, with their attributes), `captions/general_train
 |---|---|---|
 | VAE | AutoencoderKL, channels {tuple(v.block_out_channels)}, 4× downsampling: 32×32×3 → {v.latent_channels}×8×8, no mid attention, scaling factor {pipe.vae.config.scaling_factor:.4f} | {_params(pipe.vae)} |
 | text encoder | CLIPTextModel, hidden {t.hidden_size}, {t.num_hidden_layers} layers, max length {t.max_length}; **random init, frozen** (SD's text encoder is frozen too) | {_params(pipe.text_encoder)} |
-| tokenizer | CLIPTokenizer from a BPE trained with `tokenizers` on all captions + the byte alphabet: every caption word is one token, any text tokenizes | {len(pipe.tokenizer)} tokens |
+| tokenizer | CLIPTokenizer from a BPE learned (deterministically) on all caption words as CLIP's `tokenizers` pre-tokenizer splits them, + the byte alphabet: every caption word is one token, any text tokenizes | {len(pipe.tokenizer)} tokens |
 | UNet | UNet2DConditionModel, channels {tuple(u.block_out_channels)}, {u.layers_per_block} resnet/block, {u.transformer_layers_per_block} transformer layers/block, cross-attention at every resolution; {n_ff} FeedForward layers (`ff.net.2` inputs are the neurons memprune prunes) | {_params(pipe.unet)} |
 | scheduler | DDPM training / DDIM sampling, scaled-linear betas rescaled to zero terminal SNR, v-prediction, trailing timesteps | — |
 
-No safety checker. Default sampler: DDIM, 50 steps, guidance scale 7.5.
+No safety checker. Default sampler: DDIM, 50 steps, guidance scale 7.5. UNet and VAE weights are
+stored as float16 safetensors (stock `from_pretrained` loads them as float32); all measurements
+below are of these stored weights. `attribute_classifier.safetensors` holds the attribute
+classifier (`memprune.testbed.attributes.load_classifier(dir)`); `measurements.json` the raw numbers.
 
 ## Data (reproducible from seed {config.seed}, built offline by `memprune.testbed.data`)
 
 - **General**: procedural coloured shapes, caption "a {{size}} {{colour}} {{shape}} on a {{background}} background"
   ({len(data.general_train_specs)} training captions × {config.data.images_per_general_caption} images with random position/size/rotation/colour jitter;
-  {len(data.general_heldout_specs)} held-out combinations) plus a pool of {len(data.pool)} other Twemoji seen a few times each.
+  {len(data.general_heldout_specs)} held-out combinations) plus a pool of {len(data.pool)} other Twemoji seen ≈ {pool_views:.0f} times each.
 - **Memorized**: {len(data.memorized)} Twemoji, each under a fixed caption (its lower-cased Unicode name),
   {config.memorized_share:.0%} of all training samples → ≈ {config.views_per_memorized:.0f} views each.
 - **Same-style control**: {len(data.control)} other Twemoji, each seen exactly once.
