@@ -7,10 +7,9 @@ import click
 
 from .errors import MemPruneError
 from .generate import GenerationSettings
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, testbed_captions
 from .select import GRANULARITIES, NEURON_SCORES, SelectionSettings
 
-TESTBED_CAPTIONS = Path(DEFAULT_MODEL) / "captions"
 
 
 class FriendlyGroup(click.Group):
@@ -27,9 +26,10 @@ def default_testbed_file(model: str | None, given: str | None, name: str, option
     """Prompt files default to the embedded testbed's captions when the testbed is the model."""
     if given is not None:
         return given
-    if model in (None, DEFAULT_MODEL):
-        return str(TESTBED_CAPTIONS / name)
-    raise MemPruneError(f"{option} is required when --model is not the embedded testbed.")
+    captions = testbed_captions(model)
+    if captions is not None:
+        return str(captions / name)
+    raise MemPruneError(f"{option} is required when --model is not a memprune testbed.")
 
 
 def torch_dtype(name: str):
@@ -80,8 +80,8 @@ def locate(model, memorized, memorized_label, reference, steps, seeds, seed, gui
     from .locate import LocateSettings, locate_to_folder
 
     memorized = default_testbed_file(model, memorized, "memorized.csv", "--memorized")
-    if subsets and control is None and model in (None, DEFAULT_MODEL):
-        control = str(TESTBED_CAPTIONS / "non_memorized_same_style.csv")
+    if subsets and control is None and testbed_captions(model) is not None:
+        control = str(testbed_captions(model) / "non_memorized_same_style.csv")
     settings = LocateSettings(
         model=model or DEFAULT_MODEL,
         memorized=memorized,

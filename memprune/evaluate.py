@@ -43,7 +43,7 @@ import torch
 from .detect import generate_with_scores, roc_summary, summarize_steps
 from .errors import MemPruneError
 from .generate import GenerationSettings, uses_cfg
-from .models import DEFAULT_MODEL, check_model_source
+from .models import DEFAULT_MODEL, TESTBED_CAPTION_FILES, check_model_source, testbed_captions
 from .prompts import PromptList, read_prompts
 from .similarity import SimilarityBackend, load_image, make_backend, mean_pairwise, tensor_to_pil
 
@@ -56,8 +56,7 @@ METRICS = (
     "diversity", "attribute_accuracy", "detection_score", "detection_score_first_step", "detection_auc",
     "detection_auc_first_step", "seconds_per_image", "seconds_per_image_ratio",
 )
-TESTBED_CAPTIONS = Path(DEFAULT_MODEL) / "captions"
-TESTBED_FILES = {"memorized": "memorized.csv", "control": "non_memorized_same_style.csv", "general": "general_heldout.csv"}
+TESTBED_FILES = TESTBED_CAPTION_FILES
 NONE = "none"  # --control none / --general none: leave the testbed default out
 
 
@@ -145,10 +144,11 @@ class EvaluateSettings:
         Idempotent; "none" stays in the settings (as given) and means "no such group".
         """
         values = {}
-        if self.is_testbed:
+        captions = testbed_captions(self.model)
+        if captions is not None:
             for name, filename in TESTBED_FILES.items():
                 if getattr(self, name) is None:
-                    values[name] = str(TESTBED_CAPTIONS / filename)
+                    values[name] = str(captions / filename)
         else:
             for name in ("memorized", "reference"):
                 if getattr(self, name) is None:
@@ -168,12 +168,7 @@ class EvaluateSettings:
 
 
 def is_testbed(model: str | None) -> bool:
-    if model is None:
-        return True
-    try:
-        return Path(model).expanduser().resolve() == Path(DEFAULT_MODEL).resolve()
-    except OSError:
-        return False
+    return testbed_captions(model) is not None
 
 
 # --------------------------------------------------------------------------------------------- edited model

@@ -14,7 +14,7 @@ from PIL import Image
 from memprune.cli import main
 from memprune.errors import MemPruneError
 from memprune.evaluate import (
-    GROUPS, METRICS, MODELS, TESTBED_CAPTIONS, EvaluateSettings, attribute_accuracy, calibrate_threshold, diversity,
+    GROUPS, METRICS, MODELS, EvaluateSettings, attribute_accuracy, calibrate_threshold, diversity,
     evaluate, memorization_rate,
 )
 from memprune.generate import GenerationSettings, generate
@@ -321,8 +321,7 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
     (captions / "non_memorized_same_style.csv").write_text(
         "caption,image\nthe green dog,images/dog.png\na blue square,images/square.png\n")
     (captions / "general_heldout.csv").write_text("caption,image,colour,shape\na red circle,,red,circle\nthe blue square,,blue,square\n")
-    monkeypatch.setattr(evaluate_module, "is_testbed", lambda model: True)
-    monkeypatch.setattr(evaluate_module, "TESTBED_CAPTIONS", captions)
+    monkeypatch.setattr(evaluate_module, "testbed_captions", lambda model: captions)
     monkeypatch.setattr(evaluate_module, "load_testbed_classifier",
                         lambda folder, log=None: lambda batch: [{"colour": "red", "shape": "circle"}] * len(batch))
     settings = EvaluateSettings(model=str(model), generation=GENERATION)
@@ -363,13 +362,16 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
         assert grid.width > 3 * 64  # training image + 2 seeds, 16 px upscaled to 64
 
 
-def test_testbed_defaults_and_required_files(saved_pipelines):
-    settings = EvaluateSettings().with_defaults()
-    assert settings.model == DEFAULT_MODEL and settings.reference is None
-    assert Path(settings.memorized) == TESTBED_CAPTIONS / "memorized.csv"
-    assert Path(settings.control) == TESTBED_CAPTIONS / "non_memorized_same_style.csv"
-    assert Path(settings.general) == TESTBED_CAPTIONS / "general_heldout.csv"
-    assert EvaluateSettings(general="none").with_defaults().with_defaults().prompt_file("general") is None
+def test_testbed_defaults_and_required_files(saved_pipelines, tmp_path):
+    captions = tmp_path / "captions"  # any folder with captions/memorized.csv is a testbed (memprune testbed train)
+    captions.mkdir()
+    (captions / "memorized.csv").write_text("caption\na red circle\n")
+    settings = EvaluateSettings(model=str(tmp_path)).with_defaults()
+    assert settings.reference is None
+    assert Path(settings.memorized) == captions / "memorized.csv"
+    assert Path(settings.control) == captions / "non_memorized_same_style.csv"
+    assert Path(settings.general) == captions / "general_heldout.csv"
+    assert EvaluateSettings(model=str(tmp_path), general="none").with_defaults().with_defaults().prompt_file("general") is None
     with pytest.raises(MemPruneError, match="--reference is required"):
         EvaluateSettings(model=str(saved_pipelines["sd1"]), memorized="m.txt").with_defaults()
 
