@@ -81,27 +81,24 @@ UNET_COMMON = dict(
 )
 
 
-def sd1_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+def _sd_pipeline(seed: int, **unet_config) -> StableDiffusionPipeline:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_COMMON, cross_attention_dim=32, attention_head_dim=8).eval()
+    unet = UNet2DConditionModel(**UNET_COMMON, cross_attention_dim=32, **unet_config).eval()
     return StableDiffusionPipeline(
         vae=tiny_vae(seed), text_encoder=tiny_text_encoder(tokenizer, seed=seed), tokenizer=tokenizer, unet=unet,
         scheduler=scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def sd1_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """SD 1.x traits: conv projections in the transformers, one int head dim."""
+    return _sd_pipeline(seed, attention_head_dim=8)
 
 
 def sd2_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """SD 2.x traits: linear projections in the transformers, per-block head dims, upcast attention."""
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        **UNET_COMMON, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True
-    ).eval()
-    return StableDiffusionPipeline(
-        vae=tiny_vae(seed), text_encoder=tiny_text_encoder(tokenizer, seed=seed), tokenizer=tokenizer, unet=unet,
-        scheduler=scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return _sd_pipeline(seed, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
 
 
 def sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
