@@ -102,16 +102,37 @@ def locate(model, memorized, memorized_label, reference, steps, seeds, seed, gui
 
 @main.command()
 @model_option
-@click.option("--masks", "masks_folder", required=True, type=click.Path(), help="Output folder of `memprune locate`.")
+@click.option("--method", type=click.Choice(["wanda", "uniforget"]), default="wanda", show_default=True,
+              help="wanda: apply --masks from `memprune locate`; uniforget: train gates on neutral prompts first "
+                   "(united with --masks when given).")
+@click.option("--masks", "masks_folder", default=None, type=click.Path(), help="Output folder of `memprune locate`.")
 @click.option("--timesteps", default=10, show_default=True, help="τ: prune the union of the masks of steps 0..τ-1.")
+@click.option("--neutral", default=None, type=click.Path(), help="uniforget: neutral prompts (testbed default: general_heldout.csv).")
+@click.option("--beta", default=1.0, show_default=True, help="uniforget: weight of the expected-L0 penalty.")
+@click.option("--train-steps", default=100, show_default=True, help="uniforget: gate optimisation steps.")
+@click.option("--masks-out", default=None, type=click.Path(file_okay=False),
+              help="uniforget: where the trained masks go (default: OUT-uniforget-masks).")
 @device_option
 @out_option
 @overwrite_option
-def prune(model, masks_folder, timesteps, device, out, overwrite):
+def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, masks_out, device, out, overwrite):
     """Zero the located weights and save an edited pipeline that stock diffusers loads."""
     from .prune import prune_to_folder
 
-    click.echo(prune_to_folder(model or DEFAULT_MODEL, masks_folder, out, timesteps=timesteps, overwrite=overwrite, device=device))
+    model = model or DEFAULT_MODEL
+    if method == "uniforget":
+        from .runinfo import check_output_dir
+        from .uniforget import UniForgetSettings, uniforget_to_folder
+
+        masks_out = masks_out or f"{str(out).rstrip('/')}-uniforget-masks"
+        check_output_dir(out, overwrite)  # fail before minutes of training, not after
+        settings = UniForgetSettings(beta=beta, train_steps=train_steps, steps=max(timesteps, 1))
+        click.echo(uniforget_to_folder(model, neutral, masks_out, settings, wanda_masks=masks_folder,
+                                       overwrite=overwrite, device=device))
+        masks_folder = masks_out
+    elif masks_folder is None:
+        raise MemPruneError("--masks is required with --method wanda: give the output folder of `memprune locate`.")
+    click.echo(prune_to_folder(model, masks_folder, out, timesteps=timesteps, overwrite=overwrite, device=device))
 
 
 @main.command()

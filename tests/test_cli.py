@@ -160,3 +160,16 @@ def test_label_filter_of_memorized_prompts(saved_pipelines, prompt_file, tmp_pat
     assert "from 3 memorized prompts" in result.output  # 3 of the 4 rows are VM
     assert_refused(run(*LOCATE, "--model", saved_pipelines["sd1"], "--memorized", prompt_file, "--label", "XX",
                        "--out", tmp_path / "o"), "holds no prompts")
+
+
+def test_prune_with_uniforget_trains_masks_then_prunes(saved_pipelines, located, tmp_path):
+    neutral = tmp_path / "neutral.txt"
+    neutral.write_text("a green square\nthe white background\n")
+    out = tmp_path / "uf"
+    result = run("prune", "--model", saved_pipelines["sd1"], "--method", "uniforget", "--neutral", neutral,
+                 "--train-steps", 2, "--timesteps", 2, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "uf-uniforget-masks" / "masks.safetensors").is_file()
+    assert json.loads((out / "memprune.json").read_text())["timesteps"] == 2
+    StableDiffusionPipeline.from_pretrained(str(out))
+    assert_refused(run("prune", "--model", saved_pipelines["sd1"], "--out", tmp_path / "o"), "--masks is required")
