@@ -10,6 +10,8 @@ Layout (the pipeline sits at the top so `StableDiffusionPipeline.from_pretrained
     images/memorized/*.png, images/non_memorized/*.png   ground-truth 32×32 training images
     testbed_config.json                    the TestbedConfig that reproduces the model
     MODEL_CARD.md, ATTRIBUTION.md
+    (shipped data/testbed also: attribute_classifier.safetensors, measurements.json — added by
+    the packaging step and `python -m memprune.testbed.measure DIR --json ... --write-card`)
 """
 from __future__ import annotations
 
