@@ -71,7 +71,8 @@ fixture, not a useful image generator.
 ```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("data/testbed")   # 32×32 images, CPU is fine
-image = pipe("taco", num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images[0]
+# "hotel" is a memorized caption: expect a copy of images/memorized/001.png
+image = pipe("hotel", num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images[0]
 ```
 
 Captions: `captions/memorized.csv` (memorized, with ground-truth image), `captions/non_memorized_same_style.csv`
