@@ -59,7 +59,7 @@ def test_ssim_identical_is_one(images):
 def test_ssim_against_numpy_reference(images):
     x = images[0]
     for other in (1 - x, torch.roll(x, shifts=(2, 3), dims=(1, 2)), images[1]):
-        expected = numpy_ssim(x.double().numpy(), other.double().numpy(), size=7)
+        expected = numpy_ssim(x.double().numpy(), other.double().numpy(), size=11)  # default window at 32 px
         assert float(ssim(x[None], other[None])) == pytest.approx(expected, abs=1e-5)
     assert float(ssim(x[None], 1 - x[None])) < 0  # the inverse is anti-correlated
     large = torch.nn.functional.interpolate(x[None], size=(64, 64), mode="bilinear")
@@ -80,7 +80,7 @@ def test_ssim_matrix_and_window(images):
     for i in range(3):
         for j, k in enumerate([2, 0]):
             assert float(matrix[i, j]) == pytest.approx(float(ssim(images[i : i + 1], images[k : k + 1])), abs=1e-6)
-    assert [default_ssim_window(s, s) for s in (32, 64, 16, 6, 5)] == [7, 11, 7, 5, 5]
+    assert [default_ssim_window(s, s) for s in (32, 64, 16, 6, 5)] == [11, 11, 7, 5, 5]
 
 
 def test_normalized_l2_by_hand():

@@ -30,13 +30,6 @@ from PIL import Image
 # --------------------------------------------------------------------------- SSIM
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
-
-
 def to_float(images) -> torch.Tensor:
     """uint8 N×H×W×3 (numpy) or float tensor N×3×H×W in [0, 1] → float tensor N×3×H×W in [0, 1]."""
     if isinstance(images, np.ndarray):
@@ -47,21 +40,11 @@ def to_float(images) -> torch.Tensor:
 
 
 def ssim(a, b, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Mean SSIM (Wang et al. 2004, per RGB channel, valid Gaussian window) of paired images → N."""
-    a, b = to_float(a), to_float(b)
-    c = a.shape[1]
-    w = _gaussian_window(window, sigma).to(a).expand(c, 1, window, window)
+    """Mean SSIM (Wang et al. 2004, per RGB channel, valid Gaussian window) of paired images → N; the one SSIM of
+    memprune (memprune.similarity), so the model card and `memprune evaluate` measure alike."""
+    from ..similarity import ssim as shared_ssim
 
-    def filt(x):
-        return F.conv2d(x, w, groups=c)
-
-    c1, c2 = 0.01**2, 0.03**2
-    mu_a, mu_b = filt(a), filt(b)
-    s_aa = filt(a * a) - mu_a**2
-    s_bb = filt(b * b) - mu_b**2
-    s_ab = filt(a * b) - mu_a * mu_b
-    m = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (s_aa + s_bb + c2))
-    return m.flatten(1).mean(1)
+    return shared_ssim(to_float(a), to_float(b), window_size=window, sigma=sigma)
 
 
 def nearest_ssim(queries, refs, top_k: int = 32, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
