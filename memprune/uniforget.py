@@ -48,7 +48,10 @@ Choices made where the paper (or its summary we work from) is silent — all are
   Adam normalises the gradient, so each log_alpha moves by about lr per step whatever β is: from 3 a gate needs
   about 11 consistent steps to close. β matters through the sign of each gate's total gradient (MSE vs L0),
   not its size. Every other parameter of the pipeline has requires_grad False while training (restored after),
-  so model weights stay bit-identical.
+  so model weights stay bit-identical. On the embedded testbed (batch 4, 10 DDIM steps, 1 CPU thread,
+  ~1.7-2.8 s per step) lr 0.5 for 60 steps prunes 79 / 85 / 91 % of the FeedForward neurons for β = 1 / 2 / 5
+  (no gate can close before step 11); lr 0.1 for 100 steps prunes 67 % at β = 1. Pruned share is set mostly
+  by lr × train_steps; sweep those as well as β.
 - **Neutral prompts only.** `train_gates` refuses to train when a neutral prompt is one of the given
   memorized prompts (compared after collapsing whitespace and case-folding); `uniforget_to_folder` uses the
   testbed's memorized.csv automatically when the model is the embedded testbed.
