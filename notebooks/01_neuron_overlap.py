@@ -47,7 +47,7 @@ from memprune.models import DEFAULT_MODEL, load_pipeline
 from memprune.plots import iou_by_layer, iou_by_step, iou_heatmap, iou_vs_subset_size
 from memprune.select import SelectionSettings
 
-torch.set_num_threads(2)
+# torch uses its default thread count (OMP_NUM_THREADS): forcing 2 threads on a busy 2-core machine stalls
 captions = f"{DEFAULT_MODEL}/captions"
 pipe = load_pipeline(DEFAULT_MODEL)
 settings = LocateSettings(

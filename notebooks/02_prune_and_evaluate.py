@@ -56,7 +56,7 @@ from memprune.select import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep
 
-torch.set_num_threads(2)
+# torch uses its default thread count (OMP_NUM_THREADS): forcing 2 threads on a busy 2-core machine stalls
 captions = Path(DEFAULT_MODEL) / "captions"
 memorized = read_prompts(captions / "memorized.csv")
 located_indices = seeded_subsets(len(memorized), 1, 10, seed=0)[0]
