@@ -5,6 +5,8 @@ from pathlib import Path
 
 import matplotlib
 
+import matplotlib.ticker  # noqa: E402
+
 matplotlib.use("Agg")  # files, not windows: runs headless in CI and notebooks alike
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -149,6 +151,9 @@ def sweep_curves(sweep: pd.DataFrame) -> plt.Figure:
         if len(baseline):
             ax.axhline(100 * baseline[metric].iloc[0], color="grey", linestyle=":", label="unpruned")
         ax.set_xscale("log")
+        ax.set_xticks(sorted(100 * pruned.zeroed_share.unique()))  # one labelled tick per swept size
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short log axis
         ax.set_xlabel("FeedForward output weights zeroed (%, log scale)")
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
         ax.set_ylim(-2, 102)
