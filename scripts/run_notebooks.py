@@ -34,6 +34,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
     parser.add_argument("names", nargs="*", help="notebook sources to run (default: all)")
     args = parser.parse_args()
+    # Rendered notebooks should show results, not progress bars and library chatter (the kernel inherits these).
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.quick:
         os.environ["MEMPRUNE_QUICK"] = "1"  # the kernel inherits it; the notebooks' parameter cells read it
     sources = [Path(n) for n in args.names] or sorted((ROOT / "notebooks").glob("[0-9]*.py"))
