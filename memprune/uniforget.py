@@ -538,19 +538,22 @@ def _settings_dict(settings: UniForgetSettings) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _testbed_captions(model: str, name: str) -> Path | None:
-    candidate = Path(model) / "captions" / name
-    return candidate if candidate.is_file() else None
+def _testbed_file(model: str, role: str) -> Path | None:
+    from .models import TESTBED_CAPTION_FILES, testbed_captions
+
+    captions = testbed_captions(model)
+    path = captions / TESTBED_CAPTION_FILES[role] if captions is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def testbed_memorized_file(model: str) -> Path | None:
-    """The embedded testbed's memorized captions, when `model` is a testbed folder."""
-    return _testbed_captions(model, "memorized.csv")
+    """The testbed's memorized captions, when `model` is a testbed folder."""
+    return _testbed_file(model, "memorized")
 
 
 def testbed_neutral_file(model: str) -> Path | None:
-    """The embedded testbed's held-out general captions (never memorized), when `model` is a testbed folder."""
-    return _testbed_captions(model, "general_heldout.csv")
+    """The testbed's held-out general captions (never memorized), when `model` is a testbed folder."""
+    return _testbed_file(model, "general")
 
 
 def save_gate_result(result: GateResult, folder: str | Path) -> None:
