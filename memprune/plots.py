@@ -5,11 +5,9 @@ from pathlib import Path
 
 import matplotlib
 
-import matplotlib.ticker  # noqa: E402
-
-matplotlib.use("Agg")  # files, not windows: runs headless in CI and notebooks alike
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt  # no backend forced: notebooks keep their inline one, headless runs get Agg
+import matplotlib.ticker
+import pandas as pd
 
 COMPARISON_LABELS = {
     ("memorized", "memorized"): "memorized vs memorized",
