@@ -20,8 +20,3 @@ def test_notebook_executes(source, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / f"{source.stem}.ipynb").stat().st_size > 10_000  # executed, with outputs (figures)
 
-
-def test_notebook_sources_pair_with_committed_notebooks():
-    for source in SOURCES:
-        assert (source.with_suffix(".ipynb")).is_file() or not (Path(DEFAULT_MODEL) / "model_index.json").is_file(), \
-            f"{source.name} has no executed .ipynb beside it: run `make notebooks`"
