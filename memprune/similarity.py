@@ -187,7 +187,7 @@ class SSIMBackend:
 
     def __init__(self, window_size: int | None = None, sigma: float = 1.5, grayscale: bool = False):
         self.window_size, self.sigma, self.grayscale = window_size, sigma, grayscale
-        window = f"{window_size}-pixel" if window_size else "7-pixel (11 for images ≥ 64 px)"
+        window = f"{window_size}-pixel" if window_size else "11-pixel (7 for images under 32 px)"
         self.description = (f"SSIM in pixel space ({'BT.601 luma' if grayscale else '[0, 1] RGB'}, "
                             f"{window} Gaussian window, sigma {sigma}; built in, no weights)")
 
