@@ -1,7 +1,6 @@
 """memprune command line: thin wiring of files to the library (see DESIGN.md §3)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 
