@@ -118,7 +118,7 @@ def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrit
             verified = verify_pruned(staging, masks, timesteps)
         write_run_json(staging, {"model": model, "masks": str(masks_folder), "timesteps": timesteps},
                        {"masks": Path(masks_folder) / MASKS_FILE}, timer.seconds, zeroed_weights=result.zeroed)
-    total = sum(n for n in (masks.shapes[layer][0] * masks.shapes[layer][1] for layer in result.zeroed))
+    total = sum(masks.shapes[layer][0] * masks.shapes[layer][1] for layer in result.zeroed)
     return (
         f"Zeroed {result.total_zeroed} weights ({result.total_zeroed / total:.3%} of the FeedForward output weights) "
         f"in {len(result.zeroed)} layers, steps 0..{timesteps - 1}; verified {verified} zeros after reload.\n"
