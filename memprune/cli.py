@@ -137,6 +137,8 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, ma
 @main.command()
 @model_option
 @click.option("--edited", default=None, type=click.Path(), help="Edited pipeline folder (e.g. the output of `memprune prune`).")
+@click.option("--compare", multiple=True, type=click.Path(),
+              help="Another edited pipeline folder to evaluate side by side (repeatable; columns are named by folder).")
 @click.option("--memorized", default=None, type=click.Path(), help="Memorized prompts (testbed default: its memorized.csv).")
 @click.option("--reference", default=None, type=click.Path(),
               help="Non-memorized prompts (required off the testbed; testbed default: its control and general captions).")
@@ -161,13 +163,13 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, ma
 @dtype_option
 @out_option
 @overwrite_option
-def evaluate(model, edited, memorized, reference, control, general, exclude_prompts, seeds, seed, steps, guidance_scale,
+def evaluate(model, edited, compare, memorized, reference, control, general, exclude_prompts, seeds, seed, steps, guidance_scale,
              batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes, device, dtype, out, overwrite):
     """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
     from .evaluate import EvaluateSettings, evaluate_to_folder
 
     settings = EvaluateSettings(
-        model=model or DEFAULT_MODEL, edited=edited, memorized=memorized, reference=reference, control=control,
+        model=model or DEFAULT_MODEL, edited=edited, compare=tuple(compare), memorized=memorized, reference=reference, control=control,
         general=general, exclude_prompts=exclude_prompts,
         generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
         similarity=similarity, sscd=sscd, threshold_percentile=threshold_percentile, grid_prompts=grid_prompts, attributes=attributes,

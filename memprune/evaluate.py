@@ -1,5 +1,7 @@
 """`memprune evaluate`: generate with fixed seeds from the unedited and an edited model and measure
-memorization, diversity, utility, detection and cost (DESIGN.md §5).
+memorization, diversity, utility, detection and cost (DESIGN.md §5). `--compare DIR` (repeatable) adds more
+edited models (e.g. a Wanda and a UniForget prune) as further columns, all from the same seeds; with it
+every edited model is named by its folder.
 
 Groups (the `group` column of metrics.csv):
 - ``memorized``: the --memorized prompts; ``memorized_held_out``: those of them NOT used for locating
@@ -19,7 +21,7 @@ unedited non-memorized generations' similarity to the nearest unedited memorized
 edited model's memorized generations count as copies when their similarity to the unedited generation
 (same prompt and seed) is above it; the unedited model's rate is then undefined and not written.
 Memorization rate = share of generations strictly above the threshold, over generations that have a
-copy reference. One threshold (from the unedited model) serves both models.
+copy reference. One threshold (from the unedited model) serves every model.
 
 Other metrics: ``diversity`` = mean pairwise similarity between the seeds of one prompt (higher = less
 diverse), averaged over prompts; ``detection_score`` = Wen et al.'s noise norm (memprune.detect),
@@ -47,7 +49,6 @@ from .models import DEFAULT_MODEL, TESTBED_CAPTION_FILES, check_model_source, te
 from .prompts import PromptList, read_prompts
 from .similarity import SimilarityBackend, load_image, make_backend, mean_pairwise, tensor_to_pil
 
-MODELS = ("unedited", "edited")
 GROUPS = ("memorized", "memorized_held_out", "non_memorized", "same_style_control", "general")
 MEMORIZED_GROUPS = ("memorized", "memorized_held_out")
 NON_MEMORIZED_GROUPS = ("non_memorized", "same_style_control", "general")
@@ -109,6 +110,7 @@ def load_testbed_classifier(model_folder: str | Path = DEFAULT_MODEL, log: Calla
 class EvaluateSettings:
     model: str = DEFAULT_MODEL
     edited: str | None = None
+    compare: tuple[str, ...] = ()  # more edited models, side by side (named by their folder)
     memorized: str | None = None
     reference: str | None = None  # non-memorized prompts; testbed default: pool of control and general
     control: str | None = None  # same-style non-memorized prompts ("none": leave out)
@@ -137,6 +139,19 @@ class EvaluateSettings:
     @property
     def is_testbed(self) -> bool:
         return is_testbed(self.model)
+
+    def edited_models(self) -> dict[str, str]:
+        """Name -> folder of every edited model: "edited" for a lone --edited, else each folder's name."""
+        folders = ([self.edited] if self.edited else []) + list(self.compare)
+        if len(folders) == 1 and not self.compare:
+            return {"edited": folders[0]}
+        named: dict[str, str] = {}
+        for folder in folders:
+            name = Path(folder).expanduser().resolve().name or "edited"
+            if name == "unedited" or name in named:
+                name = f"{name}_{len(named) + 1}"
+            named[name] = folder
+        return named
 
     def with_defaults(self) -> "EvaluateSettings":
         """Fill the testbed's caption files where none were given; require --memorized/--reference otherwise.
@@ -378,8 +393,9 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None, attribute_
     log = log or (lambda message: None)
     settings = settings.with_defaults()
     notes: list[str] = []
-    if settings.edited is not None:
-        notes.append(check_edited(settings.model, settings.edited))
+    edited_folders = settings.edited_models()
+    for folder in edited_folders.values():
+        notes.append(check_edited(settings.model, folder))
     backend = make_backend(settings.similarity, settings.sscd)
     log(f"Similarity backend: {backend.description}")
     sources, roles = _read_sources(settings)
@@ -396,10 +412,13 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None, attribute_
     target = resolve_device(device)
     if pipe is None:
         pipe = load_pipeline(settings.model, target, dtype)
-    if edited_pipe is None and settings.edited is not None:
-        edited_pipe = load_pipeline(settings.edited, target, dtype)
+    pipes = {"unedited": pipe}
+    for index, (name, folder) in enumerate(edited_folders.items()):
+        given = edited_pipe if index == 0 and settings.edited is not None else None
+        pipes[name] = given if given is not None else load_pipeline(folder, target, dtype)
+    if edited_pipe is not None and len(pipes) == 1:
+        pipes["edited"] = edited_pipe
     timings["load"] = round(time.perf_counter() - start, 3)
-    pipes = {"unedited": pipe, **({"edited": edited_pipe} if edited_pipe is not None else {})}
     cfg = uses_cfg(pipe, settings.generation)
     if not cfg:
         notes.append("No classifier-free guidance (guidance scale <= 1): detection metrics are skipped.")
@@ -457,9 +476,9 @@ def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_fi
             if reference is not None:
                 values[i] = backend.paired(feats[i], reference[None].expand_as(feats[i])).numpy()
         copy_sim[model, source] = values
-        if model == "edited":
+        if model != "unedited":
             unedited = features["unedited", source]
-            to_unedited[source] = backend.paired(feats.flatten(0, 1), unedited.flatten(0, 1)).view(shape(source)).numpy()
+            to_unedited[model, source] = backend.paired(feats.flatten(0, 1), unedited.flatten(0, 1)).view(shape(source)).numpy()
 
     # Threshold calibration on the unedited model's non-memorized generations.
     memorized_source = groups["memorized"].members[0][0]
@@ -487,8 +506,8 @@ def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_fi
     for model, source in images:
         if mode == "training_image":
             copy_reference[model, source] = copy_sim[model, source]
-        elif model == "edited" and source == memorized_source:
-            copy_reference[model, source] = to_unedited[source]
+        elif model != "unedited" and source == memorized_source:
+            copy_reference[model, source] = to_unedited[model, source]
         else:
             copy_reference[model, source] = nan(source)
 
@@ -514,7 +533,7 @@ def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_fi
                     "model": model, "source": source, "prompt_index": i, "caption": prompts.prompts[i],
                     "seed": settings.generation.seed + s,
                     "copy_similarity": copy_sim[model, source][i, s],
-                    "similarity_to_unedited": to_unedited[source][i, s] if model == "edited" else np.nan,
+                    "similarity_to_unedited": to_unedited[model, source][i, s] if model != "unedited" else np.nan,
                     "nearest_training_similarity": near[s] if near is not None and model == "unedited" else np.nan,
                     "copy_reference_similarity": copy_reference[model, source][i, s],
                     "is_copy": (copy_reference[model, source][i, s] > threshold
@@ -538,8 +557,8 @@ def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_fi
             copy_values = pick(per_model(copy_sim), group.members)
             if np.isfinite(copy_values).any():
                 add("copy_similarity", np.nanmean(copy_values))
-            if model == "edited":
-                add("similarity_to_unedited", pick(to_unedited, group.members).mean())
+            if model != "unedited":
+                add("similarity_to_unedited", pick(per_model(to_unedited), group.members).mean())
             if settings.generation.seeds > 1:
                 add("diversity", diversity(backend, torch.stack([features[model, s][i] for s, i in group.members])))
             if name == "general" and model in attributes and math.isfinite(attributes[model]):
@@ -551,7 +570,7 @@ def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_fi
             time_per_image = (sum(seconds[model, s] for s in used)
                               / sum(images[model, s].shape[0] * images[model, s].shape[1] for s in used))
             add("seconds_per_image", time_per_image)
-            if model == "edited":
+            if model != "unedited":
                 baseline = (sum(seconds["unedited", s] for s in used)
                             / sum(images["unedited", s].shape[0] * images["unedited", s].shape[1] for s in used))
                 add("seconds_per_image_ratio", time_per_image / baseline)
@@ -571,7 +590,7 @@ def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_fi
     metrics = pd.DataFrame(rows, columns=["model", "group", "metric", "value"])
     order = {name: i for i, name in enumerate(METRICS)}
     metrics = metrics.assign(
-        _m=metrics.model.map({m: i for i, m in enumerate(MODELS)}), _g=metrics.group.map({g: i for i, g in enumerate(GROUPS)}),
+        _m=metrics.model.map({m: i for i, m in enumerate(models)}), _g=metrics.group.map({g: i for i, g in enumerate(GROUPS)}),
         _k=metrics.metric.map(order),
     ).sort_values(["_m", "_g", "_k"], kind="stable").drop(columns=["_m", "_g", "_k"]).reset_index(drop=True)
     return metrics, generations, threshold, threshold_info, training
@@ -593,7 +612,7 @@ def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids
     lines = [
         "# memprune evaluate",
         "",
-        f"- Model: `{settings.model}`" + (f"; edited: `{settings.edited}`" if settings.edited else ""),
+        f"- Model: `{settings.model}`" + "".join(f"; {name}: `{folder}`" for name, folder in settings.edited_models().items()),
         f"- Similarity backend: {result.backend}",
         f"- Copy threshold: {result.threshold:.4g} ({result.threshold_info['description']})",
         f"- Generation: {settings.generation.steps} steps, seeds {settings.generation.seed}.."
@@ -603,14 +622,14 @@ def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids
         *[f"- Note: {note}" for note in result.notes],
         "",
     ]
-    models = [m for m in MODELS if m in table.columns]
+    models = list(table.columns)
     lines.append("| group | metric | " + " | ".join(models) + " |")
     lines.append("|---|---|" + "---:|" * len(models))
     for (group, metric), row in table.iterrows():
         lines.append(f"| {group} | {metric} | " + " | ".join(_format(row.get(m)) for m in models) + " |")
     if grids:
         lines += ["", "## Image grids", "", "Rows: prompts; columns: training image (where known), unedited model by seed, "
-                  "edited model by seed. The number under a generation is its copy similarity (* above the threshold).", ""]
+                  "each edited model by seed. The number under a generation is its copy similarity (* above the threshold).", ""]
         lines += [f"![{Path(g).stem}]({g})" for g in grids]
     return "\n".join(lines) + "\n"
 
@@ -620,7 +639,7 @@ def image_grid(result: EvaluationResult, group: str, max_prompts: int = 8):
     from PIL import Image, ImageDraw
 
     members = result.groups[group].members[:max_prompts]
-    models = [m for m in MODELS if any(key[0] == m for key in result.images)]
+    models = list(dict.fromkeys(model for model, _ in result.images))
     seeds = next(iter(result.images.values())).shape[1]
     height, width = next(iter(result.images.values())).shape[-2:]
     scale = max(1, math.ceil(64 / max(height, width)))
@@ -672,7 +691,7 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
     from .runinfo import atomic_output_dir, check_output_dir, write_run_json
 
     settings = settings.with_defaults()
-    protected = [p for p in (settings.model, settings.edited) if p and Path(p).exists()]
+    protected = [p for p in (settings.model, *settings.edited_models().values()) if p and Path(p).exists()]
     check_output_dir(out, overwrite, protected)
     result = evaluate(settings, device=device, dtype=dtype, progress=progress, log=log)
     with atomic_output_dir(out, overwrite, protected) as staging:
@@ -693,8 +712,8 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
         inputs = {role: settings.prompt_file(role) for role in ("memorized", "reference", "control", "general")}
         inputs["exclude_prompts"] = settings.exclude_prompts
         inputs["sscd"] = settings.sscd
-        if settings.edited:
-            inputs["edited_memprune_json"] = str(Path(settings.edited) / PRUNE_INFO)
+        for name, folder in settings.edited_models().items():
+            inputs[f"{name}_memprune_json"] = str(Path(folder) / PRUNE_INFO)
         write_run_json(staging, settings, inputs, result.timings, similarity_backend=result.backend,
                        copy_threshold=result.threshold_info, notes=result.notes,
                        groups={name: len(group.members) for name, group in result.groups.items()})
@@ -716,7 +735,7 @@ def _summary_table(result: EvaluationResult) -> str:
 
 
 def _before_after(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Rows (group, metric) in GROUPS and METRICS order, one column per model (unedited, edited)."""
+    """Rows (group, metric) in GROUPS and METRICS order, one column per model (unedited first)."""
     table = metrics.pivot_table(index=["group", "metric"], columns="model", values="value", sort=False)
     order = sorted(table.index, key=lambda key: (GROUPS.index(key[0]), METRICS.index(key[1])))
-    return table.loc[order, [m for m in MODELS if m in table.columns]]
+    return table.loc[order, list(dict.fromkeys(metrics.model))]

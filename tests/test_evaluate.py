@@ -14,7 +14,7 @@ from PIL import Image
 from memprune.cli import main
 from memprune.errors import MemPruneError
 from memprune.evaluate import (
-    GROUPS, METRICS, MODELS, EvaluateSettings, attribute_accuracy, calibrate_threshold, diversity,
+    GROUPS, METRICS, EvaluateSettings, attribute_accuracy, calibrate_threshold, diversity,
     evaluate, memorization_rate,
 )
 from memprune.generate import GenerationSettings, generate
@@ -218,7 +218,7 @@ def no_truth(saved_pipelines, tmp_path_factory):
 
 def check_schema(metrics: pd.DataFrame):
     assert list(metrics.columns) == ["model", "group", "metric", "value"]
-    assert set(metrics.model) <= set(MODELS) and set(metrics.group) <= set(GROUPS) and set(metrics.metric) <= set(METRICS)
+    assert set(metrics.model) <= {"unedited", "edited"} and set(metrics.group) <= set(GROUPS) and set(metrics.metric) <= set(METRICS)
     assert np.isfinite(metrics.value).all()
     assert not metrics.duplicated(["model", "group", "metric"]).any()
 
@@ -299,6 +299,35 @@ def test_evaluate_command_writes_folder(no_truth):
     assert "| group | metric | unedited | edited |" in markdown and "| memorized | similarity_to_unedited |  |" in markdown
     with Image.open(out / "grids" / "memorized.png") as grid:
         assert grid.width > 4 * 64 and grid.height >= 3 * 64  # 3 prompts x (2 + 2 seeds), 16 px upscaled to 64
+
+
+def test_compare_several_edited_models(no_truth, saved_pipelines):
+    """--compare: one column per edited folder, each measured against the same unedited generations."""
+    folder, settings = no_truth["folder"], no_truth["settings"]
+    heavier = write_edited(no_truth["model"], folder / "heavier", no_truth["model"], share=0.6)
+    out = folder / "compare"
+    result = run("evaluate", "--model", settings.model, "--edited", settings.edited, "--compare", heavier,
+                 "--memorized", settings.memorized, "--reference", settings.reference, "--steps", 2, "--seeds", 2,
+                 "--device", "cpu", "--grid-prompts", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(dict.fromkeys(metrics.model)) == ["unedited", "edited", "heavier"]  # folder names, given order
+    assert "| group | metric | unedited | edited | heavier |" in (out / "metrics.md").read_text()
+    # The folder named "edited" gives exactly the numbers of the lone --edited run (same seeds, same threshold).
+    single = no_truth["result"].metrics
+    for metric in ("similarity_to_unedited", "memorization_rate"):
+        value = metrics.query("model == 'edited' and group == 'memorized' and metric == @metric").value.iloc[0]
+        assert value == pytest.approx(single.query("model == 'edited' and group == 'memorized' and metric == @metric")
+                                      .value.iloc[0], abs=1e-5)
+    # The heavier prune, by hand: SSIM of its generations to the unedited ones.
+    unedited = no_truth["result"].images["unedited", "memorized"]
+    pipe = load_pipeline(str(heavier))
+    images = torch.stack([image for _, _, image in generate(pipe, ["a red circle", "the cat", "a blue square"],
+                                                            GENERATION, output_type="pt", progress=False)])
+    by_hand = ssim(images, unedited.transpose(0, 1).flatten(0, 1)).mean().item()
+    value = metrics.query("model == 'heavier' and group == 'memorized' and metric == 'similarity_to_unedited'").value.iloc[0]
+    assert value == pytest.approx(by_hand, abs=1e-4)
+    assert json.loads((out / "run.json").read_text())["inputs"]["heavier_memprune_json"]["sha256"]
 
 
 def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, monkeypatch):

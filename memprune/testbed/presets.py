@@ -11,6 +11,11 @@ def full() -> TestbedConfig:
     return TestbedConfig()
 
 
+def late(start: float, share: float) -> TestbedConfig:
+    """Memorized images join only after `start` of the steps, at `share` of each batch from then on."""
+    return TestbedConfig(steps=4000, memorized_start=start, memorized_share=share)
+
+
 def tiny() -> TestbedConfig:
     """A few steps on a few images: exercises every stage, memorizes nothing."""
     return TestbedConfig(
@@ -25,4 +30,4 @@ def tiny() -> TestbedConfig:
     )
 
 
-PRESETS = {"full": full, "tiny": tiny}
+PRESETS = {"full": full, "tiny": tiny, "late40": lambda: late(0.4, 0.22), "late60": lambda: late(0.6, 0.33)}

@@ -57,6 +57,10 @@ class TestbedConfig:
     # LAION-like mixture: memorized images are a small share of samples but each seen hundreds
     # of times; the pool emoji a few times each; the control emoji once each; the rest shapes.
     memorized_share: float = 0.12
+    # Fraction of the UNet steps before the memorized images join the mixture. Stable Diffusion 1.x
+    # met its heavily duplicated images mostly in later, curated stages (LAION-aesthetics); a late
+    # start makes memorization an addition to a model that already renders the general data.
+    memorized_start: float = 0.0
     pool_share: float = 0.20
     empty_caption_prob: float = 0.10  # for classifier-free guidance
     checkpoint_every_s: float = 300.0
@@ -64,8 +68,13 @@ class TestbedConfig:
     threads: int = 1
 
     @property
+    def first_memorized_step(self) -> int:
+        return int(round(self.steps * self.memorized_start))
+
+    @property
     def views_per_memorized(self) -> float:
-        return self.steps * self.batch_size * self.memorized_share / max(self.data.n_memorized, 1)
+        steps = self.steps - self.first_memorized_step
+        return steps * self.batch_size * self.memorized_share / max(self.data.n_memorized, 1)
 
 
 def config_to_dict(cfg: TestbedConfig) -> dict:
@@ -226,11 +235,13 @@ def batch_indices(step: int, cfg: TestbedConfig, sizes: dict[str, int]) -> list[
     ctrl = _control_steps_cached(cfg.seed, cfg.steps, cfg.data.n_control)
     for i in np.nonzero(ctrl == step)[0]:
         out.append(("control", int(i)))
+    first = {"memorized": cfg.first_memorized_step, "pool": 0}
     for name, share in (("memorized", cfg.memorized_share), ("pool", cfg.pool_share)):
         n = sizes[name]
-        if n == 0:
+        if n == 0 or step < first[name]:
             continue
-        lo, hi = math.floor(step * b * share), math.floor((step + 1) * b * share)
+        k_step = step - first[name]
+        lo, hi = math.floor(k_step * b * share), math.floor((k_step + 1) * b * share)
         for k in range(lo, hi):
             epoch, pos = divmod(k, n)
             perm = _epoch_permutation(cfg.seed, 0 if name == "memorized" else 1, epoch, n)
