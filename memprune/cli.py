@@ -109,12 +109,16 @@ def locate(model, memorized, memorized_label, reference, steps, seeds, seed, gui
 @click.option("--neutral", default=None, type=click.Path(), help="uniforget: neutral prompts (testbed default: general_heldout.csv).")
 @click.option("--beta", default=1.0, show_default=True, help="uniforget: weight of the expected-L0 penalty.")
 @click.option("--train-steps", default=100, show_default=True, help="uniforget: gate optimisation steps.")
+@click.option("--lr", default=0.5, show_default=True, help="uniforget: Adam learning rate on the gates' log-alpha.")
+@click.option("--sampling-steps", default=10, show_default=True,
+              help="uniforget: DDIM steps of the trajectory whose final latents are matched.")
 @click.option("--masks-out", default=None, type=click.Path(file_okay=False),
               help="uniforget: where the trained masks go (default: OUT-uniforget-masks).")
 @device_option
 @out_option
 @overwrite_option
-def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, masks_out, device, out, overwrite):
+def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr, sampling_steps, masks_out, device, out,
+          overwrite):
     """Zero the located weights and save an edited pipeline that stock diffusers loads."""
     from .prune import prune_to_folder
 
@@ -125,7 +129,8 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, ma
 
         masks_out = masks_out or f"{str(out).rstrip('/')}-uniforget-masks"
         check_output_dir(out, overwrite)  # fail before minutes of training, not after
-        settings = UniForgetSettings(beta=beta, train_steps=train_steps, steps=max(timesteps, 1))
+        settings = UniForgetSettings(beta=beta, train_steps=train_steps, lr=lr, sampling_steps=sampling_steps,
+                                     steps=max(timesteps, 1))
         click.echo(uniforget_to_folder(model, neutral, masks_out, settings, wanda_masks=masks_folder,
                                        overwrite=overwrite, device=device))
         masks_folder = masks_out

@@ -81,9 +81,10 @@ class Locator:
     sweeps and notebooks do — costs no generation; reference statistics are cached by size.
     """
 
-    def __init__(self, pipe, settings: LocateSettings):
+    def __init__(self, pipe, settings: LocateSettings, progress: bool = True):
         self.pipe = pipe
         self.settings = settings
+        self.progress = progress
         self.weights = {name: linear.weight for name, linear in output_linears(denoiser(pipe)).items()}
         self._stats_cache: dict[tuple[str, ...], NeuronStats] = {}
         self._reference_cache: dict[int, NeuronStats] = {}
@@ -91,15 +92,16 @@ class Locator:
     def stats(self, prompts: list[str], desc: str = "recording") -> NeuronStats:
         key = tuple(prompts)
         if key not in self._stats_cache:
-            self._stats_cache[key] = record_prompts(self.pipe, prompts, self.settings.generation, self.settings.half, desc=desc)
+            self._stats_cache[key] = record_prompts(self.pipe, prompts, self.settings.generation, self.settings.half, desc=desc,
+                                                    progress=self.progress)
         return self._stats_cache[key]
 
     def reference_stats(self, count: int) -> NeuronStats:
         if count not in self._reference_cache:
             prompts = reference_prompts(self.settings.reference, count, self.settings.sample_seed)
             self._reference_cache[count] = record_prompts(
-                self.pipe, prompts, self.settings.generation, self.settings.half, desc=f"reference ({count})"
-            )
+                self.pipe, prompts, self.settings.generation, self.settings.half, desc=f"reference ({count})",
+                progress=self.progress)
         return self._reference_cache[count]
 
     def masks(self, prompts: list[str], selection: SelectionSettings | None = None, meta: dict | None = None,

@@ -34,6 +34,9 @@ SUBSET_SIZES = [5, 10] if QUICK else [5, 10, 20]
 RATIO = 0.01                         # Wanda: share of columns kept per output row
 
 # %%
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 import torch
 import pandas as pd
 from IPython.display import display
@@ -59,7 +62,7 @@ settings = LocateSettings(
     subsets=N_SUBSETS,
     subset_size=SUBSET_SIZE,
 )
-locator = Locator(pipe, settings)  # caches statistics: every re-selection below costs no generation
+locator = Locator(pipe, settings, progress=False)  # caches statistics: every re-selection below costs no generation
 print(f"{len(locator.weights)} FeedForward layers; {STEPS} steps; {N_SUBSETS} subsets of {SUBSET_SIZE} per group")
 
 # %% [markdown]
@@ -94,7 +97,7 @@ iou_by_step(overlap)
 frames = []
 for size in SUBSET_SIZES:
     sized = replace(settings, subset_size=size)
-    frames.append(subset_overlap(subset_masks(Locator(pipe, sized), sized)).assign(subset_size=size))
+    frames.append(subset_overlap(subset_masks(Locator(pipe, sized, progress=False), sized)).assign(subset_size=size))
 by_size = pd.concat(frames, ignore_index=True)
 display((by_size.assign(comparison=by_size.group_a + " vs " + by_size.group_b)
          .pivot_table(index="subset_size", columns="comparison", values="iou", aggfunc="mean").round(3)))

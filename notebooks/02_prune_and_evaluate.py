@@ -32,12 +32,15 @@ EVAL_STEPS = 10 if QUICK else 50         # sampling steps while evaluating
 EVAL_SEEDS = 1 if QUICK else 2           # seeds per prompt in the before/after evaluation (demo: 4)
 SWEEP_SEEDS = 1                          # seeds per prompt in each sweep point
 RATIO, TAU = 0.01, 10                    # the method's defaults
-SWEEP_RATIOS = (0.01, 0.05) if QUICK else (0.005, 0.01, 0.05)
-SWEEP_TAUS = (TAU,) if QUICK else (1, TAU)
+SWEEP_RATIOS = (0.01, 0.05) if QUICK else (0.01, 0.05, 0.1)
+SWEEP_TAUS = (TAU,)
 RANDOM_CONTROLS = 1
-GENERAL_PROMPTS = 8 if QUICK else 48     # held-out general captions used for utility in the sweep
+GENERAL_PROMPTS = 8 if QUICK else 32     # held-out general captions used for utility in the sweep
 
 # %%
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 import tempfile
 from pathlib import Path
 
@@ -72,7 +75,7 @@ pipe = load_pipeline(DEFAULT_MODEL)
 settings = LocateSettings(model=DEFAULT_MODEL, memorized=str(captions / "memorized.csv"),
                           generation=GenerationSettings(steps=LOCATE_STEPS, batch_size=10),
                           selection=SelectionSettings(ratio=RATIO))
-locator = Locator(pipe, settings)
+locator = Locator(pipe, settings, progress=False)
 masks = locator.masks(located.prompts)
 selected_share_by_layer(masks, TAU)
 

@@ -167,9 +167,11 @@ def test_prune_with_uniforget_trains_masks_then_prunes(saved_pipelines, located,
     neutral.write_text("a green square\nthe white background\n")
     out = tmp_path / "uf"
     result = run("prune", "--model", saved_pipelines["sd1"], "--method", "uniforget", "--neutral", neutral,
-                 "--train-steps", 2, "--timesteps", 2, "--out", out, "--device", "cpu")
+                 "--train-steps", 2, "--lr", 0.25, "--sampling-steps", 3, "--timesteps", 2, "--out", out, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "uf-uniforget-masks" / "masks.safetensors").is_file()
+    settings = json.loads((tmp_path / "uf-uniforget-masks" / "run.json").read_text())["settings"]
+    assert (settings["lr"], settings["sampling_steps"], settings["train_steps"]) == (0.25, 3, 2)
     assert json.loads((out / "memprune.json").read_text())["timesteps"] == 2
     StableDiffusionPipeline.from_pretrained(str(out))
     assert_refused(run("prune", "--model", saved_pipelines["sd1"], "--out", tmp_path / "o"), "--masks is required")
