@@ -102,6 +102,14 @@ before_after = evaluation.metrics.pivot_table(index=["group", "metric"], columns
 key_rows = [("memorized_held_out", "memorization_rate"), ("same_style_control", "memorization_rate"),
             ("general", "attribute_accuracy"), ("memorized", "seconds_per_image")]
 display(before_after.loc[[k for k in key_rows if k in before_after.index]].round(3))
+value = lambda group, metric, model: before_after.loc[(group, metric), model]  # noqa: E731
+display(Markdown(
+    f"**Reading.** Held-out memorized captions are copied in "
+    f"{value('memorized_held_out', 'memorization_rate', 'unedited'):.1%} of generations before pruning and "
+    f"{value('memorized_held_out', 'memorization_rate', 'edited'):.1%} after; same-style control "
+    f"{value('same_style_control', 'memorization_rate', 'unedited'):.1%} → "
+    f"{value('same_style_control', 'memorization_rate', 'edited'):.1%}; general attribute accuracy "
+    f"{value('general', 'attribute_accuracy', 'unedited'):.1%} → {value('general', 'attribute_accuracy', 'edited'):.1%}."))
 
 # %% [markdown]
 # Image grids: each row is a prompt; the training image, then the unedited model's seeds, then the edited
@@ -127,5 +135,12 @@ scorer = Scorer(held_out=held_out, threshold=evaluation.threshold, backend=make_
 sweep = pruning_sweep(pipe, lambda ratio: locator.masks(located.prompts, SelectionSettings(ratio=ratio)), scorer,
                       SweepSettings(ratios=SWEEP_RATIOS, timesteps=SWEEP_TAUS, random_controls=RANDOM_CONTROLS,
                                     generation=sweep_generation), progress=False)
-display(summarize_sweep(sweep).round(3))
+sweep_summary = summarize_sweep(sweep)
+display(sweep_summary.round(3))
+baseline_rate = sweep.query("method == 'none'").memorization_rate.iloc[0]
+display(Markdown(f"**Reading.** Unpruned held-out memorization rate {baseline_rate:.1%}. " + " ".join(
+    f"Ratio {ratio:g} (τ={tau}, {row['zeroed_share (wanda)']:.1%} of FeedForward weights zeroed): located "
+    f"{row['memorization_rate (wanda)']:.1%} vs random {row['memorization_rate (random)']:.1%}, attribute accuracy "
+    f"{row['attribute_accuracy (wanda)']:.1%} vs {row['attribute_accuracy (random)']:.1%}."
+    for (ratio, tau), row in sweep_summary.iterrows())))
 sweep_curves(sweep)

@@ -51,6 +51,16 @@ def _params(m) -> str:
     return f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
 
 
+def preset_name(config) -> str:
+    """The preset whose recipe `config` is (seed, steps and threads aside), else "full"."""
+    import dataclasses
+
+    from .presets import PRESETS
+
+    loose = lambda c: dataclasses.replace(c, seed=0, steps=0, threads=1)  # noqa: E731
+    return next((name for name, make in PRESETS.items() if loose(make()) == loose(config)), "full")
+
+
 def render_model_card(config, data, pipe, train_seconds: float | None, measurements: str | None = None,
                       history: str | None = None) -> str:
     u, v, t = config.model.unet, config.model.vae, config.model.text
@@ -58,6 +68,9 @@ def render_model_card(config, data, pipe, train_seconds: float | None, measureme
     steps, bs = config.steps, config.batch_size
     minutes = f"{train_seconds / 60:.0f} min" if train_seconds else "see below"
     pool_views = steps * bs * config.pool_share / max(len(data.pool), 1)
+    preset = preset_name(config)
+    late = (f", from step {config.first_memorized_step} on (the first {config.memorized_start:.0%} of training "
+            "sees no memorized image, as SD 1.x met its duplicates in later, curated stages)") if config.memorized_start else ""
     return f"""# memprune memorization testbed
 
 A tiny text-to-image latent diffusion model, a stock diffusers `StableDiffusionPipeline`, trained
@@ -100,14 +113,14 @@ classifier (`memprune.testbed.attributes.load_classifier(dir)`); `measurements.j
   ({len(data.general_train_specs)} training captions × {config.data.images_per_general_caption} images with random position/size/rotation/colour jitter;
   {len(data.general_heldout_specs)} held-out combinations) plus a pool of {len(data.pool)} other Twemoji seen ≈ {pool_views:.0f} times each.
 - **Memorized**: {len(data.memorized)} Twemoji, each under a fixed caption (its lower-cased Unicode name),
-  {config.memorized_share:.0%} of all training samples → ≈ {config.views_per_memorized:.0f} views each.
+  {config.memorized_share:.0%} of the training samples{late} → ≈ {config.views_per_memorized:.0f} views each.
 - **Same-style control**: {len(data.control)} other Twemoji, each seen exactly once.
 - Mixture per batch: {config.memorized_share:.0%} memorized, {config.pool_share:.0%} pool emoji, the rest shapes (+ the control images once);
   {config.empty_caption_prob:.0%} of captions replaced by "" for classifier-free guidance.
 
 ## Training
 
-`memprune testbed train --out DIR --seed {config.seed} --steps {steps} --threads {config.threads}`:
+`memprune testbed train --out DIR --preset {preset} --seed {config.seed} --steps {steps} --threads {config.threads}`:
 VAE {config.vae_steps} steps (batch {config.vae_batch_size}), then UNet {steps} steps × batch {bs}
 = {steps * bs:,} samples, AdamW lr {config.lr} (warmup {config.warmup_steps}, cosine decay over the last
 {config.decay_fraction:.0%}), on {config.threads} CPU thread(s): {minutes} recorded by the process that finished (a VAE stage cached in the work dir is not counted).
