@@ -634,59 +634,10 @@ def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids
     return "\n".join(lines) + "\n"
 
 
-def image_grid(result: EvaluationResult, group: str, max_prompts: int = 8):
-    """A PIL image: one row per prompt (up to max_prompts); training image, unedited seeds, edited seeds."""
-    from PIL import Image, ImageDraw
-
-    members = result.groups[group].members[:max_prompts]
-    models = list(dict.fromkeys(model for model, _ in result.images))
-    seeds = next(iter(result.images.values())).shape[1]
-    height, width = next(iter(result.images.values())).shape[-2:]
-    scale = max(1, math.ceil(64 / max(height, width)))
-    cell_h, cell_w = height * scale, width * scale
-    show_training = any(result.training_images.get(s, [None] * (i + 1))[i] is not None for s, i in members)
-    label_w, header_h, footer_h, gap, block_gap = 180, 16, 12, 2, 10
-    columns = ([("training", None, None)] if show_training else []) + [
-        (model, model, s) for model in models for s in range(seeds)]
-    total_w = label_w + sum(cell_w + gap for _ in columns) + block_gap * len(models)
-    total_h = header_h + len(members) * (cell_h + footer_h + gap)
-    canvas = Image.new("RGB", (total_w, total_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    table = result.generations.set_index(["model", "source", "prompt_index", "seed"])
-    positions, x = [], label_w
-    for index, (title, model, seed) in enumerate(columns):
-        if index > 0 and model != columns[index - 1][1]:
-            x += block_gap
-        positions.append(x)
-        text = "training" if model is None else f"{model} {result.generations.seed.min() + seed}"
-        draw.text((x, 2), text, fill="black")
-        x += cell_w + gap
-    for row, (source, i) in enumerate(members):
-        y = header_h + row * (cell_h + footer_h + gap)
-        caption = result.sources[source].prompts[i]
-        caption = (caption[:28] + ("..." if len(caption) > 28 else "")).encode("latin-1", "replace").decode("latin-1")
-        draw.text((4, y + cell_h // 2 - 5), caption, fill="black")
-        for (title, model, seed), x in zip(columns, positions):
-            if model is None:
-                image = result.training_images[source][i]
-                if image is None:
-                    continue
-                footer = ""
-            else:
-                image = result.images[model, source][i, seed]
-                entry = table.loc[(model, source, i, result.generations.seed.min() + seed)]
-                value = entry["copy_reference_similarity"]
-                footer = "" if not np.isfinite(value) else f"{value:.2f}" + ("*" if value > result.threshold else "")
-            tile = tensor_to_pil(image).resize((cell_w, cell_h), Image.NEAREST)
-            canvas.paste(tile, (x, y))
-            if footer:
-                draw.text((x + 2, y + cell_h), footer, fill="black")
-    return canvas
-
-
 def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False, device: str = "auto", dtype=None,
                        progress: bool = True, log: Callable[[str], None] | None = None) -> str:
     """The `memprune evaluate` command as a function: metrics.csv, metrics.md, generations.csv, grids/, run.json."""
+    from .plots import image_grid
     from .prune import PRUNE_INFO
     from .runinfo import atomic_output_dir, check_output_dir, write_run_json
 

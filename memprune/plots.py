@@ -1,12 +1,15 @@
-"""Figures from the tidy tables memprune writes (overlap.csv, masks): each function returns a matplotlib Figure."""
+"""Figures from the tidy tables memprune writes (overlap.csv, masks, sweeps): matplotlib Figures; image grids of an
+evaluation (prompts × seeds, before/after, training image beside) as PIL images."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
 
 import matplotlib.pyplot as plt  # no backend forced: notebooks keep their inline one, headless runs get Agg
 import matplotlib.ticker
+import numpy as np
 import pandas as pd
 
 COMPARISON_LABELS = {
@@ -162,3 +165,57 @@ def sweep_curves(sweep: pd.DataFrame) -> plt.Figure:
         axes[0][1].set_title("Utility: attribute accuracy on general captions")
     fig.tight_layout()
     return fig
+
+
+def image_grid(result, group: str, max_prompts: int = 8):
+    """Prompts × seeds of an `EvaluationResult` group as a PIL image (tiles upscaled by whole pixels, so nothing is
+    smoothed): one row per prompt (up to max_prompts); the training image when known, then each model's seeds,
+    with the copy similarity under each generation (* above the copy threshold)."""
+    from PIL import Image, ImageDraw
+
+    from .similarity import tensor_to_pil
+
+    members = result.groups[group].members[:max_prompts]
+    models = list(dict.fromkeys(model for model, _ in result.images))
+    seeds = next(iter(result.images.values())).shape[1]
+    height, width = next(iter(result.images.values())).shape[-2:]
+    scale = max(1, math.ceil(64 / max(height, width)))
+    cell_h, cell_w = height * scale, width * scale
+    show_training = any(result.training_images.get(s, [None] * (i + 1))[i] is not None for s, i in members)
+    label_w, header_h, footer_h, gap, block_gap = 180, 16, 12, 2, 10
+    columns = ([("training", None, None)] if show_training else []) + [
+        (model, model, s) for model in models for s in range(seeds)]
+    total_w = label_w + sum(cell_w + gap for _ in columns) + block_gap * len(models)
+    total_h = header_h + len(members) * (cell_h + footer_h + gap)
+    canvas = Image.new("RGB", (total_w, total_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    table = result.generations.set_index(["model", "source", "prompt_index", "seed"])
+    positions, x = [], label_w
+    for index, (title, model, seed) in enumerate(columns):
+        if index > 0 and model != columns[index - 1][1]:
+            x += block_gap
+        positions.append(x)
+        text = "training" if model is None else f"{model} {result.generations.seed.min() + seed}"
+        draw.text((x, 2), text, fill="black")
+        x += cell_w + gap
+    for row, (source, i) in enumerate(members):
+        y = header_h + row * (cell_h + footer_h + gap)
+        caption = result.sources[source].prompts[i]
+        caption = (caption[:28] + ("..." if len(caption) > 28 else "")).encode("latin-1", "replace").decode("latin-1")
+        draw.text((4, y + cell_h // 2 - 5), caption, fill="black")
+        for (title, model, seed), x in zip(columns, positions):
+            if model is None:
+                image = result.training_images[source][i]
+                if image is None:
+                    continue
+                footer = ""
+            else:
+                image = result.images[model, source][i, seed]
+                entry = table.loc[(model, source, i, result.generations.seed.min() + seed)]
+                value = entry["copy_reference_similarity"]
+                footer = "" if not np.isfinite(value) else f"{value:.2f}" + ("*" if value > result.threshold else "")
+            tile = tensor_to_pil(image).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (x, y))
+            if footer:
+                draw.text((x + 2, y + cell_h), footer, fill="black")
+    return canvas

@@ -48,11 +48,11 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from memprune.evaluate import EvaluateSettings, evaluate, image_grid, load_testbed_classifier, metrics_markdown
+from memprune.evaluate import EvaluateSettings, evaluate, load_testbed_classifier, metrics_markdown
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
 from memprune.models import DEFAULT_MODEL, load_pipeline
-from memprune.plots import selected_share_by_layer, sweep_curves
+from memprune.plots import image_grid, selected_share_by_layer, sweep_curves
 from memprune.prompts import read_prompts, seeded_subsets
 from memprune.prune import apply_masks
 from memprune.select import SelectionSettings
