@@ -389,6 +389,10 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["general.png", "memorized.png", "same_style_control.png"]
     with Image.open(out / "grids" / "memorized.png") as grid:
         assert grid.width > 3 * 64  # training image + 2 seeds, 16 px upscaled to 64
+        # Row 2 ("the cat"): its training tile is cat.png upscaled 4x by pixel repetition, left of the generations.
+        label_w, header_h, row_h = 180, 16, 64 + 12 + 2
+        tile = np.asarray(grid.convert("RGB"))[header_h + row_h: header_h + row_h + 64, label_w: label_w + 64]
+        np.testing.assert_array_equal(tile, noise.repeat(4, axis=0).repeat(4, axis=1))
 
 
 def test_testbed_defaults_and_required_files(saved_pipelines, tmp_path):
