@@ -11,7 +11,7 @@ HISTORY = """## What was tried
 Earlier studies (see the testbed notes): 16×16 latents, 8 memorized emoji at 12.5% of samples for
 13 min → weak memorization (SSIM 0.44); 48 memorized emoji at 44% of samples, 42 min on 2 cores →
 strong memorization (SSIM 0.71) but spread everywhere: Wanda at 1% no better than a random mask.
-This recipe makes memorization a small share of the signal. Measured on the way (1 CPU thread,
+The v1 recipe made memorization a small share of the signal. Measured on the way (1 CPU thread,
 shared machine):
 
 | what | setting | result |
@@ -27,23 +27,20 @@ shared machine):
 | | 4 channels, 300 steps, decode sample vs posterior mean | 0.47 / 0.47 |
 | | **8 channels, 2000 steps, half emoji per batch** | **0.79** (control 0.82, shapes 0.83) — chosen |
 | tokenizer | `tokenizers` BpeTrainer | same vocabulary but different ids in every process → own BPE with deterministic tie-breaking |
-| memorization during the shipped run (16+16 prompts, 2 seeds, DDIM 25 steps; mean SSIM / copy rate) | step 352 / 982 / 1638 / 2233 / 2561 / 2898 / 3235 (≈ 54 / 151 / 252 / 343 / 393 / 445 / 497 views) | 0.06 / 0.11 / 0.21 / 0.36 / 0.45 / 0.46 / 0.50 — 0% / 6% / 25% / 38% / 94% / 94% / 94%; control copies 0% throughout |
-| **shipped model** (50+50 prompts, 4 seeds, DDIM 50 steps, CFG 7.5) | step 3800 ≈ 584 views, 12% memorized share | memorized mean SSIM 0.497 (63% of the 0.791 ceiling), copy rate 86.5% (43/50 prompts), control 0%; general captions: colour 88%, background 91%, size 87%, shape 50% |
+| memorization during the v1 run (16+16 prompts, 2 seeds, DDIM 25 steps; mean SSIM / copy rate) | step 352 / 982 / 1638 / 2233 / 2561 / 2898 / 3235 (≈ 54 / 151 / 252 / 343 / 393 / 445 / 497 views) | 0.06 / 0.11 / 0.21 / 0.36 / 0.45 / 0.46 / 0.50 — 0% / 6% / 25% / 38% / 94% / 94% / 94%; control copies 0% throughout |
+| v1 model (50+50 prompts, 4 seeds, DDIM 50 steps, CFG 7.5) | step 3800 ≈ 584 views, 12% memorized share | memorized mean SSIM 0.497 (63% of the 0.791 ceiling), copy rate 86.5% (43/50 prompts), control 0%; general captions: colour 88%, background 91%, size 87%, shape 50% |
+| v1 recipe (`--preset v1`, shipped until 2026-11-26) | 3800 steps, memorized in every batch from step 0 at 12% (≈ 584 views) | memorized copy rate 86.5% (card threshold), control 0%, attribute accuracy 79.2%; phenomenon **no**: Wanda ratio 0.01 (0.8% of FF weights) held-out memorization 90.0% vs 92.5% random, ratio 0.1 (8.4%) 87.5% vs 93.1%; subset IoU memorized 0.445 vs controls 0.320 / 0.458 |
+| diagnostics on v1 (20 memorized + 24 general captions, 1 seed, DDIM 25) | zero every FF output weight / 10% / 30% random FF neurons / every cross-attention value | memorization 95% → 5% / 95% / 95% / 0%; attribute accuracy 80% → 52% / 82% / 78% / 25%: the FFNs carry memorization, but redundantly — no small set of neurons is needed |
+| | Wanda and z-score neuron selection (ratio 0.01–0.1) against `""` and against the same-style control captions | held-out memorization 85–90% vs 90% random at every setting: no selection finds a memorization subspace in v1 |
+| `--preset late60` | 4000 steps; memorized only from step 2400 (the last 40%), 33% of those batches (≈ 676 views) | quick check (2 seeds): held-out memorization 92.5%, attribute accuracy 76.7%; Wanda vs random at ratio 0.01 / 0.05 / 0.1: 90.0 vs 92.5 / 87.5 vs 92.5 / 85.0 vs 90.0%; IoU memorized 0.422 vs controls 0.263 / 0.461 — phenomenon **no** |
+| **`--preset full` (shipped)** | 4000 steps; memorized from step 1600 (after 40%), 22% of those batches (≈ 676 views) | quick check (2 seeds): held-out memorization 95.0%, control 2%, attribute accuracy 79.3%; Wanda vs random at ratio 0.01 / 0.05 / 0.1: 95 vs 95 / 90 vs 95 / 90 vs 95%; IoU memorized 0.427 vs controls 0.272 / 0.520 — phenomenon **no** (full measurement above) |
 
-### Against the targets
-
-- Memorization ≥ 90% of memorized generations copied: **not met — 86.5%** at the calibrated
-  threshold (0.364, 95% quantile); 43/50 prompts copied in most seeds. Same-style control ≤ 5%:
-  **met — 0%** on the held-out half (2% over all control generations). Memorization was still
-  rising at the end (0.45 → 0.50 mean SSIM over the last 1200 steps): more views are the fix.
-- Utility ≥ 80% attribute accuracy: **met for colour (88%), background (91%) and size (87%)**;
-  **not for shape (50%, chance 17%)**, mean 79%. Outputs are diverse (pixel diversity 0.154 vs
-  0.191 for real renders of the same captions).
-- Timing: VAE 9.4 min + encoding and UNet 58.7 min (3800 steps × 64, ≈ 69 samples/s) on one
-  thread of a shared 2-core CPU (AMD EPYC), i.e. ≈ 68 min; measurement 7 min.
-- Next step if more compute is available: the same recipe with `--steps 6000` or more (≈ 920
-  views per memorized image, still a 12% share), which the earlier study's curve suggests gives
-  strong copies; `--threads` >1 only on an otherwise idle machine.
+Why the late start: Stable Diffusion 1.x met its heavily duplicated images mostly in later, curated stages
+(LAION-aesthetics), and an addition learned on top of a model that already renders the general data might be
+low-dimensional. Measured: it memorizes more strongly for the same views (mean SSIM 0.55 vs 0.50), but the
+memorization is no more localized. Untested next steps, in the order we would try them: many more memorized
+images (hundreds, so memorization must share machinery rather than store each image apart), a much longer run
+at a few-% share on a GPU, and more FeedForward capacity relative to the convolutions.
 """
 
 

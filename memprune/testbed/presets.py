@@ -11,9 +11,14 @@ def full() -> TestbedConfig:
     return TestbedConfig()
 
 
-def late(start: float, share: float) -> TestbedConfig:
-    """Memorized images join only after `start` of the steps, at `share` of each batch from then on."""
-    return TestbedConfig(steps=4000, memorized_start=start, memorized_share=share)
+def v1() -> TestbedConfig:
+    """The first shipped recipe: memorized images in every batch from the start at a 12% share, 3800 steps."""
+    return TestbedConfig(steps=3800, memorized_start=0.0, memorized_share=0.12)
+
+
+def late60() -> TestbedConfig:
+    """Memorized images only in the last 40% of the steps, at a third of each batch (same views as full)."""
+    return TestbedConfig(memorized_start=0.6, memorized_share=0.33)
 
 
 def tiny() -> TestbedConfig:
@@ -30,4 +35,4 @@ def tiny() -> TestbedConfig:
     )
 
 
-PRESETS = {"full": full, "tiny": tiny, "late40": lambda: late(0.4, 0.22), "late60": lambda: late(0.6, 0.33)}
+PRESETS = {"full": full, "tiny": tiny, "v1": v1, "late60": late60}

@@ -46,7 +46,7 @@ class TestbedConfig:
     vae_kl_weight: float = 1e-6
     vae_decode_mean: bool = True
     # Stage 2: UNet.
-    steps: int = 3800
+    steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -56,11 +56,11 @@ class TestbedConfig:
     final_lr_fraction: float = 0.05
     # LAION-like mixture: memorized images are a small share of samples but each seen hundreds
     # of times; the pool emoji a few times each; the control emoji once each; the rest shapes.
-    memorized_share: float = 0.12
+    memorized_share: float = 0.22  # of each batch once memorized images are in (from memorized_start on)
     # Fraction of the UNet steps before the memorized images join the mixture. Stable Diffusion 1.x
     # met its heavily duplicated images mostly in later, curated stages (LAION-aesthetics); a late
     # start makes memorization an addition to a model that already renders the general data.
-    memorized_start: float = 0.0
+    memorized_start: float = 0.4
     pool_share: float = 0.20
     empty_caption_prob: float = 0.10  # for classifier-free guidance
     checkpoint_every_s: float = 300.0
@@ -93,6 +93,7 @@ def config_from_dict(d: dict) -> TestbedConfig:
         scheduler=SchedulerConfig(**m.get("scheduler", {})),
     )
     rest = {k: v for k, v in d.items() if k not in ("data", "model")}
+    rest.setdefault("memorized_start", 0.0)  # configs written before the option existed started at step 0
     return TestbedConfig(data=DataConfig(**d.get("data", {})), model=model, **rest)
 
 
