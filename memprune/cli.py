@@ -106,7 +106,7 @@ def locate(model, memorized, memorized_label, reference, steps, seeds, seed, gui
                    "(united with --masks when given).")
 @click.option("--masks", "masks_folder", default=None, type=click.Path(), help="Output folder of `memprune locate`.")
 @click.option("--timesteps", default=10, show_default=True, help="τ: prune the union of the masks of steps 0..τ-1.")
-@click.option("--neutral", default=None, type=click.Path(), help="uniforget: neutral prompts (testbed default: general_heldout.csv).")
+@click.option("--neutral", default=None, type=click.Path(), help="uniforget: neutral prompts (testbed default: general_train.csv, not the held-out captions evaluate scores).")
 @click.option("--beta", default=1.0, show_default=True, help="uniforget: weight of the expected-L0 penalty.")
 @click.option("--train-steps", default=100, show_default=True, help="uniforget: gate optimisation steps.")
 @click.option("--lr", default=0.5, show_default=True, help="uniforget: Adam learning rate on the gates' log-alpha.")

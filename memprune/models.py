@@ -15,7 +15,7 @@ DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "data" / "testbed")
 
 
 TESTBED_CAPTION_FILES = {"memorized": "memorized.csv", "control": "non_memorized_same_style.csv",
-                         "general": "general_heldout.csv"}
+                         "general": "general_heldout.csv", "general_train": "general_train.csv"}
 
 
 def testbed_captions(model: str | None) -> Path | None:

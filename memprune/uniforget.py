@@ -552,8 +552,11 @@ def testbed_memorized_file(model: str) -> Path | None:
 
 
 def testbed_neutral_file(model: str) -> Path | None:
-    """The testbed's held-out general captions (never memorized), when `model` is a testbed folder."""
-    return _testbed_file(model, "general")
+    """The testbed's general training captions (never memorized), when `model` is a testbed folder.
+
+    Not the held-out general captions: `memprune evaluate` measures utility on those, and gates trained to
+    preserve exactly them would flatter UniForget's utility."""
+    return _testbed_file(model, "general_train")
 
 
 def save_gate_result(result: GateResult, folder: str | Path) -> None:
@@ -574,7 +577,7 @@ def uniforget_to_folder(model: str, neutral: str | None, out, settings: UniForge
                         device: str = "auto", dtype=None) -> str:
     """Train gates on a neutral prompt file and write a masks folder that `memprune prune --masks` applies.
 
-    `neutral`: a prompt file of non-memorized captions (default on the testbed: its general_heldout.csv).
+    `neutral`: a prompt file of non-memorized captions (default on the testbed: its general_train.csv).
     `memorized`: memorized prompts that must not be among the neutral ones (default on the testbed: its
     memorized.csv); when the memorized prompts are also the testbed's, the defaults can never overlap. `wanda_masks`: a `memprune locate` folder whose masks are united with the UniForget mask.
     Returns a summary.
