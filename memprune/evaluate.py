@@ -57,7 +57,7 @@ METRICS = (
     "diversity", "attribute_accuracy", "detection_score", "detection_score_first_step", "detection_auc",
     "detection_auc_first_step", "seconds_per_image", "seconds_per_image_ratio",
 )
-TESTBED_FILES = TESTBED_CAPTION_FILES
+TESTBED_FILES = {role: TESTBED_CAPTION_FILES[role] for role in ("memorized", "control", "general")}  # evaluate's roles
 NONE = "none"  # --control none / --general none: leave the testbed default out
 
 
