@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib
 
 import matplotlib.pyplot as plt  # no backend forced: notebooks keep their inline one, headless runs get Agg
+import matplotlib.figure
 import matplotlib.ticker
 import numpy as np
 import pandas as pd
@@ -17,6 +18,13 @@ COMPARISON_LABELS = {
     ("memorized", "non_memorized"): "memorized vs non-memorized (control)",
     ("non_memorized", "non_memorized"): "non-memorized vs non-memorized (control)",
 }
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, squeeze: bool = True, **figure_kwargs):
+    """Like plt.subplots, but the Figure is not registered with pyplot: a notebook shows it once (as the cell's
+    value), scripts never accumulate open figures, and nothing depends on the backend."""
+    fig = matplotlib.figure.Figure(**figure_kwargs)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
 
 
 def short_layer_name(layer: str) -> str:
@@ -44,7 +52,7 @@ def iou_heatmap(overlap: pd.DataFrame, group: str = "memorized") -> plt.Figure:
     within = overlap[(overlap.group_a == group) & (overlap.group_b == group)]
     table = within.pivot_table(index="layer", columns="step", values="iou", aggfunc="mean", sort=False)
     table = table.loc[unet_order(table.index)]
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * table.shape[1] + 3), max(3, 0.35 * table.shape[0] + 1.5)))
+    fig, ax = _subplots(figsize=(max(6, 0.18 * table.shape[1] + 3), max(3, 0.35 * table.shape[0] + 1.5)))
     image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(len(table.index)), [short_layer_name(l) for l in table.index], fontsize=8)
     step_ticks = list(range(0, table.shape[1], max(1, table.shape[1] // 10)))
@@ -59,7 +67,7 @@ def iou_heatmap(overlap: pd.DataFrame, group: str = "memorized") -> plt.Figure:
 
 def _iou_lines(overlap: pd.DataFrame, by: str, xlabel: str, title: str) -> plt.Figure:
     frame = overlap.assign(comparison=_comparison(overlap))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _subplots(figsize=(8, 4))
     for comparison, group in frame.groupby("comparison", sort=False):
         means = group.groupby(by, sort=False)["iou"].agg(["mean", "std"])
         if by == "layer":
@@ -90,7 +98,7 @@ def iou_by_step(overlap: pd.DataFrame) -> plt.Figure:
 def iou_vs_subset_size(overlap: pd.DataFrame) -> plt.Figure:
     """`overlap` concatenates several locate runs with a `subset_size` column."""
     frame = overlap.assign(comparison=_comparison(overlap))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for comparison, group in frame.groupby("comparison", sort=False):
         means = group.groupby("subset_size")["iou"].mean()
         ax.plot(means.index, means.to_numpy(), marker="o", label=comparison)
@@ -108,7 +116,7 @@ def selected_share_by_layer(masks, timesteps: int = 10) -> plt.Figure:
     """Share of each layer's output weights in the union of steps 0..timesteps-1 (what `prune` would zero)."""
     union = masks.union_indices(min(timesteps, len(masks.steps)))
     shares = {layer: union[layer].numel() / (masks.shapes[layer][0] * masks.shapes[layer][1]) for layer in unet_order(union)}
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _subplots(figsize=(8, 4))
     ax.bar(range(len(shares)), [100 * s for s in shares.values()])
     ax.set_xticks(range(len(shares)), [short_layer_name(l) for l in shares], rotation=60, ha="right", fontsize=8)
     ax.set_xlabel("FeedForward layer")
@@ -140,7 +148,7 @@ def sweep_curves(sweep: pd.DataFrame) -> plt.Figure:
     """Pruning sweep (memprune.sweep): held-out memorization rate and utility vs the share of output weights
     zeroed, the located mask against size-matched random masks, one line per τ."""
     metrics = [m for m in ("memorization_rate", "attribute_accuracy") if m in sweep and sweep[m].notna().any()]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    fig, axes = _subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     baseline = sweep[sweep.method == "none"]
     pruned = sweep[sweep.method != "none"]
     for ax, metric in zip(axes[0], metrics):

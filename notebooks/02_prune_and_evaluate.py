@@ -91,11 +91,10 @@ print(f"zeroed {edit.total_zeroed} weights in {len(edit.zeroed)} layers")
 used = Path(tempfile.mkdtemp()) / "prompts_used.csv"
 pd.DataFrame({"caption": located.prompts}).to_csv(used, index=False)
 classifier = load_testbed_classifier(DEFAULT_MODEL)
-evaluation = evaluate(
-    EvaluateSettings(exclude_prompts=str(used), generation=GenerationSettings(steps=EVAL_STEPS, seeds=EVAL_SEEDS, batch_size=16)),
-    pipe=pipe, edited_pipe=edited, attribute_classifier=classifier, progress=False,
-)
-display(Markdown(metrics_markdown(evaluation, EvaluateSettings())))
+eval_settings = EvaluateSettings(exclude_prompts=str(used),
+                                 generation=GenerationSettings(steps=EVAL_STEPS, seeds=EVAL_SEEDS, batch_size=16))
+evaluation = evaluate(eval_settings, pipe=pipe, edited_pipe=edited, attribute_classifier=classifier, progress=False)
+display(Markdown(metrics_markdown(evaluation, eval_settings)))
 
 # %%
 before_after = evaluation.metrics.pivot_table(index=["group", "metric"], columns="model", values="value", sort=False)

@@ -33,6 +33,7 @@ def test_committed_notebook_is_the_executed_source(source):
     assert code(executed) == code(jupytext.read(source)), f"{source.name} changed since it was executed: run `make notebooks`"
     outputs = [out for cell in executed.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
     assert all(out.get("output_type") != "error" for out in outputs)
-    assert sum("image/png" in out.get("data", {}) for out in outputs) >= 2
+    figures = [out["data"]["image/png"] for out in outputs if "image/png" in out.get("data", {})]
+    assert len(figures) >= 2 and len(set(figures)) == len(figures), "missing or duplicated figures"
     stderr = "".join(out.get("text", "") for out in outputs if out.get("name") == "stderr")
     assert "it/s]" not in stderr and "IProgress" not in stderr, stderr[:300]
