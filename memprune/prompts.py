@@ -148,3 +148,10 @@ def seeded_subsets(n_items: int, n_subsets: int, size: int, seed: int = 0) -> li
         raise MemPruneError(f"Subset size {size} is larger than the {n_items} prompts available.")
     rng = np.random.default_rng(seed)
     return [sorted(rng.choice(n_items, size=size, replace=False).tolist()) for _ in range(n_subsets)]
+
+
+def split_located(prompts: PromptList, size: int = 10, seed: int = 0) -> tuple[PromptList, PromptList]:
+    """A seeded sample of `size` prompts to locate on, and the rest: the claim is about the rest (held out)."""
+    located = seeded_subsets(len(prompts), 1, size, seed=seed)[0]
+    chosen = set(located)
+    return prompts.subset(located), prompts.subset([i for i in range(len(prompts)) if i not in chosen])

@@ -25,7 +25,7 @@ from memprune.locate import LocateSettings, Locator, subset_masks
 from memprune.masks import subset_overlap, summarize_overlap
 from memprune.models import DEFAULT_MODEL, load_pipeline
 from memprune.plots import iou_by_layer, save_figure, sweep_curves
-from memprune.prompts import read_prompts, seeded_subsets
+from memprune.prompts import read_prompts, split_located
 from memprune.select import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep
@@ -50,9 +50,7 @@ def main():
     start = time.perf_counter()
     captions = Path(args.model) / "captions"
     memorized = read_prompts(captions / "memorized.csv")
-    located_indices = seeded_subsets(len(memorized), 1, 10, seed=0)[0]
-    located = memorized.subset(located_indices)
-    held_out = memorized.subset([i for i in range(len(memorized)) if i not in located_indices])
+    located, held_out = split_located(memorized, 10, seed=0)
     used = args.out / "prompts_used.csv"
     pd.DataFrame({"caption": located.prompts}).to_csv(used, index=False)
 

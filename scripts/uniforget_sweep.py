@@ -25,7 +25,7 @@ from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
 from memprune.masks import Masks
 from memprune.models import DEFAULT_MODEL, load_pipeline
-from memprune.prompts import read_prompts, seeded_subsets
+from memprune.prompts import read_prompts, split_located
 from memprune.prune import apply_masks, undo
 from memprune.select import SelectionSettings
 from memprune.similarity import make_backend
@@ -68,9 +68,7 @@ def main():
 
     captions = Path(args.model) / "captions"
     memorized = read_prompts(captions / "memorized.csv")
-    located_indices = seeded_subsets(len(memorized), 1, 10, seed=0)[0]
-    located = memorized.subset(located_indices)
-    held_out = memorized.subset([i for i in range(len(memorized)) if i not in located_indices])
+    located, held_out = split_located(memorized, 10, seed=0)
     used = args.out / "prompts_used.csv"
     pd.DataFrame({"caption": located.prompts}).to_csv(used, index=False)
     neutral = read_prompts(captions / "general_heldout.csv")

@@ -40,3 +40,15 @@ def test_sweep_rows_baseline_and_restored_weights(tmp_path):
     for name, linear in output_linears(pipe.unet).items():
         assert torch.equal(linear.weight, before[name])  # every edit was undone
     assert "memorization_rate (random)" in summarize_sweep(sweep).columns
+
+
+def test_split_located_is_seeded_and_disjoint():
+    from memprune.prompts import seeded_subsets, split_located
+
+    prompts = PromptList(prompts=[f"caption {i}" for i in range(12)], images=[f"{i}.png" for i in range(12)])
+    located, held_out = split_located(prompts, 4, seed=3)
+    expected = seeded_subsets(12, 1, 4, seed=3)[0]
+    assert located.prompts == [f"caption {i}" for i in expected]
+    assert held_out.prompts == [f"caption {i}" for i in range(12) if i not in expected]
+    assert held_out.images == [f"{i}.png" for i in range(12) if i not in expected]
+    assert split_located(prompts, 4, seed=3)[0].prompts == located.prompts
