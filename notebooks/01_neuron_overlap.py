@@ -34,6 +34,7 @@ SUBSET_SIZES = [5, 10] if QUICK else [5, 10, 20]
 RATIO = 0.01                         # Wanda: share of columns kept per output row
 
 # %%
+# %matplotlib inline
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
@@ -103,7 +104,7 @@ iou_by_step(overlap)
 frames = []
 for size in SUBSET_SIZES:
     sized = replace(settings, subset_size=size)
-    frames.append(subset_overlap(subset_masks(Locator(pipe, sized, progress=False), sized)).assign(subset_size=size))
+    frames.append(subset_overlap(subset_masks(locator, sized)).assign(subset_size=size))  # cached stats reused
 by_size = pd.concat(frames, ignore_index=True)
 size_table = (by_size.assign(comparison=by_size.group_a + " vs " + by_size.group_b)
               .pivot_table(index="subset_size", columns="comparison", values="iou", aggfunc="mean"))

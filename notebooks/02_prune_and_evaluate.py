@@ -32,12 +32,13 @@ EVAL_STEPS = 10 if QUICK else 50         # sampling steps while evaluating
 EVAL_SEEDS = 1 if QUICK else 2           # seeds per prompt in the before/after evaluation (demo: 4)
 SWEEP_SEEDS = 1                          # seeds per prompt in each sweep point
 RATIO, TAU = 0.01, 10                    # the method's defaults
-SWEEP_RATIOS = (0.01, 0.05) if QUICK else (0.01, 0.05, 0.1)
+SWEEP_RATIOS = (0.01, 0.1)
 SWEEP_TAUS = (TAU,)
 RANDOM_CONTROLS = 1
-GENERAL_PROMPTS = 8 if QUICK else 32     # held-out general captions used for utility in the sweep
+GENERAL_PROMPTS = 8 if QUICK else 24     # held-out general captions for utility (sweep and before/after)
 
 # %%
+# %matplotlib inline
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
@@ -91,7 +92,9 @@ print(f"zeroed {edit.total_zeroed} weights in {len(edit.zeroed)} layers")
 used = Path(tempfile.mkdtemp()) / "prompts_used.csv"
 pd.DataFrame({"caption": located.prompts}).to_csv(used, index=False)
 classifier = load_testbed_classifier(DEFAULT_MODEL)
-eval_settings = EvaluateSettings(exclude_prompts=str(used),
+general_file = used.parent / "general.csv"  # the first GENERAL_PROMPTS held-out general captions keep this quick
+pd.read_csv(captions / "general_heldout.csv").head(GENERAL_PROMPTS).to_csv(general_file, index=False)
+eval_settings = EvaluateSettings(exclude_prompts=str(used), general=str(general_file),
                                  generation=GenerationSettings(steps=EVAL_STEPS, seeds=EVAL_SEEDS, batch_size=16))
 evaluation = evaluate(eval_settings, pipe=pipe, edited_pipe=edited, attribute_classifier=classifier, progress=False)
 display(Markdown(metrics_markdown(evaluation, eval_settings)))
