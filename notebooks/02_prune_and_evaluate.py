@@ -33,7 +33,7 @@ EVAL_SEEDS = 1 if QUICK else 2           # seeds per prompt in the before/after 
 SWEEP_SEEDS = 1                          # seeds per prompt in each sweep point
 RATIO, TAU = 0.01, 10                    # the method's defaults
 SWEEP_RATIOS = (0.01, 0.1)
-SWEEP_TAUS = (TAU,)
+SWEEP_TAUS = (1, TAU)                    # τ: steps whose masks are united
 RANDOM_CONTROLS = 1
 GENERAL_PROMPTS = 8 if QUICK else 24     # held-out general captions for utility (sweep and before/after)
 
