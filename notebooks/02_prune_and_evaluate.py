@@ -54,7 +54,7 @@ from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
 from memprune.models import DEFAULT_MODEL, load_pipeline
 from memprune.plots import image_grid, selected_share_by_layer, sweep_curves
-from memprune.prompts import read_prompts, seeded_subsets
+from memprune.prompts import read_prompts, split_located
 from memprune.prune import apply_masks
 from memprune.select import SelectionSettings
 from memprune.similarity import make_backend
@@ -63,9 +63,7 @@ from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep
 # torch uses its default thread count (OMP_NUM_THREADS): forcing 2 threads on a busy 2-core machine stalls
 captions = Path(DEFAULT_MODEL) / "captions"
 memorized = read_prompts(captions / "memorized.csv")
-located_indices = seeded_subsets(len(memorized), 1, 10, seed=0)[0]
-located = memorized.subset(located_indices)
-held_out = memorized.subset([i for i in range(len(memorized)) if i not in located_indices])
+located, held_out = split_located(memorized, 10, seed=0)
 print(f"locate on {len(located)} memorized captions, evaluate on the other {len(held_out)}:", located.prompts)
 
 # %% [markdown]
