@@ -23,7 +23,7 @@ from memprune.evaluate import EvaluateSettings, evaluate, load_testbed_classifie
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator, subset_masks
 from memprune.masks import subset_overlap, summarize_overlap
-from memprune.models import DEFAULT_MODEL, load_pipeline
+from memprune.models import DEFAULT_MODEL, load_pipeline, resolve_device
 from memprune.plots import iou_by_layer, save_figure, sweep_curves
 from memprune.prompts import read_prompts, split_located
 from memprune.select import SelectionSettings
@@ -44,6 +44,8 @@ def main():
     parser.add_argument("--subsets", type=int, default=5)
     parser.add_argument("--general-prompts", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--batch-size", type=int, default=16, help="generation batch (larger on a GPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -54,9 +56,9 @@ def main():
     used = args.out / "prompts_used.csv"
     pd.DataFrame({"caption": located.prompts}).to_csv(used, index=False)
 
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, resolve_device(args.device))
     classifier = load_testbed_classifier(args.model)
-    generation = GenerationSettings(steps=args.steps, seeds=args.seeds, batch_size=16)
+    generation = GenerationSettings(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
     baseline = evaluate(EvaluateSettings(model=args.model, exclude_prompts=str(used), generation=generation), pipe=pipe,
                         attribute_classifier=classifier, progress=True)
     baseline.metrics.to_csv(args.out / "baseline_metrics.csv", index=False)
@@ -64,11 +66,11 @@ def main():
 
     settings = LocateSettings(model=args.model, memorized=str(captions / "memorized.csv"),
                               control=str(captions / "non_memorized_same_style.csv"),
-                              generation=GenerationSettings(steps=args.steps, batch_size=10), subsets=args.subsets)
+                              generation=GenerationSettings(steps=args.steps, batch_size=max(10, args.batch_size)), subsets=args.subsets)
     locator = Locator(pipe, settings)
     general = read_prompts(captions / "general_heldout.csv")
     general = general.subset(range(min(args.general_prompts, len(general))))
-    sweep_generation = GenerationSettings(steps=args.steps, seeds=args.sweep_seeds, batch_size=16)
+    sweep_generation = GenerationSettings(steps=args.steps, seeds=args.sweep_seeds, batch_size=args.batch_size)
     scorer = Scorer(held_out=held_out, threshold=baseline.threshold, backend=make_backend("ssim"),
                     generation=sweep_generation, general=general, classifier=classifier)
     sweep = pruning_sweep(pipe, lambda ratio: locator.masks(located.prompts, SelectionSettings(ratio=ratio)), scorer,

@@ -20,6 +20,8 @@ def testbed() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for data, initialisation and batches.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="UNet training steps (default: the preset's).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (a GPU when there is one), cpu, cuda or cuda:N. Batches and noise are the same on every device.")
 @click.option("--preset", default="full", show_default=True, type=click.Choice(sorted(PRESETS)),
               help="'full' is the shipped recipe; 'tiny' is a seconds-long smoke test.")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
@@ -27,10 +29,16 @@ def testbed() -> None:
 @click.option("--keep-work", is_flag=True, help="Keep the checkpoint folder after success.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(out, seed, steps, threads, preset, work_dir, keep_work, overwrite, quiet) -> None:
+def train(out, seed, steps, threads, device, preset, work_dir, keep_work, overwrite, quiet) -> None:
     """Train the testbed and write the pipeline folder, captions, images and model card to OUT."""
+    from ..errors import MemPruneError
+    from ..models import resolve_device
     from .train import train_testbed
 
+    try:
+        target = resolve_device(device)
+    except MemPruneError as e:
+        raise click.ClickException(str(e))
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} already exists; pass --overwrite to replace it.")
@@ -38,7 +46,7 @@ def train(out, seed, steps, threads, preset, work_dir, keep_work, overwrite, qui
     cfg = dataclasses.replace(cfg, seed=seed, threads=threads, steps=steps or cfg.steps)
     work_dir = os.path.abspath(work_dir or out + ".work")
     try:
-        train_testbed(cfg, out, work_dir=work_dir, progress=not quiet, overwrite=overwrite)
+        train_testbed(cfg, out, work_dir=work_dir, progress=not quiet, overwrite=overwrite, device=target)
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted; rerun the same command to resume from {work_dir}.")
     except ImportError as e:

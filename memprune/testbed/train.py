@@ -123,19 +123,21 @@ def lr_factor(step: int, cfg: TestbedConfig) -> float:
 
 # --------------------------------------------------------------------------- stage 1: VAE
 
-def train_vae(cfg: TestbedConfig, data: TestbedData, work_dir: str, progress: bool = True):
+def train_vae(cfg: TestbedConfig, data: TestbedData, work_dir: str, progress: bool = True,
+              device: str | torch.device = "cpu"):
     """Train the tiny AutoencoderKL on all training images; cached in work_dir/vae."""
+    device = torch.device(device)
     vae_dir = os.path.join(work_dir, "vae")
     if os.path.exists(os.path.join(vae_dir, "config.json")):
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(vae_dir)
+        return AutoencoderKL.from_pretrained(vae_dir).to(device)
     torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg.model.vae)
-    emoji = to_tensor(np.concatenate([data.memorized_images, data.control_images, data.pool_images]))
-    shapes = to_tensor(data.general_images)
+    vae = build_vae(cfg.model.vae).to(device)
+    emoji = to_tensor(np.concatenate([data.memorized_images, data.control_images, data.pool_images])).to(device)
+    shapes = to_tensor(data.general_images).to(device)
     images = torch.cat([emoji, shapes])
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, fused=device.type == "cuda")
     rng = np.random.default_rng([cfg.seed, 2])
     bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress, mininterval=5)
     for step in bar:
@@ -179,9 +181,24 @@ class TrainingSet:
     caption_ids: dict[str, torch.Tensor]  # index into `embeddings` per image
     embeddings: torch.Tensor  # (n_captions + 1) × L × D; the last row is the empty caption
 
+    def to(self, device) -> "TrainingSet":
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return TrainingSet(move(self.mean), move(self.std), move(self.caption_ids), self.embeddings.to(device))
+
+    def flat(self) -> tuple[dict[str, int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every group in one table (offsets, mean, std, caption id): a batch is one index_select."""
+        offsets, start = {}, 0
+        for name, v in self.mean.items():
+            offsets[name] = start
+            start += len(v)
+        # contiguous: VAE latents come out channels-last, which would change the UNet's conv kernels
+        cat = lambda d: torch.cat([d[k] for k in self.mean]).contiguous()  # noqa: E731
+        return offsets, cat(self.mean), cat(self.std), cat(self.caption_ids)
+
 
 @torch.no_grad()
 def encode_training_set(data: TestbedData, vae, tokenizer, text_encoder) -> TrainingSet:
+    """Caption embeddings (on the text encoder's device) and latents (on the VAE's device)."""
     groups = {
         "memorized": (data.memorized_images, [e.caption for e in data.memorized]),
         "control": (data.control_images, [e.caption for e in data.control]),
@@ -198,7 +215,7 @@ def encode_training_set(data: TestbedData, vae, tokenizer, text_encoder) -> Trai
     embeddings = torch.cat(emb)
     mean, std, cap_ids = {}, {}, {}
     for name, (imgs, caps) in groups.items():
-        x = to_tensor(imgs)
+        x = to_tensor(imgs).to(vae.device)
         ms, ss = [], []
         for i in range(0, len(x), 512):
             d = vae.encode(x[i : i + 512]).latent_dist
@@ -254,30 +271,36 @@ def batch_indices(step: int, cfg: TestbedConfig, sizes: dict[str, int]) -> list[
 
 
 def train_unet(cfg: TestbedConfig, ts: TrainingSet, work_dir: str, progress: bool = True, log=None,
-               stop_at: int | None = None):
+               stop_at: int | None = None, device: str | torch.device = "cpu"):
     """DDPM training of the UNet, resumable from work_dir/unet_ckpt.pt.
 
-    `stop_at` ends the run after that step with a checkpoint (returns None): time-sliced training."""
+    `stop_at` ends the run after that step with a checkpoint (returns None): time-sliced training.
+    Noise, timesteps and batches are drawn on the CPU from (seed, step) whatever the device, so a
+    GPU run sees the same batches as a CPU run (the arithmetic differs only in rounding)."""
+    device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg.model.unet, cfg.model.vae.latent_channels, cfg.model.text.hidden_size)
+    unet = build_unet(cfg.model.unet, cfg.model.vae.latent_channels, cfg.model.text.hidden_size).to(device)
     sched = train_scheduler(cfg.model.scheduler)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     ckpt_path = os.path.join(work_dir, "unet_ckpt.pt")
     snap_dir = os.path.join(work_dir, "snapshots")
     os.makedirs(snap_dir, exist_ok=True)
     start = 0
     if os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
         unet.load_state_dict(ck["unet"])
         opt.load_state_dict(ck["opt"])
         start = ck["step"]
+    ts = ts.to(device)
     sizes = {k: len(v) for k, v in ts.mean.items()}
+    offsets, all_mean, all_std, all_caption = ts.flat()
     empty_id = len(ts.embeddings) - 1
 
     def save(step: int) -> None:
         _atomic_torch_save({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
         if cfg.keep_snapshots:
-            save_file(unet.state_dict(), os.path.join(snap_dir, f"unet_step{step:06d}.safetensors"))
+            weights = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+            save_file(weights, os.path.join(snap_dir, f"unet_step{step:06d}.safetensors"))
 
     unet.train()
     last_save = time.time()
@@ -288,14 +311,13 @@ def train_unet(cfg: TestbedConfig, ts: TrainingSet, work_dir: str, progress: boo
             g["lr"] = cfg.lr * lr_factor(step, cfg)
         g_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         items = batch_indices(step, cfg, sizes)
-        mean = torch.stack([ts.mean[n][i] for n, i in items])
-        std = torch.stack([ts.std[n][i] for n, i in items])
-        cap = torch.stack([ts.caption_ids[n][i] for n, i in items])
-        drop = torch.rand(len(items), generator=g_rng) < cfg.empty_caption_prob
+        rows = torch.tensor([offsets[n] + i for n, i in items], device=device)
+        mean, std, cap = all_mean[rows], all_std[rows], all_caption[rows]
+        drop = (torch.rand(len(items), generator=g_rng) < cfg.empty_caption_prob).to(device)
         cap = torch.where(drop, torch.full_like(cap, empty_id), cap)
-        latents = mean + std * torch.randn(mean.shape, generator=g_rng)
-        noise = torch.randn(latents.shape, generator=g_rng)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(items),), generator=g_rng)
+        latents = mean + std * torch.randn(mean.shape, generator=g_rng).to(device)
+        noise = torch.randn(latents.shape, generator=g_rng).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(items),), generator=g_rng).to(device)
         noisy = sched.add_noise(latents, noise, t)
         target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         pred = unet(noisy, t, ts.embeddings[cap]).sample
@@ -333,7 +355,8 @@ def build_tokenizer_and_text_encoder(cfg: TestbedConfig, data: TestbedData):
 
 
 def train_testbed(config: TestbedConfig, out: str, work_dir: str | None = None, progress: bool = True,
-                  log=None, overwrite: bool = False, stop_at: int | None = None) -> str | None:
+                  log=None, overwrite: bool = False, stop_at: int | None = None,
+                  device: str | torch.device = "cpu") -> str | None:
     """Train the whole testbed and write a complete folder at `out` (must not exist unless `overwrite`).
 
     `work_dir` keeps checkpoints (VAE, UNet + optimizer) so an interrupted run resumes where it
@@ -356,12 +379,13 @@ def train_testbed(config: TestbedConfig, out: str, work_dir: str | None = None, 
     t_start = time.time()
     data = build_data(dataclasses.replace(config.data, seed=config.seed))
     tokenizer, text_encoder = build_tokenizer_and_text_encoder(config, data)
-    vae = train_vae(config, data, work_dir, progress)
+    vae = train_vae(config, data, work_dir, progress, device)
     vae.eval().requires_grad_(False)
     ts = encode_training_set(data, vae, tokenizer, text_encoder)
-    unet = train_unet(config, ts, work_dir, progress, log, stop_at)
+    unet = train_unet(config, ts, work_dir, progress, log, stop_at, device)
     if unet is None:  # stopped early on request; rerun to resume
         return None
+    unet, vae = unet.to("cpu"), vae.to("cpu")  # the folder is written from host memory
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, config.model.scheduler)
     write_testbed_folder(pipe, data, config, out, train_seconds=time.time() - t_start, overwrite=overwrite)
     return out
