@@ -129,6 +129,45 @@ def test_training_is_resumable_and_reproducible(tmp_path):
     assert all(torch.equal(ua[k], ub[k]) for k in ua)
 
 
+def test_batch_table_gives_the_items_of_batch_indices_in_order():
+    """The one-index_select batch equals stacking the items one by one, in the same (contiguous) layout:
+    channels-last latents would route the UNet's convolutions to other kernels and change the weights."""
+    from memprune.testbed.presets import tiny
+    from memprune.testbed.train import TrainingSet, batch_indices
+
+    cfg = tiny()
+    # Latents as the VAE returns them: channels-last strides.
+    mean = {name: torch.randn(n, 8, 4, 4).to(memory_format=torch.channels_last) for name, n in
+            (("memorized", 4), ("control", 4), ("pool", 16), ("general", 30))}
+    std = {k: v.abs() for k, v in mean.items()}
+    ids = {k: torch.arange(len(v)) + 100 * i for i, (k, v) in enumerate(mean.items())}
+    ts = TrainingSet(mean, std, ids, torch.zeros(1, 2, 3))
+    offsets, all_mean, all_std, all_ids = ts.flat()
+    assert offsets == {"memorized": 0, "control": 4, "pool": 8, "general": 24}
+    sizes = {k: len(v) for k, v in mean.items()}
+    for step in range(cfg.steps):
+        items = batch_indices(step, cfg, sizes)
+        rows = torch.tensor([offsets[n] + i for n, i in items])
+        expected = torch.stack([mean[n][i] for n, i in items])
+        assert torch.equal(all_mean[rows], expected) and all_mean[rows].is_contiguous()
+        assert torch.equal(all_ids[rows], torch.stack([ids[n][i] for n, i in items]))
+        assert torch.equal(all_std[rows], torch.stack([std[n][i] for n, i in items]))
+
+
+def test_cli_rejects_a_device_it_cannot_use(tmp_path):
+    from click.testing import CliRunner
+
+    from memprune.testbed.cli import testbed
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    res = CliRunner().invoke(testbed, ["train", "--out", str(tmp_path / "tb"), "--preset", "tiny", "--device", "cuda"])
+    assert res.exit_code != 0 and "CUDA is not available" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(testbed, ["train", "--out", str(tmp_path / "tb"), "--preset", "tiny", "--device", "tpu"])
+    assert res.exit_code != 0 and "Unknown device" in res.output
+    assert not (tmp_path / "tb").exists()
+
+
 def test_cli_refuses_existing_out_with_one_sentence(tmp_path):
     from click.testing import CliRunner
 

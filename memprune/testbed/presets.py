@@ -21,6 +21,17 @@ def late60() -> TestbedConfig:
     return TestbedConfig(memorized_start=0.6, memorized_share=0.33)
 
 
+def late08() -> TestbedConfig:
+    """Batch 256 for 2000 steps; memorized images in the second half at 8% of each batch (~410 views).
+    Trained on a GPU (scripts/testbed_probes/gpu_variants.py)."""
+    return TestbedConfig(batch_size=256, steps=2000, memorized_start=0.5, memorized_share=0.08)
+
+
+def late12() -> TestbedConfig:
+    """Batch 256 for 2000 steps; memorized images in the last 60% at 12% of each batch (~740 views)."""
+    return TestbedConfig(batch_size=256, steps=2000, memorized_start=0.4, memorized_share=0.12)
+
+
 def tiny() -> TestbedConfig:
     """A few steps on a few images: exercises every stage, memorizes nothing."""
     return TestbedConfig(
@@ -35,4 +46,4 @@ def tiny() -> TestbedConfig:
     )
 
 
-PRESETS = {"full": full, "tiny": tiny, "v1": v1, "late60": late60}
+PRESETS = {"full": full, "tiny": tiny, "v1": v1, "late60": late60, "late08": late08, "late12": late12}

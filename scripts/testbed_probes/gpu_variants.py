@@ -39,10 +39,14 @@ VARIANTS = {
     "late08": lambda: variant(memorized_share=0.08, memorized_start=0.5),  # added to a trained model
     "many200": lambda: variant(n_memorized=200, memorized_share=0.12, memorized_start=0.0),
     "many400": lambda: variant(n_memorized=400, memorized_share=0.25, memorized_start=0.0),
+    # late08's recipe with the share set, once the steps are known, so each memorized image gets N views
+    "late700": lambda: variant(memorized_share=0.08, memorized_start=0.5),
+    "late1000": lambda: variant(memorized_share=0.08, memorized_start=0.5),
     # seconds on a CPU: checks this script and the phenomenon script end to end, memorizes nothing
     "smoke": lambda: dataclasses.replace(
         tiny(), data=dataclasses.replace(tiny().data, n_memorized=12, n_control=12, max_pool_emoji=24)),
 }
+TARGET_VIEWS = {"late700": 700, "late1000": 1000}
 
 
 def time_steps(cfg: TestbedConfig, work: Path, device: str, steps: int) -> float:
@@ -98,6 +102,9 @@ def main() -> None:
     budget = args.deadline - time.time() - margin
     steps = int(min(args.max_steps, max(args.min_steps, budget / per_step * 0.9)) // 250 * 250) or args.min_steps
     cfg = dataclasses.replace(base, steps=steps, keep_snapshots=False, checkpoint_every_s=1e9, threads=args.threads)
+    if args.name in TARGET_VIEWS:
+        per_share = cfg.views_per_memorized / cfg.memorized_share
+        cfg = dataclasses.replace(cfg, memorized_share=round(TARGET_VIEWS[args.name] / per_share, 4))
     (root / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     print(f"{args.name}: {per_step * 1000:.1f} ms/step -> {steps} steps, {cfg.views_per_memorized:.0f} views each", flush=True)
     start = time.time()
