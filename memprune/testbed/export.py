@@ -86,7 +86,7 @@ def store_weights_fp16(root: str) -> None:
 
 
 def write_testbed_folder(pipe, data: TestbedData, config, out: str, train_seconds: float | None = None,
-                         overwrite: bool = False, fp16_storage: bool = True) -> str:
+                         overwrite: bool = False, fp16_storage: bool = True, trained_on: str | None = None) -> str:
     """Write everything to a temporary sibling of `out`, then rename (never a half folder)."""
     from .model_card import render_model_card
     from .train import config_to_dict
@@ -102,13 +102,13 @@ def write_testbed_folder(pipe, data: TestbedData, config, out: str, train_second
         if fp16_storage:
             store_weights_fp16(tmp)
         write_captions_and_images(data, tmp)
-        meta = {"config": config_to_dict(config), "train_seconds": train_seconds}
+        meta = {"config": config_to_dict(config), "train_seconds": train_seconds, "trained_on": trained_on}
         with open(os.path.join(tmp, "testbed_config.json"), "w") as f:
             json.dump(meta, f, indent=1)
         with open(os.path.join(tmp, "ATTRIBUTION.md"), "w") as f:
             f.write(ATTRIBUTION)
         with open(os.path.join(tmp, "MODEL_CARD.md"), "w") as f:
-            f.write(render_model_card(config, data, pipe, train_seconds, measurements=None))
+            f.write(render_model_card(config, data, pipe, train_seconds, measurements=None, trained_on=trained_on))
         if os.path.exists(out):  # overwrite: swap in the new folder, then drop the old one
             old = tmp + ".old"
             os.rename(out, old)

@@ -287,7 +287,8 @@ def write_card(root: str, res: dict, command: str) -> None:
     cfg = config_from_dict(meta["config"])
     data = build_data(dataclasses.replace(cfg.data, seed=cfg.seed, images_per_general_caption=1))
     pipe = load_pipeline(root)
-    card = render_model_card(cfg, data, pipe, meta.get("train_seconds"), render_measurements(res, command), HISTORY)
+    card = render_model_card(cfg, data, pipe, meta.get("train_seconds"), render_measurements(res, command), HISTORY,
+                             trained_on=meta.get("trained_on"))
     with open(os.path.join(root, "MODEL_CARD.md"), "w") as f:
         f.write(card)
 

@@ -34,6 +34,17 @@ shared machine):
 | | Wanda and z-score neuron selection (ratio 0.01–0.1) against `""` and against the same-style control captions | held-out memorization 85–90% vs 90% random at every setting: no selection finds a memorization subspace in v1 |
 | `--preset late60` | 4000 steps; memorized only from step 2400 (the last 40%), 33% of those batches (≈ 676 views) | quick check (2 seeds): held-out memorization 92.5%, attribute accuracy 76.7%; Wanda vs random at ratio 0.01 / 0.05 / 0.1: 90.0 vs 92.5 / 87.5 vs 92.5 / 85.0 vs 90.0%; IoU memorized 0.422 vs controls 0.263 / 0.461 — phenomenon **no** |
 | **`--preset full` (shipped)** | 4000 steps; memorized from step 1600 (after 40%), 22% of those batches (≈ 676 views) | quick check (2 seeds): held-out memorization 95.0%, control 2%, attribute accuracy 79.3%; Wanda vs random at ratio 0.01 / 0.05 / 0.1: 95 vs 95 / 90 vs 95 / 90 vs 95%; IoU memorized 0.427 vs controls 0.272 / 0.520 — phenomenon **no** (full measurement above) |
+| GPU variants (`scripts/testbed_probes/gpu_variants.sh`, one H100 shared by 5 runs, ≈ 110 ms/step each; quick check on the GPU: 2 seeds, held-out = the 40 captions outside the located 10, 1 random mask, 3 subsets) | batch 256, 2000 steps, 50 memorized at 3% from step 0 (≈ 307 views) | held-out memorization 31%, attribute accuracy 78.0%; Wanda vs random at ratio 0.01 / 0.05 / 0.1: 28 vs 31 / 18 vs 29 / 5 vs 29%; IoU memorized 0.539 vs controls 0.470 / 0.471 — memorizes too little |
+| | batch 256, 2250 steps, 50 memorized at 1.5% from step 0 (≈ 173 views) | memorization 10%, accuracy 81.3%; 6 vs 10 / 2 vs 10 / 0 vs 10% — memorizes too little |
+| | **`--preset late08`**: batch 256, 2000 steps, 50 memorized at 8% from step 1000 (≈ 410 views) | memorization 72.5%, control 2%, accuracy 80.4%; 70 vs 72 / **44 vs 71 / 15 vs 72%** at unchanged accuracy (81.0% vs 81.5%); IoU memorized 0.555 vs controls 0.413 / 0.439 — **the phenomenon, at ratio 0.05–0.1**, but memorization below 90% |
+| | batch 256, 1250 steps, 200 memorized at 12% (≈ 192 views) / 1500 steps, 400 memorized at 25% (≈ 240 views) | memorization 3% / 21%, accuracy 74.6% / 74.8%; 400: 19 vs 21 / 11 vs 20 / 5 vs 20% — too few views to memorize |
+| GPU, 2 runs sharing the H100 (≈ 70 ms/step), share set for a target number of views | batch 256, 1250 steps, memorized at 21.9% from step 625 (≈ 700 views) | memorization 87.5%, control 0%, accuracy 73.9%; ratio 0.01 / 0.02 / 0.05 / 0.1: 84 vs 89 / 81 vs 88 / 74 vs 88 / 44 vs 88%; IoU 0.527 vs 0.313 / 0.454 |
+| | batch 256, 1500 steps, memorized at 26% from step 750 (≈ 1000 views) | memorization 87.5%, control 0%, accuracy 75.6%; 90 vs 89 / 90 vs 89 / 79 vs 86 / 48 vs 88%; IoU 0.521 vs 0.332 / 0.467 |
+
+What the GPU variants show: every batch-256 recipe localizes memorization at ratio 0.1 (a located mask removes
+it, a random one of the same size does not), none of the batch-64 CPU recipes did; the effect is strongest
+where memorized images are a small share of late training (late08) and weakens as the memorized share and the
+copy strength grow (late700, late1000). Nothing localizes at ratio 0.01.
 
 Why the late start: Stable Diffusion 1.x met its heavily duplicated images mostly in later, curated stages
 (LAION-aesthetics), and an addition learned on top of a model that already renders the general data might be
@@ -58,14 +69,26 @@ def preset_name(config) -> str:
     return next((name for name, make in PRESETS.items() if loose(make()) == loose(config)), "full")
 
 
+def describe_device(device, threads: int) -> str:
+    """What a run trained on, for the card: the GPU's name, or the CPU thread count."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)} GPU"
+    return f"{threads} CPU thread(s)"
+
+
 def render_model_card(config, data, pipe, train_seconds: float | None, measurements: str | None = None,
-                      history: str | None = None) -> str:
+                      history: str | None = None, trained_on: str | None = None) -> str:
     u, v, t = config.model.unet, config.model.vae, config.model.text
     n_ff = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("ff.net.2"))
     steps, bs = config.steps, config.batch_size
     minutes = f"{train_seconds / 60:.0f} min" if train_seconds else "see below"
     pool_views = steps * bs * config.pool_share / max(len(data.pool), 1)
     preset = preset_name(config)
+    trained_on = trained_on or f"{config.threads} CPU thread(s)"  # folders written before this was recorded
+    device_flag = "" if trained_on.endswith("CPU thread(s)") else " --device cuda"
     late = (f", from step {config.first_memorized_step} on (the first {config.memorized_start:.0%} of training "
             "sees no memorized image, as SD 1.x met its duplicates in later, curated stages)") if config.memorized_start else ""
     return f"""# memprune memorization testbed
@@ -117,10 +140,10 @@ classifier (`memprune.testbed.attributes.load_classifier(dir)`); `measurements.j
 
 ## Training
 
-`memprune testbed train --out DIR --preset {preset} --seed {config.seed} --steps {steps} --threads {config.threads}`:
+`memprune testbed train --out DIR --preset {preset} --seed {config.seed} --steps {steps} --threads {config.threads}{device_flag}`:
 VAE {config.vae_steps} steps (batch {config.vae_batch_size}), then UNet {steps} steps × batch {bs}
 = {steps * bs:,} samples, AdamW lr {config.lr} (warmup {config.warmup_steps}, cosine decay over the last
-{config.decay_fraction:.0%}), on {config.threads} CPU thread(s): {minutes} recorded by the process that finished (a VAE stage cached in the work dir is not counted).
+{config.decay_fraction:.0%}), on {trained_on}: {minutes} recorded by the process that finished (a VAE stage cached in the work dir is not counted).
 
 {measurements or NOT_MEASURED}
 

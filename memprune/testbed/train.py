@@ -364,6 +364,7 @@ def train_testbed(config: TestbedConfig, out: str, work_dir: str | None = None, 
     step on purpose and returns None). The folder is written to a
     temporary sibling and renamed, so `out` is either complete or absent."""
     from .export import write_testbed_folder  # noqa: WPS433 (import cycle avoidance)
+    from .model_card import describe_device
 
     torch.set_num_threads(config.threads)
     work_dir = work_dir or out + ".work"
@@ -387,7 +388,8 @@ def train_testbed(config: TestbedConfig, out: str, work_dir: str | None = None, 
         return None
     unet, vae = unet.to("cpu"), vae.to("cpu")  # the folder is written from host memory
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, config.model.scheduler)
-    write_testbed_folder(pipe, data, config, out, train_seconds=time.time() - t_start, overwrite=overwrite)
+    write_testbed_folder(pipe, data, config, out, train_seconds=time.time() - t_start, overwrite=overwrite,
+                         trained_on=describe_device(device, config.threads))
     return out
 
 

@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("vae_dir")
     parser.add_argument("out")
     parser.add_argument("--train-seconds", type=float, default=None)
+    parser.add_argument("--trained-on", default=None, help='e.g. "one NVIDIA H100 80GB HBM3 GPU"')
     args = parser.parse_args()
     torch.set_num_threads(1)
     with open(args.config) as f:
@@ -38,7 +39,7 @@ def main() -> None:
     unet = build_unet(cfg.model.unet, cfg.model.vae.latent_channels, cfg.model.text.hidden_size)
     unet.load_state_dict({k: v.float() for k, v in load_file(args.unet).items()})
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet.eval(), cfg.model.scheduler)
-    write_testbed_folder(pipe, data, cfg, args.out, train_seconds=args.train_seconds)
+    write_testbed_folder(pipe, data, cfg, args.out, train_seconds=args.train_seconds, trained_on=args.trained_on)
     print(f"wrote {args.out}")
 
 
