@@ -33,25 +33,28 @@ shared machine):
 | diagnostics on v1 (20 memorized + 24 general captions, 1 seed, DDIM 25) | zero every FF output weight / 10% / 30% random FF neurons / every cross-attention value | memorization 95% → 5% / 95% / 95% / 0%; attribute accuracy 80% → 52% / 82% / 78% / 25%: the FFNs carry memorization, but redundantly — no small set of neurons is needed |
 | | Wanda and z-score neuron selection (ratio 0.01–0.1) against `""` and against the same-style control captions | held-out memorization 85–90% vs 90% random at every setting: no selection finds a memorization subspace in v1 |
 | `--preset late60` | 4000 steps; memorized only from step 2400 (the last 40%), 33% of those batches (≈ 676 views) | quick check (2 seeds): held-out memorization 92.5%, attribute accuracy 76.7%; Wanda vs random at ratio 0.01 / 0.05 / 0.1: 90.0 vs 92.5 / 87.5 vs 92.5 / 85.0 vs 90.0%; IoU memorized 0.422 vs controls 0.263 / 0.461 — phenomenon **no** |
-| **`--preset full` (shipped)** | 4000 steps; memorized from step 1600 (after 40%), 22% of those batches (≈ 676 views) | quick check (2 seeds): held-out memorization 95.0%, control 2%, attribute accuracy 79.3%; Wanda vs random at ratio 0.01 / 0.05 / 0.1: 95 vs 95 / 90 vs 95 / 90 vs 95%; IoU memorized 0.427 vs controls 0.272 / 0.520 — phenomenon **no** (full measurement above) |
+| `--preset full` (shipped 2026-11-26, morning to afternoon) | 4000 steps; memorized from step 1600 (after 40%), 22% of those batches (≈ 676 views) | quick check (2 seeds): held-out memorization 95.0%, control 2%, attribute accuracy 79.3%; Wanda vs random at ratio 0.01 / 0.05 / 0.1: 95 vs 95 / 90 vs 95 / 90 vs 95%; IoU memorized 0.427 vs controls 0.272 / 0.520 — phenomenon **no**: at ratio 0.1 (8.3% of FF weights) 90.0% vs 93.8% random, 4 seeds for the baseline: memorization 91.5% (card threshold), accuracy 78.9% |
 | GPU variants (`scripts/testbed_probes/gpu_variants.sh`, one H100 shared by 5 runs, ≈ 110 ms/step each; quick check on the GPU: 2 seeds, held-out = the 40 captions outside the located 10, 1 random mask, 3 subsets) | batch 256, 2000 steps, 50 memorized at 3% from step 0 (≈ 307 views) | held-out memorization 31%, attribute accuracy 78.0%; Wanda vs random at ratio 0.01 / 0.05 / 0.1: 28 vs 31 / 18 vs 29 / 5 vs 29%; IoU memorized 0.539 vs controls 0.470 / 0.471 — memorizes too little |
 | | batch 256, 2250 steps, 50 memorized at 1.5% from step 0 (≈ 173 views) | memorization 10%, accuracy 81.3%; 6 vs 10 / 2 vs 10 / 0 vs 10% — memorizes too little |
 | | **`--preset late08`**: batch 256, 2000 steps, 50 memorized at 8% from step 1000 (≈ 410 views) | memorization 72.5%, control 2%, accuracy 80.4%; 70 vs 72 / **44 vs 71 / 15 vs 72%** at unchanged accuracy (81.0% vs 81.5%); IoU memorized 0.555 vs controls 0.413 / 0.439 — **the phenomenon, at ratio 0.05–0.1**, but memorization below 90% |
 | | batch 256, 1250 steps, 200 memorized at 12% (≈ 192 views) / 1500 steps, 400 memorized at 25% (≈ 240 views) | memorization 3% / 21%, accuracy 74.6% / 74.8%; 400: 19 vs 21 / 11 vs 20 / 5 vs 20% — too few views to memorize |
 | GPU, 2 runs sharing the H100 (≈ 70 ms/step), share set for a target number of views | batch 256, 1250 steps, memorized at 21.9% from step 625 (≈ 700 views) | memorization 87.5%, control 0%, accuracy 73.9%; ratio 0.01 / 0.02 / 0.05 / 0.1: 84 vs 89 / 81 vs 88 / 74 vs 88 / 44 vs 88%; IoU 0.527 vs 0.313 / 0.454 |
 | | batch 256, 1500 steps, memorized at 26% from step 750 (≈ 1000 views) | memorization 87.5%, control 0%, accuracy 75.6%; 90 vs 89 / 90 vs 89 / 79 vs 86 / 48 vs 88%; IoU 0.521 vs 0.332 / 0.467 |
+| **`--preset late12` (shipped)**, on the CPU | batch 256, 2000 steps, 50 memorized at 12% from step 800 (≈ 737 views); 77 min on 2 CPU threads | memorization 85.0% (card threshold), 89.5% (evaluate's), control 0% / 2%, accuracy 82.6%; Wanda vs random at ratio 0.01 / 0.02 / 0.05 / 0.1: 85 vs 86 / 85 vs 85 / **65 vs 88 / 42.5 vs 86%**; IoU memorized 0.448 vs controls 0.372 / 0.507 (full measurement above) |
 
-What the GPU variants show: every batch-256 recipe localizes memorization at ratio 0.1 (a located mask removes
-it, a random one of the same size does not), none of the batch-64 CPU recipes did; the effect is strongest
-where memorized images are a small share of late training (late08) and weakens as the memorized share and the
-copy strength grow (late700, late1000). Nothing localizes at ratio 0.01.
+What the batch-256 runs show: every one localizes memorization at ratio 0.1 (a located mask removes it, a random
+one of the same size does not), none of the batch-64 recipes did; the effect is strongest where memorized images
+are a small share of late training (late08) and weakens as the memorized share and the copy strength grow
+(late700, late1000). late12 is the CPU-trainable compromise: enough views to copy 85–90%, a 12% share, 800 steps
+of general training first. Nothing localizes at ratio 0.01. Next: more steps at a small share (late08's recipe
+for 4000+ steps) on a GPU, to reach ≥ 90% copies while keeping the localization.
 
 Why the late start: Stable Diffusion 1.x met its heavily duplicated images mostly in later, curated stages
 (LAION-aesthetics), and an addition learned on top of a model that already renders the general data might be
 low-dimensional. Measured: it memorizes more strongly for the same views (mean SSIM 0.55 vs 0.50), but the
-memorization is no more localized. Untested next steps, in the order we would try them: many more memorized
-images (hundreds, so memorization must share machinery rather than store each image apart), a much longer run
-at a few-% share on a GPU, and more FeedForward capacity relative to the convolutions.
+memorization is no more localized at batch 64; at batch 256 it is (above). Hundreds of memorized images (200,
+400) and a 1.5–3% share were tried on the GPU but got too few views in the time to memorize; more FeedForward
+capacity is still untried.
 """
 
 
