@@ -110,6 +110,15 @@ def test_tiny_training_writes_a_loadable_pipeline(tiny_run):
     assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all() and np.array_equal(a, b)
 
 
+def test_folder_records_what_it_was_trained_on(tiny_run):
+    import json
+
+    meta = json.loads((tiny_run / "testbed_config.json").read_text())
+    assert meta["trained_on"] == "1 CPU thread(s)"
+    card = (tiny_run / "MODEL_CARD.md").read_text()
+    assert "--preset tiny --seed 0 --steps 4 --threads 1`" in card and "on 1 CPU thread(s)" in card
+
+
 def test_training_is_resumable_and_reproducible(tmp_path):
     """Stopping after 2 steps and resuming gives exactly the weights of an uninterrupted run."""
     from safetensors.torch import load_file
