@@ -7,10 +7,11 @@ import shutil
 
 import click
 
+from ..cli import FriendlyGroup
 from .presets import PRESETS
 
 
-@click.group("testbed")
+@click.group("testbed", cls=FriendlyGroup)
 def testbed() -> None:
     """Train the tiny memorization testbed (a stock StableDiffusionPipeline)."""
 
@@ -31,14 +32,10 @@ def testbed() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(out, seed, steps, threads, device, preset, work_dir, keep_work, overwrite, quiet) -> None:
     """Train the testbed and write the pipeline folder, captions, images and model card to OUT."""
-    from ..errors import MemPruneError
     from ..models import resolve_device
     from .train import train_testbed
 
-    try:
-        target = resolve_device(device)
-    except MemPruneError as e:
-        raise click.ClickException(str(e))
+    target = resolve_device(device)  # a MemPruneError becomes one sentence (FriendlyGroup)
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} already exists; pass --overwrite to replace it.")

@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from memprune.testbed.data import DataConfig
+from memprune.testbed.data import DataConfig, build_data
+from memprune.testbed.model_card import describe_device
 from memprune.testbed.presets import tiny
-from memprune.testbed.train import TestbedConfig, config_to_dict, train_testbed
+from memprune.testbed.train import (TestbedConfig, TrainingSet, build_tokenizer_and_text_encoder, config_to_dict,
+                                    encode_training_set, train_testbed, train_unet, train_vae)
 
 
 def variant(batch_size=256, n_memorized=50, **kw) -> TestbedConfig:
@@ -49,24 +50,24 @@ VARIANTS = {
 TARGET_VIEWS = {"late700": 700, "late1000": 1000}
 
 
-def time_steps(cfg: TestbedConfig, work: Path, device: str, steps: int) -> float:
-    """Seconds for `steps` UNet steps of this config (data, VAE and encoding cached in `work`)."""
-    if (work / "unet_ckpt.pt").exists():
-        (work / "unet_ckpt.pt").unlink()
-    probe = dataclasses.replace(cfg, steps=steps, warmup_steps=1, keep_snapshots=False, checkpoint_every_s=1e9)
-    from memprune.testbed import train as T
+def prepare(cfg: TestbedConfig, work: Path, device: str) -> TrainingSet:
+    """Data, text encoder and VAE (trained into work/vae unless cached there), encoded once for the timing runs."""
+    data = build_data(dataclasses.replace(cfg.data, seed=cfg.seed))
+    tokenizer, text_encoder = build_tokenizer_and_text_encoder(cfg, data)
+    vae = train_vae(cfg, data, str(work), False, device).eval().requires_grad_(False)
+    return encode_training_set(data, vae, tokenizer, text_encoder)
 
-    data = T.build_data(dataclasses.replace(probe.data, seed=probe.seed))
-    tok, te = T.build_tokenizer_and_text_encoder(probe, data)
-    vae = T.train_vae(probe, data, str(work), False, device).eval().requires_grad_(False)
-    ts = T.encode_training_set(data, vae, tok, te)
+
+def time_steps(cfg: TestbedConfig, ts: TrainingSet, probe_dir: Path, device: str, steps: int) -> float:
+    """Seconds for `steps` UNet steps of this config (a throwaway checkpoint in `probe_dir`)."""
+    probe = dataclasses.replace(cfg, steps=steps, warmup_steps=1, keep_snapshots=False, checkpoint_every_s=1e9)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.time()
-    T.train_unet(probe, ts, str(work), False, None, None, device)
+    train_unet(probe, ts, str(probe_dir), False, None, None, device)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    (work / "unet_ckpt.pt").unlink()
+    (probe_dir / "unet_ckpt.pt").unlink()
     return time.time() - start
 
 
@@ -88,15 +89,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.vae:
         shutil.copytree(args.vae, work / "vae", dirs_exist_ok=True)
-    probe_work = root / "probe"
-    probe_work.mkdir(exist_ok=True)
-    if (work / "vae").exists():
-        shutil.copytree(work / "vae", probe_work / "vae", dirs_exist_ok=True)
+    probe_dir = root / "probe"
+    probe_dir.mkdir(exist_ok=True)
+    ts = prepare(base, work, args.device)  # the VAE it trains (if not given) is train_testbed's cache below
     # 10 steps warm up the GPU, 40 more give the per-step time under the current contention.
-    t10 = time_steps(base, probe_work, args.device, 10)
-    if not (work / "vae").exists():  # the probe trained the VAE: reuse it
-        shutil.copytree(probe_work / "vae", work / "vae")
-    t50 = time_steps(base, probe_work, args.device, 50)
+    t10 = time_steps(base, ts, probe_dir, args.device, 10)
+    t50 = time_steps(base, ts, probe_dir, args.device, 50)
+    del ts
     per_step = max((t50 - t10) / 40, 1e-3)
     margin = 25.0  # data, encoding and writing the folder
     budget = args.deadline - time.time() - margin
@@ -111,12 +110,11 @@ def main() -> None:
     train_testbed(cfg, str(root / "testbed"), work_dir=str(work), progress=False, device=args.device,
                   log=lambda m: print(f"{args.name}: {m}", flush=True))
     seconds = time.time() - start
-    unet = load_file(str(root / "testbed" / "unet" / "diffusion_pytorch_model.safetensors"))
-    save_file(unet, str(root / f"{args.name}_unet.safetensors"))
+    shutil.copy(root / "testbed" / "unet" / "diffusion_pytorch_model.safetensors", root / f"{args.name}_unet.safetensors")
     if not args.vae:
         shutil.copy(root / "testbed" / "vae" / "diffusion_pytorch_model.safetensors", root / f"{args.name}_vae.safetensors")
     info = {"name": args.name, "steps": steps, "ms_per_step": per_step * 1000, "train_seconds": seconds,
-            "views_per_memorized": cfg.views_per_memorized, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+            "views_per_memorized": cfg.views_per_memorized, "device": describe_device(args.device, args.threads)}
     (root / "train.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info), flush=True)
 
