@@ -11,7 +11,7 @@ from .errors import MemPruneError
 from .generate import GenerationSettings, generate, uses_cfg
 from .masks import Masks, subset_overlap
 from .models import denoiser, layer_shapes, model_identity, output_linears
-from .prompts import PromptList, empty_prompts, read_prompts, seeded_subsets
+from .prompts import PromptList, empty_prompts, read_prompts, seeded_subsets, write_prompts
 from .record import HALVES, ActivationRecorder
 from .select import SelectionSettings, select
 from .stats import NeuronStats
@@ -155,7 +155,7 @@ def save_locate_result(result: LocateResult, folder: str | Path) -> None:
     (folder / "stats").mkdir(exist_ok=True)
     result.memorized_stats.save(folder / "stats" / "memorized.safetensors")
     result.reference_stats.save(folder / "stats" / "reference.safetensors")
-    pd.DataFrame({"caption": result.prompts.prompts}).to_csv(folder / "prompts_used.csv", index=False)
+    write_prompts(result.prompts.prompts, folder / "prompts_used.csv")
     if result.overlap is not None:
         result.overlap.to_csv(folder / "overlap.csv", index=False)
 

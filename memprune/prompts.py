@@ -155,3 +155,20 @@ def split_located(prompts: PromptList, size: int = 10, seed: int = 0) -> tuple[P
     located = seeded_subsets(len(prompts), 1, size, seed=seed)[0]
     chosen = set(located)
     return prompts.subset(located), prompts.subset([i for i in range(len(prompts)) if i not in chosen])
+
+
+def write_prompts(prompts: list[str], path: str | Path) -> None:
+    """A one-column `caption` CSV that read_prompts reads back (locate's prompts_used.csv)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["caption"])
+        writer.writerows([prompt] for prompt in prompts)
+
+
+def split_testbed_memorized(model: str | Path, out: str | Path, size: int = 10,
+                            seed: int = 0) -> tuple[PromptList, PromptList]:
+    """A testbed's memorized captions split by split_located; the located part goes to out/prompts_used.csv,
+    so that `evaluate --exclude-prompts` scores the same held-out rest."""
+    located, held_out = split_located(read_prompts(Path(model) / "captions" / "memorized.csv"), size, seed=seed)
+    write_prompts(located.prompts, Path(out) / "prompts_used.csv")
+    return located, held_out

@@ -82,6 +82,7 @@ from tqdm.auto import tqdm
 from .errors import MemPruneError
 from .masks import Masks
 from .models import denoiser, layer_shapes, output_linears
+from .prompts import write_prompts
 
 GAMMA = -0.1
 ZETA = 1.1
@@ -569,7 +570,7 @@ def save_gate_result(result: GateResult, folder: str | Path) -> None:
               str(folder / "gates.safetensors"))
     result.history.to_csv(folder / "loss.csv", index=False)
     result.pruned.to_csv(folder / "pruned_share.csv", index=False)
-    pd.DataFrame({"caption": result.prompts}).to_csv(folder / "prompts_used.csv", index=False)
+    write_prompts(result.prompts, folder / "prompts_used.csv")
 
 
 def uniforget_to_folder(model: str, neutral: str | None, out, settings: UniForgetSettings | None = None,

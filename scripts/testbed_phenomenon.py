@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from memprune.evaluate import EvaluateSettings, evaluate, load_testbed_classifier
@@ -25,7 +24,7 @@ from memprune.locate import LocateSettings, Locator, subset_masks
 from memprune.masks import subset_overlap, summarize_overlap
 from memprune.models import DEFAULT_MODEL, load_pipeline, resolve_device
 from memprune.plots import iou_by_layer, save_figure, sweep_curves
-from memprune.prompts import read_prompts, split_located
+from memprune.prompts import read_prompts, split_testbed_memorized
 from memprune.select import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep
@@ -51,10 +50,8 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     captions = Path(args.model) / "captions"
-    memorized = read_prompts(captions / "memorized.csv")
-    located, held_out = split_located(memorized, 10, seed=0)
+    located, held_out = split_testbed_memorized(args.model, args.out)
     used = args.out / "prompts_used.csv"
-    pd.DataFrame({"caption": located.prompts}).to_csv(used, index=False)
 
     pipe = load_pipeline(args.model, resolve_device(args.device))
     classifier = load_testbed_classifier(args.model)

@@ -25,7 +25,7 @@ from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
 from memprune.masks import Masks
 from memprune.models import DEFAULT_MODEL, load_pipeline
-from memprune.prompts import read_prompts, split_located
+from memprune.prompts import read_prompts, split_testbed_memorized
 from memprune.prune import apply_masks, undo
 from memprune.select import SelectionSettings
 from memprune.similarity import make_backend
@@ -67,10 +67,8 @@ def main():
     start = time.perf_counter()
 
     captions = Path(args.model) / "captions"
-    memorized = read_prompts(captions / "memorized.csv")
-    located, held_out = split_located(memorized, 10, seed=0)
+    located, held_out = split_testbed_memorized(args.model, args.out)
     used = args.out / "prompts_used.csv"
-    pd.DataFrame({"caption": located.prompts}).to_csv(used, index=False)
     neutral = read_prompts(captions / "general_heldout.csv")
     general = neutral.subset(range(len(neutral) - args.general_prompts, len(neutral)))  # scored, not trained on
     train_prompts = neutral.prompts[: len(neutral) - args.general_prompts]

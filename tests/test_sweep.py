@@ -52,3 +52,12 @@ def test_split_located_is_seeded_and_disjoint():
     assert held_out.prompts == [f"caption {i}" for i in range(12) if i not in expected]
     assert held_out.images == [f"{i}.png" for i in range(12) if i not in expected]
     assert split_located(prompts, 4, seed=3)[0].prompts == located.prompts
+
+
+def test_write_prompts_round_trips_through_read_prompts(tmp_path):
+    from memprune.prompts import read_prompts, write_prompts
+
+    captions = ["plain", 'a "quoted", comma caption', "face with tears of joy"]
+    write_prompts(captions, tmp_path / "prompts_used.csv")
+    assert (tmp_path / "prompts_used.csv").read_text().splitlines()[0] == "caption"
+    assert read_prompts(tmp_path / "prompts_used.csv").prompts == captions
