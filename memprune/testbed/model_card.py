@@ -41,13 +41,17 @@ shared machine):
 | GPU, 2 runs sharing the H100 (≈ 70 ms/step), share set for a target number of views | batch 256, 1250 steps, memorized at 21.9% from step 625 (≈ 700 views) | memorization 87.5%, control 0%, accuracy 73.9%; ratio 0.01 / 0.02 / 0.05 / 0.1: 84 vs 89 / 81 vs 88 / 74 vs 88 / 44 vs 88%; IoU 0.527 vs 0.313 / 0.454 |
 | | batch 256, 1500 steps, memorized at 26% from step 750 (≈ 1000 views) | memorization 87.5%, control 0%, accuracy 75.6%; 90 vs 89 / 90 vs 89 / 79 vs 86 / 48 vs 88%; IoU 0.521 vs 0.332 / 0.467 |
 | **`--preset late12` (shipped)**, on the CPU | batch 256, 2000 steps, 50 memorized at 12% from step 800 (≈ 737 views); 77 min on 2 CPU threads | memorization 85.0% (card threshold), 89.5% (evaluate's), control 0% / 2%, accuracy 82.6%; Wanda vs random at ratio 0.01 / 0.02 / 0.05 / 0.1: 85 vs 86 / 85 vs 85 / **65 vs 88 / 42.5 vs 86%**; IoU memorized 0.448 vs controls 0.372 / 0.507 (full measurement above) |
+| `--preset late11`, on the CPU | batch 256, 2500 steps, 50 memorized at 11% from step 800 (≈ 957 views); 94 min on 2 CPU threads (VAE from late12's cache) | copies more at a fixed threshold (SSIM > 0.380: 88.0% vs late12's 85.0%; mean copy SSIM 0.523, 66% of the ceiling) but its calibrated thresholds rise: card 0.519 → **58.0%**, evaluate's 0.404 → 80.5%, because 2 of the 25 calibration control captions ("clock face eleven oclock", "national park") generate look-alikes of other training emoji (a pool clock face, a memorized emoji; SSIM 0.45–0.57). Control 0% / 1.5%, accuracy 82.4%; Wanda vs random at ratio 0.01 / 0.02 / 0.05 / 0.1: 80 vs 79 / 72.5 vs 79 / **65 vs 79 / 30 vs 77.5%** (accuracy 78.1% vs 79.7% at 0.1); IoU memorized 0.464 vs controls 0.310 / 0.507 — localizes better than late12, not shipped because (1) is worse by the rule |
 
 What the batch-256 runs show: every one localizes memorization at ratio 0.1 (a located mask removes it, a random
 one of the same size does not), none of the batch-64 recipes did; the effect is strongest where memorized images
 are a small share of late training (late08) and weakens as the memorized share and the copy strength grow
 (late700, late1000). late12 is the CPU-trainable compromise: enough views to copy 85–90%, a 12% share, 800 steps
-of general training first. Nothing localizes at ratio 0.01. Next: more steps at a small share (late08's recipe
-for 4000+ steps) on a GPU, to reach ≥ 90% copies while keeping the localization.
+of general training first. Nothing localizes at ratio 0.01. late11 (more views at a smaller share) copies more
+and localizes better, but shows that the copy threshold is fragile: a 95% quantile over 25 calibration captions
+is set by the two whose generations look like another training emoji. Next: a control set without look-alikes
+of training emoji (or a larger one), so the calibrated threshold measures copying rather than emoji families;
+then late11's recipe, or late08's for 4000+ steps on a GPU, to reach ≥ 90% copies.
 
 Why the late start: Stable Diffusion 1.x met its heavily duplicated images mostly in later, curated stages
 (LAION-aesthetics), and an addition learned on top of a model that already renders the general data might be
