@@ -56,6 +56,25 @@ def test_data_sets_are_disjoint_and_well_formed(small_data):
     assert emoji_caption("1f32e.png") == "taco"
 
 
+def test_lookalike_bound_keeps_skin_tone_variants_and_clock_faces_apart():
+    from memprune.testbed.data import _distinct_emoji, _without_lookalikes, list_emoji
+    from memprune.testbed.measure import ssim
+
+    by_caption = {e.caption: e for e in list_emoji()}
+    handball, variant = by_caption["handball"], by_caption["handball emoji modifier fitzpatrick type-3"]
+    eleven, twelve, taco = by_caption["clock face eleven oclock"], by_caption["clock face twelve oclock"], by_caption["taco"]
+    # At 32x32 a skin-tone variant is a near-copy (measured SSIM 0.94), a taco is not.
+    assert _without_lookalikes([variant, taco], [handball], 0.7, 32) == [taco]
+    assert _distinct_emoji([eleven, twelve, taco], 2, 0.7, 32) == [eleven, taco]
+
+    data = build_data(DataConfig(**{**SMALL.__dict__, "lookalike_ssim": 0.7}))
+    chosen = np.concatenate([data.memorized_images, data.control_images])
+    pairs = [(i, j) for i in range(len(chosen)) for j in range(len(chosen)) if i < j]
+    assert float(ssim(chosen[[i for i, _ in pairs]], chosen[[j for _, j in pairs]]).max()) <= 0.7
+    for image in data.pool_images:
+        assert float(ssim(np.repeat(image[None], len(chosen), 0), chosen).max()) <= 0.7
+
+
 def test_procedural_image_shows_its_attributes():
     img = np.asarray(render_shape(ShapeSpec("square", "red", "blue", "large"), np.random.default_rng(0)))
     corner = img[0, 0].astype(int)

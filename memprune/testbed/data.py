@@ -178,6 +178,10 @@ class DataConfig:
     heldout_fraction: float = 0.1
     # Cap on the emoji pool (None = every other usable emoji); tests use a small pool.
     max_pool_emoji: int | None = None
+    # None keeps the original draw. A bound (e.g. 0.7) keeps look-alikes apart: no two memorized/control emoji,
+    # and no pool emoji beside them, have an SSIM above it (skin-tone variants and clock faces are near-copies at
+    # 32x32, so a control seen "once" was otherwise seen ~30 times under a variant caption).
+    lookalike_ssim: float | None = None
 
 
 @dataclass
@@ -213,6 +217,35 @@ def _split_heldout(specs: list[ShapeSpec], frac: float, rng: np.random.Generator
     return train, held
 
 
+def _emoji_array(items: list[EmojiItem], size: int) -> np.ndarray:
+    return np.stack([np.asarray(load_emoji(e.file, size)) for e in items])
+
+
+def _distinct_emoji(candidates: list[EmojiItem], count: int, bound: float, size: int) -> list[EmojiItem]:
+    """The first `count` candidates, in order, skipping any whose SSIM to one already taken exceeds `bound`."""
+    from .measure import ssim
+
+    taken, images = [], []
+    for item in candidates:
+        image = _emoji_array([item], size)
+        if images and float(ssim(np.repeat(image, len(images), 0), np.stack(images)).max()) > bound:
+            continue
+        taken.append(item)
+        images.append(image[0])
+        if len(taken) == count:
+            return taken
+    raise ValueError(f"Only {len(taken)} emoji are distinct at SSIM {bound}; {count} were asked for.")
+
+
+def _without_lookalikes(pool: list[EmojiItem], kept_apart: list[EmojiItem], bound: float,
+                        size: int) -> list[EmojiItem]:
+    """The pool minus every emoji whose SSIM to one of `kept_apart` exceeds `bound`."""
+    from .measure import nearest_ssim
+
+    best, _ = nearest_ssim(_emoji_array(pool, size), _emoji_array(kept_apart, size), top_k=8)
+    return [item for item, similarity in zip(pool, best.tolist()) if similarity <= bound]
+
+
 def build_data(config: DataConfig) -> TestbedData:
     """Deterministically build the whole training set from `config.seed`."""
     rng = np.random.default_rng(config.seed)
@@ -221,12 +254,18 @@ def build_data(config: DataConfig) -> TestbedData:
     # distinct (multi-code-point ones are mostly skin-tone / gender variants of each other).
     singles = [e for e in emoji if e.single_codepoint]
     order = rng.permutation(len(singles))
-    memorized = [singles[i] for i in order[: config.n_memorized]]
-    control = [singles[i] for i in order[config.n_memorized : config.n_memorized + config.n_control]]
+    if config.lookalike_ssim is None:
+        chosen = [singles[i] for i in order[: config.n_memorized + config.n_control]]
+    else:
+        chosen = _distinct_emoji([singles[i] for i in order], config.n_memorized + config.n_control,
+                                 config.lookalike_ssim, config.image_size)
+    memorized, control = chosen[: config.n_memorized], chosen[config.n_memorized :]
     used = {e.file for e in memorized + control}
     pool = [e for e in emoji if e.file not in used]
     if config.max_pool_emoji is not None:
         pool = [pool[i] for i in sorted(rng.permutation(len(pool))[: config.max_pool_emoji])]
+    if config.lookalike_ssim is not None:  # after the cap, so the rng draws as without a bound
+        pool = _without_lookalikes(pool, chosen, config.lookalike_ssim, config.image_size)
 
     train_specs, held_specs = _split_heldout(all_shape_specs(), config.heldout_fraction, rng)
     gen_rng = np.random.default_rng([config.seed, 1])

@@ -49,9 +49,10 @@ are a small share of late training (late08) and weakens as the memorized share a
 (late700, late1000). late12 is the CPU-trainable compromise: enough views to copy 85–90%, a 12% share, 800 steps
 of general training first. Nothing localizes at ratio 0.01. late11 (more views at a smaller share) copies more
 and localizes better, but shows that the copy threshold is fragile: a 95% quantile over 25 calibration captions
-is set by the two whose generations look like another training emoji. Next: a control set without look-alikes
-of training emoji (or a larger one), so the calibrated threshold measures copying rather than emoji families;
-then late11's recipe, or late08's for 4000+ steps on a GPU, to reach ≥ 90% copies.
+is set by the two whose generations look like another training emoji. The data had look-alikes: skin-tone
+variants and clock faces are near-copies at 32×32 (SSIM up to 0.98), so some "seen once" controls were seen ~30
+times under a variant caption. Next: `--preset late11d`, late11 on data without look-alikes (`DataConfig(lookalike_ssim=0.7)`:
+63 of 3326 pool emoji leave, 1 memorized and 2 control emoji are redrawn), or late08's recipe for 4000+ steps on a GPU.
 
 Why the late start: Stable Diffusion 1.x met its heavily duplicated images mostly in later, curated stages
 (LAION-aesthetics), and an addition learned on top of a model that already renders the general data might be
