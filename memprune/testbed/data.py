@@ -264,7 +264,7 @@ def build_data(config: DataConfig) -> TestbedData:
     pool = [e for e in emoji if e.file not in used]
     if config.max_pool_emoji is not None:
         pool = [pool[i] for i in sorted(rng.permutation(len(pool))[: config.max_pool_emoji])]
-    if config.lookalike_ssim is not None:  # after the cap, so the rng draws as without a bound
+    if config.lookalike_ssim is not None:  # after the cap: the rng stream, hence the general data, stays the same
         pool = _without_lookalikes(pool, chosen, config.lookalike_ssim, config.image_size)
 
     train_specs, held_specs = _split_heldout(all_shape_specs(), config.heldout_fraction, rng)
