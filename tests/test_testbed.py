@@ -155,6 +155,8 @@ def test_training_is_resumable_and_reproducible(tmp_path):
     ub = load_file(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors")
     assert ua.keys() == ub.keys()
     assert all(torch.equal(ua[k], ub[k]) for k in ua)
+    # The resumed run took its VAE from the work-dir cache; no local path may leak into its config.
+    assert (tmp_path / "a" / "vae" / "config.json").read_text() == (tmp_path / "b" / "vae" / "config.json").read_text()
 
 
 def test_batch_table_gives_the_items_of_batch_indices_in_order():

@@ -131,7 +131,11 @@ def train_vae(cfg: TestbedConfig, data: TestbedData, work_dir: str, progress: bo
     if os.path.exists(os.path.join(vae_dir, "config.json")):
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(vae_dir).to(device)
+        cached = AutoencoderKL.from_pretrained(vae_dir)
+        # from_pretrained records the cache path as _name_or_path; rebuild so no local path reaches the shipped config.
+        vae = AutoencoderKL.from_config({k: v for k, v in cached.config.items() if k != "_name_or_path"})
+        vae.load_state_dict(cached.state_dict())
+        return vae.eval().to(device)
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg.model.vae).to(device)
     emoji = to_tensor(np.concatenate([data.memorized_images, data.control_images, data.pool_images])).to(device)
