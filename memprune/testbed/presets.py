@@ -45,7 +45,8 @@ def late11() -> TestbedConfig:
 def late11d() -> TestbedConfig:
     """late11 on look-alike-free data: no two memorized/control emoji, and no pool emoji beside them, closer
     than SSIM 0.7 (skin-tone variants, clock faces), so "seen once" and "copied" mean what they say.
-    Not yet trained (about 95 min on 2 CPU threads); the next attempt at issue 4's point 1."""
+    Trained (102 min on 2 CPU threads): copies 98% and keeps 88.5% utility, but a ratio-0.1 Wanda mask only
+    takes held-out memorization to 77.5% (random: 100%): not shipped."""
     return dataclasses.replace(late11(), data=DataConfig(lookalike_ssim=0.7))
 
 
