@@ -55,8 +55,8 @@ variants and clock faces are near-copies at 32×32 (SSIM up to 0.98), so some "s
 times under a variant caption. `--preset late11d` is late11 on data without them (`DataConfig(lookalike_ssim=0.7)`: 63 of 3326 pool
 emoji leave, 1 memorized and 2 control emoji are redrawn): the threshold falls back (0.336) and it copies 98%
 with 88.5% utility, but the stronger copies are no longer removed by a small mask (ratio 0.1: 77.5% vs 100%
-random). Next: between late12 and late11d — clean data with late12's views (≈ 740, `dataclasses.replace(late12(),
-data=DataConfig(lookalike_ssim=0.7))`), or late08's recipe for 4000+ steps on a GPU.
+random). Next: between late12 and late11d — `--preset late12d`, clean data with late12's views (≈ 740; not yet
+trained), or late08's recipe for 4000+ steps on a GPU.
 
 Why the late start: Stable Diffusion 1.x met its heavily duplicated images mostly in later, curated stages
 (LAION-aesthetics), and an addition learned on top of a model that already renders the general data might be

@@ -64,5 +64,11 @@ def tiny() -> TestbedConfig:
     )
 
 
+def late12d() -> TestbedConfig:
+    """late12 (the shipped recipe, ~740 views) on late11d's look-alike-free data: aims at late11d's clean
+    threshold with late12's localizable copy strength. Not yet trained (about 80 min on 2 CPU threads)."""
+    return dataclasses.replace(late12(), data=DataConfig(lookalike_ssim=0.7))
+
+
 PRESETS = {"full": full, "tiny": tiny, "v1": v1, "late60": late60, "late08": late08, "late12": late12, "late11": late11,
-           "late11d": late11d}
+           "late11d": late11d, "late12d": late12d}
