@@ -42,12 +42,23 @@ def late11() -> TestbedConfig:
     return TestbedConfig(batch_size=256, steps=2500, memorized_start=0.32, memorized_share=0.11)
 
 
+def _on_lookalike_free_data(config: TestbedConfig) -> TestbedConfig:
+    """`config` with no two memorized/control emoji, and no pool emoji beside them, above SSIM 0.7."""
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, lookalike_ssim=0.7))
+
+
 def late11d() -> TestbedConfig:
     """late11 on look-alike-free data: no two memorized/control emoji, and no pool emoji beside them, closer
     than SSIM 0.7 (skin-tone variants, clock faces), so "seen once" and "copied" mean what they say.
     Trained (102 min on 2 CPU threads): copies 98% and keeps 88.5% utility, but a ratio-0.1 Wanda mask only
     takes held-out memorization to 77.5% (random: 100%): not shipped."""
-    return dataclasses.replace(late11(), data=DataConfig(lookalike_ssim=0.7))
+    return _on_lookalike_free_data(late11())
+
+
+def late12d() -> TestbedConfig:
+    """late12 (the shipped recipe, ~740 views) on late11d's look-alike-free data: aims at late11d's clean
+    threshold with late12's localizable copy strength. Not yet trained (about 80 min on 2 CPU threads)."""
+    return _on_lookalike_free_data(late12())
 
 
 def tiny() -> TestbedConfig:
@@ -62,12 +73,6 @@ def tiny() -> TestbedConfig:
         checkpoint_every_s=0.0,
         keep_snapshots=False,
     )
-
-
-def late12d() -> TestbedConfig:
-    """late12 (the shipped recipe, ~740 views) on late11d's look-alike-free data: aims at late11d's clean
-    threshold with late12's localizable copy strength. Not yet trained (about 80 min on 2 CPU threads)."""
-    return dataclasses.replace(late12(), data=DataConfig(lookalike_ssim=0.7))
 
 
 PRESETS = {"full": full, "tiny": tiny, "v1": v1, "late60": late60, "late08": late08, "late12": late12, "late11": late11,
