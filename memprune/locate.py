@@ -13,7 +13,7 @@ from .masks import Masks, subset_overlap
 from .models import denoiser, layer_shapes, model_identity, output_linears
 from .prompts import PromptList, empty_prompts, read_prompts, seeded_subsets, write_prompts
 from .record import HALVES, ActivationRecorder
-from .select import SelectionSettings, select
+from .methods.wanda import SelectionSettings, select
 from .stats import NeuronStats
 
 

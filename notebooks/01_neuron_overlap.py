@@ -49,7 +49,7 @@ from memprune.locate import LocateSettings, Locator, subset_masks
 from memprune.masks import subset_overlap, summarize_overlap
 from memprune.models import DEFAULT_MODEL, load_pipeline
 from memprune.plots import iou_by_layer, iou_by_step, iou_heatmap, iou_vs_subset_size
-from memprune.select import SelectionSettings
+from memprune.methods.wanda import SelectionSettings
 
 # torch uses its default thread count (OMP_NUM_THREADS): forcing 2 threads on a busy 2-core machine stalls
 captions = f"{DEFAULT_MODEL}/captions"

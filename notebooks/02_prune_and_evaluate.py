@@ -58,7 +58,7 @@ from memprune.models import DEFAULT_MODEL, load_pipeline
 from memprune.plots import image_grid, selected_share_by_layer, sweep_curves
 from memprune.prompts import read_prompts, split_located
 from memprune.prune import apply_masks
-from memprune.select import SelectionSettings
+from memprune.methods.wanda import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep
 

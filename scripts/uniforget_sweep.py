@@ -27,10 +27,10 @@ from memprune.masks import Masks
 from memprune.models import DEFAULT_MODEL, load_pipeline
 from memprune.prompts import read_prompts, split_testbed_memorized
 from memprune.prune import apply_masks, undo
-from memprune.select import SelectionSettings
+from memprune.methods.wanda import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer
-from memprune.uniforget import UniForgetSettings, train_gates
+from memprune.methods.uniforget import UniForgetSettings, train_gates
 
 
 def random_neuron_masks(masks: Masks, seed: int) -> Masks:

@@ -11,7 +11,7 @@ from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, locate
 from memprune.models import find_feedforwards, load_pipeline, output_linears
 from memprune.prune import apply_masks, prune_info, save_pruned, undo
-from memprune.select import SelectionSettings
+from memprune.methods.wanda import SelectionSettings
 
 
 def folder_hash(folder: Path) -> str:

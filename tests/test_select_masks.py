@@ -6,7 +6,7 @@ import torch
 
 from memprune.errors import MemPruneError
 from memprune.masks import Masks, iou, subset_overlap
-from memprune.select import SelectionSettings, neuron_mask, select, wanda_mask
+from memprune.methods.wanda import SelectionSettings, neuron_mask, select, wanda_mask
 from memprune.stats import NeuronStats
 
 
@@ -122,3 +122,38 @@ def test_random_masks_match_union_size_per_layer():
     assert {layer: idx.numel() for layer, idx in random.union_indices(2).items()} == {"l": 5, "m": 3}
     assert torch.equal(random.indices[("l", 0)], random.indices[("l", 1)])
     assert not torch.equal(random_masks_like(masks, 2, seed=4).indices[("l", 0)], random.indices[("l", 0)])
+
+
+def test_methods_registry_finds_each_method_with_its_entry_point():
+    from memprune import methods
+
+    found = methods.available()
+    assert {"wanda", "uniforget"} <= set(found)
+    assert methods.get("wanda", "weight_edit").edit is found["wanda"].edit
+    assert "wanda" in methods.names("weight_edit")
+    with pytest.raises(MemPruneError, match="Unknown method 'nope'"):
+        methods.get("nope")
+    with pytest.raises(MemPruneError, match="not a mitigation"):
+        methods.get("wanda", "mitigation")
+
+
+def test_wanda_edit_selects_from_the_pipeline_weights_and_changes_none():
+    from memprune import methods
+    from memprune.models import denoiser, output_linears
+    from memprune.stats import NeuronStats
+    from tiny_pipelines import BUILDERS
+
+    pipe = BUILDERS["sd1"]()
+    linears = output_linears(denoiser(pipe))
+    before = {name: linear.weight.clone() for name, linear in linears.items()}
+    mem, ref = NeuronStats(), NeuronStats()
+    torch.manual_seed(0)
+    for name, linear in linears.items():
+        mem.update(name, 0, torch.randn(2, 3, linear.in_features))
+        ref.update(name, 0, 0.1 * torch.randn(2, 3, linear.in_features))
+    masks = methods.get("wanda").edit(pipe, SelectionSettings(ratio=0.5), memorized_stats=mem, reference_stats=ref)
+    expected = select({n: l.weight for n, l in linears.items()}, mem, ref, SelectionSettings(ratio=0.5))
+    assert masks.layers == expected.layers
+    for key in expected.indices:
+        assert torch.equal(masks.indices[key], expected.indices[key])
+    assert all(torch.equal(before[n], l.weight) for n, l in linears.items())

@@ -6,7 +6,7 @@ from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
 from memprune.models import output_linears
 from memprune.prompts import PromptList
-from memprune.select import SelectionSettings
+from memprune.methods.wanda import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep, zeroed_share
 

@@ -58,7 +58,7 @@ def test_data_sets_are_disjoint_and_well_formed(small_data):
 
 def test_lookalike_bound_keeps_skin_tone_variants_and_clock_faces_apart():
     from memprune.testbed.data import _distinct_emoji, _without_lookalikes, list_emoji
-    from memprune.testbed.measure import ssim
+    from memprune.testbed.imagesim import ssim
 
     by_caption = {e.caption: e for e in list_emoji()}
     handball, variant = by_caption["handball"], by_caption["handball emoji modifier fitzpatrick type-3"]
@@ -222,7 +222,7 @@ def test_cli_tiny_run_writes_atomically(tmp_path):
 
 
 def test_ssim_is_one_for_identical_and_low_for_unrelated():
-    from memprune.testbed.measure import nearest_ssim, ssim
+    from memprune.testbed.imagesim import nearest_ssim, ssim
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -261,7 +261,8 @@ def test_shipped_testbed_copies_a_memorized_image():
     """A quick check of the documented behaviour: one memorized caption, 1 seed, 25 steps."""
     from diffusers import StableDiffusionPipeline
 
-    from memprune.testbed.measure import generate, load_images, ssim
+    from memprune.testbed.imagesim import ssim
+    from memprune.testbed.measure import generate, load_images
 
     pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED))
     pipe.set_progress_bar_config(disable=True)

@@ -10,7 +10,7 @@ from memprune.errors import MemPruneError
 from memprune.masks import Masks
 from memprune.models import denoiser, layer_shapes, output_linears
 from memprune.prune import apply_masks, prune_to_folder
-from memprune.uniforget import (
+from memprune.methods.uniforget import (
     NeuronGates,
     capture_conditioning,
     sample_trajectory,

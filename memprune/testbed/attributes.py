@@ -92,7 +92,7 @@ def train_attribute_classifier(cfg: AttributeClassifierConfig | None = None, vae
             return AttributeClassifier(net)
     images, labels = make_labelled_images(cfg)
     if vae is not None:
-        from .measure import vae_reconstruct
+        from .imagesim import vae_reconstruct
 
         images = np.concatenate([images, np.concatenate([vae_reconstruct(vae, images[i : i + 512]) for i in range(0, len(images), 512)])])
         labels = {a: np.concatenate([v, v]) for a, v in labels.items()}

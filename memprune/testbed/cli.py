@@ -7,7 +7,7 @@ import shutil
 
 import click
 
-from ..cli import FriendlyGroup
+from ..cli_common import FriendlyGroup
 from .presets import PRESETS
 
 

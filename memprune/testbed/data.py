@@ -223,7 +223,7 @@ def _emoji_array(items: list[EmojiItem], size: int) -> np.ndarray:
 
 def _distinct_emoji(candidates: list[EmojiItem], count: int, bound: float, size: int) -> list[EmojiItem]:
     """The first `count` candidates, in order, skipping any whose SSIM to one already taken exceeds `bound`."""
-    from .measure import ssim
+    from .imagesim import ssim
 
     taken, images = [], []
     for item in candidates:
@@ -240,7 +240,7 @@ def _distinct_emoji(candidates: list[EmojiItem], count: int, bound: float, size:
 def _without_lookalikes(pool: list[EmojiItem], kept_apart: list[EmojiItem], bound: float,
                         size: int) -> list[EmojiItem]:
     """The pool minus every emoji whose SSIM to one of `kept_apart` exceeds `bound`."""
-    from .measure import nearest_ssim
+    from .imagesim import nearest_ssim
 
     best, _ = nearest_ssim(_emoji_array(pool, size), _emoji_array(kept_apart, size), top_k=8)
     return [item for item, similarity in zip(pool, best.tolist()) if similarity <= bound]

@@ -13,7 +13,7 @@ from memprune.similarity import make_backend
 from memprune.sweep import Scorer
 from memprune.evaluate import load_testbed_classifier
 from memprune.locate import LocateSettings, Locator
-from memprune.select import SelectionSettings
+from memprune.methods.wanda import SelectionSettings
 from memprune.prune import apply_masks, undo
 from memprune.masks import random_masks_like
 model = sys.argv[1] if len(sys.argv) > 1 else "data/testbed"

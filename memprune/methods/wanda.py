@@ -1,4 +1,8 @@
-"""Selection: Wanda (weight granularity, Chavhan et al.) and neuron granularity (z-score or ratio)."""
+"""Wanda selection (Chavhan et al. 2024, weight granularity) and neuron granularity (z-score or ratio).
+
+A weight edit (see memprune.methods): `edit(pipe, settings, memorized_stats=..., reference_stats=...)` selects, per
+FeedForward output Linear and step, the weights that `memprune prune` zeroes. The statistics come from
+`memprune.locate` (recorded memorized and reference prompts)."""
 from __future__ import annotations
 
 import math
@@ -6,9 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import MemPruneError
-from .masks import Masks
-from .stats import NeuronStats
+from ..errors import MemPruneError
+from . import MethodInfo
+from ..masks import Masks
+from ..stats import NeuronStats
+
+METHOD = MethodInfo(
+    name="wanda", kind="weight_edit",
+    summary="Wanda scores |W|·a_mem of memorized vs reference prompts; per output row the top-k columns (k = ratio·H).",
+    reference="Chavhan et al. 2024, Memorized Images in Diffusion Models share a Subspace that can be Located and Deleted",
+)
 
 GRANULARITIES = ("weight", "neuron")
 NEURON_SCORES = ("zscore", "ratio")
@@ -85,3 +96,12 @@ def select(
             else:
                 dense[(layer, step)] = neuron_mask(weight, mem, ref, settings.ratio, settings.neuron_score)
     return Masks.from_dense(dense, meta={"selection": vars(settings).copy(), **(meta or {})})
+
+
+def edit(pipe, settings: SelectionSettings, memorized_stats: NeuronStats, reference_stats: NeuronStats,
+         steps: list[int] | None = None, meta: dict | None = None) -> Masks:
+    """The weight-edit entry point: masks of `pipe`'s FeedForward output Linears from recorded statistics."""
+    from ..models import denoiser, output_linears
+
+    weights = {name: linear.weight for name, linear in output_linears(denoiser(pipe)).items()}
+    return select(weights, memorized_stats, reference_stats, settings, steps=steps, meta=meta)

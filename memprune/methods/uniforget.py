@@ -79,15 +79,20 @@ import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import MemPruneError
-from .masks import Masks
-from .models import denoiser, layer_shapes, output_linears
-from .prompts import write_prompts
+from ..errors import MemPruneError
+from . import MethodInfo
+from ..masks import Masks
+from ..models import denoiser, layer_shapes, output_linears
+from ..prompts import write_prompts
 
 GAMMA = -0.1
 ZETA = 1.1
 TEMPERATURE = 2.0 / 3.0
-METHOD = "uniforget"
+METHOD = MethodInfo(
+    name="uniforget", kind="weight_edit",
+    summary="Hard-concrete gates per FeedForward neuron trained on neutral prompts only; closed gates are pruned.",
+    reference="Jin et al. 2025, UniForget, arXiv 2512.09687",
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -426,7 +431,7 @@ def union_masks(a: Masks, b: Masks) -> Masks:
     if set(a.indices) != set(b.indices):
         raise MemPruneError(
             f"Cannot unite masks with different steps ({len(a.steps)} vs {len(b.steps)}): make the UniForget mask "
-            f"with steps={len(b.steps) if a.meta.get('method') == METHOD else len(a.steps)}."
+            f"with steps={len(b.steps) if a.meta.get('method') == METHOD.name else len(a.steps)}."
         )
     indices = {key: torch.unique(torch.cat([idx, b.indices[key]])) for key, idx in a.indices.items()}
     meta = {"method": "union", "parts": [a.meta, b.meta]}
@@ -447,7 +452,7 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
     """
     from diffusers import DDIMScheduler
 
-    from .generate import GenerationSettings, guidance_scale as resolve_guidance
+    from ..generate import GenerationSettings, guidance_scale as resolve_guidance
 
     settings = settings or UniForgetSettings()
     neutral_prompts = list(neutral_prompts)
@@ -512,8 +517,8 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
         log_alpha.grad = None
     masks_meta = {
         **(meta or {}),
-        "method": METHOD,
-        "selection": {"method": METHOD, "granularity": "neuron", **_settings_dict(settings)},
+        "method": METHOD.name,
+        "selection": {"method": METHOD.name, "granularity": "neuron", **_settings_dict(settings)},
         "beta": settings.beta,
         "steps": settings.steps,
         "lr": settings.lr,
@@ -540,7 +545,7 @@ def _settings_dict(settings: UniForgetSettings) -> dict:
 
 
 def _testbed_file(model: str, role: str) -> Path | None:
-    from .models import TESTBED_CAPTION_FILES, testbed_captions
+    from ..models import TESTBED_CAPTION_FILES, testbed_captions
 
     captions = testbed_captions(model)
     path = captions / TESTBED_CAPTION_FILES[role] if captions is not None else None
@@ -583,10 +588,10 @@ def uniforget_to_folder(model: str, neutral: str | None, out, settings: UniForge
     memorized.csv); when the memorized prompts are also the testbed's, the defaults can never overlap. `wanda_masks`: a `memprune locate` folder whose masks are united with the UniForget mask.
     Returns a summary.
     """
-    from .masks import MASKS_FILE
-    from .models import load_pipeline, model_identity, resolve_device
-    from .prompts import read_prompts
-    from .runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
+    from ..masks import MASKS_FILE
+    from ..models import load_pipeline, model_identity, resolve_device
+    from ..prompts import read_prompts
+    from ..runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
 
     settings = settings or UniForgetSettings()
     protected = [model] if Path(model).exists() else []
@@ -632,3 +637,9 @@ def uniforget_to_folder(model: str, neutral: str | None, out, settings: UniForge
         lines.append(f"United with the Wanda masks of {wanda_masks}.")
     lines.append(f"Masks: {Path(out) / 'masks.safetensors'} (apply with `memprune prune --masks {out}`)")
     return "\n".join(lines)
+
+
+def edit(pipe, settings: UniForgetSettings, neutral_prompts: list[str], memorized_prompts: list[str] | None = None,
+         meta: dict | None = None) -> Masks:
+    """The weight-edit entry point: train the gates on `neutral_prompts` and return the closed-gate masks."""
+    return train_gates(pipe, neutral_prompts, settings, memorized_prompts, meta=meta).masks
