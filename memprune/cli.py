@@ -18,30 +18,40 @@ def main():
     """Locate and delete the neurons of a diffusion model that carry memorized training images."""
 
 
+def selection_settings(ratio, k_per_row, granularity, neuron_score) -> SelectionSettings:
+    if ratio is not None and k_per_row is not None:
+        raise MemPruneError("Give --ratio or --k-per-row, not both.")
+    if k_per_row is not None:
+        return SelectionSettings(ratio=None, k_per_row=k_per_row, granularity=granularity, neuron_score=neuron_score)
+    return SelectionSettings(ratio=0.01 if ratio is None else ratio, granularity=granularity, neuron_score=neuron_score)
+
+
 @main.command()
 @model_option
 @click.option("--memorized", default=None, type=click.Path(), help="Memorized prompts (.txt/.csv/.jsonl).")
 @click.option("--label", "memorized_label", default=None, help="Keep only memorized prompts with this label (e.g. VM).")
 @click.option("--reference", default="empty", show_default=True, help="'empty' (the empty prompt) or a file of non-memorized prompts.")
-@click.option("--steps", default=50, show_default=True, help="Sampling steps per generation.")
-@click.option("--seeds", default=1, show_default=True, help="Generations per prompt.")
-@click.option("--seed", default=0, show_default=True, help="First seed.")
-@click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's).")
-@click.option("--batch-size", default=8, show_default=True, help="Prompts per pipeline call.")
-@click.option("--ratio", default=0.01, show_default=True, help="Share k/H of columns kept per output row (0, 1].")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps per generation.")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1), help="Generations per prompt.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="First seed.")
+@click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, help="CFG scale (default: the pipeline's).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts per pipeline call.")
+@click.option("--ratio", default=None, type=click.FloatRange(0, 1, min_open=True), help="Share k/H of columns kept per output row, in (0, 1] [default: 0.01].")
+@click.option("--k-per-row", type=click.IntRange(min=1), default=None,
+              help="Columns kept per output row (the paper's units; instead of --ratio): k = ratio·H.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="weight", show_default=True)
 @click.option("--neuron-score", type=click.Choice(NEURON_SCORES), default="zscore", show_default=True)
 @click.option("--half", type=click.Choice(["both", "cond", "uncond"]), default="both", show_default=True, help="CFG half to record.")
-@click.option("--num-prompts", type=int, default=None, help="Locate on a seeded sample of this many memorized prompts.")
-@click.option("--sample-seed", default=0, show_default=True, help="Seed of --num-prompts and of the subsets.")
-@click.option("--subsets", default=0, show_default=True, help="N seeded subsets for the overlap analysis (0: none).")
-@click.option("--subset-size", default=10, show_default=True, help="Prompts per subset (m).")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=None, help="Locate on a seeded sample of this many memorized prompts.")
+@click.option("--sample-seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of --num-prompts and of the subsets.")
+@click.option("--subsets", default=0, show_default=True, type=click.IntRange(min=0), help="N seeded subsets for the overlap analysis (0: none).")
+@click.option("--subset-size", default=10, show_default=True, type=click.IntRange(min=1), help="Prompts per subset (m).")
 @click.option("--control", default=None, type=click.Path(), help="Non-memorized prompts for the overlap controls.")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
-def locate(model, memorized, memorized_label, reference, steps, seeds, seed, guidance_scale, batch_size, ratio, granularity,
+def locate(model, memorized, memorized_label, reference, steps, seeds, seed, guidance_scale, batch_size, ratio, k_per_row, granularity,
            neuron_score, half, num_prompts, sample_seed, subsets, subset_size, control, device, dtype, out, overwrite):
     """Record FFN activations of memorized vs reference prompts and select the memorization weights."""
     from .locate import LocateSettings, locate_to_folder
@@ -55,7 +65,7 @@ def locate(model, memorized, memorized_label, reference, steps, seeds, seed, gui
         memorized_label=memorized_label,
         reference=reference,
         generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
-        selection=SelectionSettings(ratio=ratio, granularity=granularity, neuron_score=neuron_score),
+        selection=selection_settings(ratio, k_per_row, granularity, neuron_score),
         half=half,
         num_prompts=num_prompts,
         sample_seed=sample_seed,
@@ -73,12 +83,12 @@ def locate(model, memorized, memorized_label, reference, steps, seeds, seed, gui
               help="wanda: apply --masks from `memprune locate`; uniforget: train gates on neutral prompts first "
                    "(united with --masks when given).")
 @click.option("--masks", "masks_folder", default=None, type=click.Path(), help="Output folder of `memprune locate`.")
-@click.option("--timesteps", default=10, show_default=True, help="τ: prune the union of the masks of steps 0..τ-1.")
+@click.option("--timesteps", default=10, show_default=True, type=click.IntRange(min=1), help="τ: prune the union of the masks of steps 0..τ-1.")
 @click.option("--neutral", default=None, type=click.Path(), help="uniforget: neutral prompts (testbed default: general_train.csv, not the held-out captions evaluate scores).")
-@click.option("--beta", default=1.0, show_default=True, help="uniforget: weight of the expected-L0 penalty.")
-@click.option("--train-steps", default=100, show_default=True, help="uniforget: gate optimisation steps.")
-@click.option("--lr", default=0.5, show_default=True, help="uniforget: Adam learning rate on the gates' log-alpha.")
-@click.option("--sampling-steps", default=10, show_default=True,
+@click.option("--beta", default=1.0, show_default=True, type=click.FloatRange(min=0), help="uniforget: weight of the expected-L0 penalty.")
+@click.option("--train-steps", default=100, show_default=True, type=click.IntRange(min=1), help="uniforget: gate optimisation steps.")
+@click.option("--lr", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True), help="uniforget: Adam learning rate on the gates' log-alpha.")
+@click.option("--sampling-steps", default=10, show_default=True, type=click.IntRange(min=1),
               help="uniforget: DDIM steps of the trajectory whose final latents are matched.")
 @click.option("--masks-out", default=None, type=click.Path(file_okay=False),
               help="uniforget: where the trained masks go (default: OUT-uniforget-masks).")
@@ -119,25 +129,30 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr
 @click.option("--general", default=None, help="General captions with attribute columns, or 'none' (testbed default: held-out).")
 @click.option("--exclude-prompts", default=None, type=click.Path(),
               help="prompts_used.csv of locate: memorized prompts not in it form the memorized_held_out group.")
-@click.option("--seeds", default=4, show_default=True, help="Generations per prompt.")
-@click.option("--seed", default=0, show_default=True, help="First seed.")
-@click.option("--steps", default=50, show_default=True, help="Sampling steps per generation.")
-@click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's).")
-@click.option("--batch-size", default=8, show_default=True, help="Prompts per pipeline call.")
+@click.option("--seeds", default=4, show_default=True, type=click.IntRange(min=1), help="Generations per prompt.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="First seed.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps per generation.")
+@click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, help="CFG scale (default: the pipeline's).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts per pipeline call.")
 @click.option("--similarity", type=click.Choice(["ssim", "l2"]), default="ssim", show_default=True,
               help="Built-in similarity backend (used when no --sscd is given).")
 @click.option("--sscd", default=None, type=click.Path(), help="SSCD model file (TorchScript, or .onnx with onnxruntime).")
-@click.option("--threshold-percentile", default=95.0, show_default=True,
+@click.option("--threshold-percentile", default=95.0, show_default=True, type=click.FloatRange(0, 100, min_open=True),
               help="Copy threshold: this percentile of non-memorized similarities.")
-@click.option("--grid-prompts", default=8, show_default=True, help="Prompts (rows) per image grid; 0: no grids.")
+@click.option("--grid-prompts", default=8, show_default=True, type=click.IntRange(min=0), help="Prompts (rows) per image grid; 0: no grids.")
 @click.option("--attributes/--no-attributes", default=True, show_default=True,
               help="attribute_accuracy on the general captions with the testbed's classifier.")
+@click.option("--random-control/--no-random-control", default=True, show_default=True,
+              help="Beside each edited model, a random edit zeroing as many weights per tensor (the control).")
+@click.option("--random-control-seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the random control's choice of weights.")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def evaluate(model, edited, compare, memorized, reference, control, general, exclude_prompts, seeds, seed, steps, guidance_scale,
-             batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes, device, dtype, out, overwrite):
+             batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes, random_control, random_control_seed,
+             device, dtype, out, overwrite):
     """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
     from .evaluate import EvaluateSettings, evaluate_to_folder
 
@@ -146,6 +161,7 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
         general=general, exclude_prompts=exclude_prompts,
         generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
         similarity=similarity, sscd=sscd, threshold_percentile=threshold_percentile, grid_prompts=grid_prompts, attributes=attributes,
+        random_control=random_control, random_control_seed=random_control_seed,
     )
     click.echo(evaluate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype), log=click.echo))
 
@@ -153,11 +169,11 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
 @main.command()
 @model_option
 @click.option("--prompts", required=True, type=click.Path(), help="Prompt file; a label column (type/label) gives ROC AUC.")
-@click.option("--steps", default=50, show_default=True, help="Sampling steps per generation.")
-@click.option("--seeds", default=1, show_default=True, help="Generations per prompt (scores are averaged).")
-@click.option("--seed", default=0, show_default=True, help="First seed.")
-@click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's; must be > 1).")
-@click.option("--batch-size", default=8, show_default=True, help="Prompts per pipeline call.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps per generation.")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1), help="Generations per prompt (scores are averaged).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="First seed.")
+@click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, help="CFG scale (default: the pipeline's; must be > 1).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts per pipeline call.")
 @device_option
 @dtype_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Scores FILE.csv (ROC summary: FILE.json beside it).")

@@ -4,7 +4,29 @@ Its own module so that `memprune.cli` and `memprune.testbed.cli` both import it 
 """
 from __future__ import annotations
 
+import logging
+
 import click
+
+
+class _LibraryChatter(logging.Filter):
+    """Drops library notices that are not about the user's run (transformers announcing, on every command, that
+    image processors fall back to PIL without torchvision: memprune never uses them). Real warnings pass."""
+
+    NOTICES = ("requires torchvision (not installed); falling back",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in self.NOTICES)
+
+
+def silence_library_chatter() -> None:
+    # The logger exists before transformers is imported (getLogger creates it), so the filter is in place in time.
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _LibraryChatter) for f in logger.filters):
+        logger.addFilter(_LibraryChatter())
+
+
+silence_library_chatter()
 
 from .errors import MemPruneError
 from .models import testbed_captions

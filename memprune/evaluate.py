@@ -21,7 +21,15 @@ unedited non-memorized generations' similarity to the nearest unedited memorized
 edited model's memorized generations count as copies when their similarity to the unedited generation
 (same prompt and seed) is above it; the unedited model's rate is then undefined and not written.
 Memorization rate = share of generations strictly above the threshold, over generations that have a
-copy reference. One threshold (from the unedited model) serves every model.
+copy reference. One threshold (from the unedited model) serves every model. With training images, a second,
+*strict* threshold is the same percentile of the unedited controls' similarity to their OWN training image
+(``copy_threshold_strict``, ``memorization_rate_strict``): damaged but recognisable copies count under it.
+``copy_similarity_ecdf.png`` draws the distributions of every model with both thresholds.
+
+Random control. Beside each edited model (unless ``random_control=False``, ``--no-random-control``), the
+unedited model with as many weights zeroed at random per tensor as the edit zeroes (memprune.control; seed
+``random_control_seed``, recorded in run.json) is generated and scored as a further column, named
+``random_control`` (one ``--edited``) or ``<name>_random_control``: the edit is evidence only where it beats it.
 
 Other metrics: ``diversity`` = mean pairwise similarity between the seeds of one prompt (higher = less
 diverse), averaged over prompts; ``detection_score`` = Wen et al.'s noise norm (memprune.detect),
@@ -53,7 +61,8 @@ GROUPS = ("memorized", "memorized_held_out", "non_memorized", "same_style_contro
 MEMORIZED_GROUPS = ("memorized", "memorized_held_out")
 NON_MEMORIZED_GROUPS = ("non_memorized", "same_style_control", "general")
 METRICS = (
-    "n_prompts", "n_generations", "copy_threshold", "memorization_rate", "copy_similarity", "similarity_to_unedited",
+    "n_prompts", "n_generations", "copy_threshold", "copy_threshold_strict", "memorization_rate",
+    "memorization_rate_strict", "copy_similarity", "similarity_to_unedited",
     "diversity", "attribute_accuracy", "detection_score", "detection_score_first_step", "detection_auc",
     "detection_auc_first_step", "seconds_per_image", "seconds_per_image_ratio",
 )
@@ -122,6 +131,8 @@ class EvaluateSettings:
     threshold_percentile: float = 95.0
     grid_prompts: int = 8  # prompts (rows) per image grid
     attributes: bool = True  # attribute_accuracy on the general captions (testbed classifier)
+    random_control: bool = True  # beside each edited model, a random edit zeroing as many weights per tensor
+    random_control_seed: int = 0
 
     def __post_init__(self):
         self.model = self.model or DEFAULT_MODEL
@@ -297,6 +308,7 @@ class EvaluationResult:
     training_images: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    random_controls: dict[str, dict] = field(default_factory=dict)  # control name -> of, seed, zeroed weights
 
     def value(self, model: str, group: str, metric: str) -> float:
         rows = self.metrics[(self.metrics.model == model) & (self.metrics.group == group) & (self.metrics.metric == metric)]
@@ -312,6 +324,16 @@ def calibrate_threshold(similarities, percentile: float = 95.0) -> float:
     if values.size == 0:
         raise MemPruneError("No non-memorized generations to calibrate the copy threshold on.")
     return float(np.percentile(values, percentile))
+
+
+def strict_threshold(copy_similarity: dict, members: list[tuple[str, int]], percentile: float = 95.0) -> float | None:
+    """The strict copy threshold: the percentile of the unedited control generations' similarity to their OWN
+    training image (not the nearest of all known images), None when the controls have no training images.
+
+    A same-style caption renders its own image's content without being a copy of it; above this, a generation
+    resembles its training image more than a non-memorized caption's generation resembles its own."""
+    own = np.concatenate([copy_similarity["unedited", source][i] for source, i in members])
+    return calibrate_threshold(own, percentile) if np.isfinite(own).any() else None
 
 
 def memorization_rate(similarities, threshold: float) -> float:
@@ -418,6 +440,7 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None, attribute_
         pipes[name] = given if given is not None else load_pipeline(folder, target, dtype)
     if edited_pipe is not None and len(pipes) == 1:
         pipes["edited"] = edited_pipe
+    random_controls = _add_random_controls(pipes, settings, notes) if settings.random_control else {}
     timings["load"] = round(time.perf_counter() - start, 3)
     cfg = uses_cfg(pipe, settings.generation)
     if not cfg:
@@ -443,7 +466,30 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None, attribute_
     metrics, generations, threshold, threshold_info, training = computed
     return EvaluationResult(metrics=metrics, generations=generations, threshold=threshold, threshold_info=threshold_info,
                             backend=backend.description, images=images, sources=sources, groups=groups,
-                            training_images=training, timings=timings, notes=notes)
+                            training_images=training, timings=timings, notes=notes, random_controls=random_controls)
+
+
+def random_control_name(edited_name: str) -> str:
+    return "random_control" if edited_name == "edited" else f"{edited_name}_random_control"
+
+
+def _add_random_controls(pipes: dict, settings: EvaluateSettings, notes: list[str]) -> dict[str, dict]:
+    """Beside each edited model, the unedited model with as many random weights zeroed per tensor (memprune.control)."""
+    from .control import random_control_of
+
+    controls = {}
+    for name, edited_pipe in list(pipes.items())[1:]:
+        control, counts = random_control_of(pipes["unedited"], edited_pipe, settings.random_control_seed)
+        if control is None:
+            notes.append(f"'{name}' zeroes no weight of the base model: no random control beside it.")
+            continue
+        control_name = random_control_name(name)
+        pipes[control_name] = control
+        controls[control_name] = {"of": name, "seed": settings.random_control_seed, "zeroed_weights": sum(counts.values()),
+                                  "tensors": len(counts)}
+        notes.append(f"'{control_name}': the unedited model with {sum(counts.values())} random weights zeroed, as many "
+                     f"per tensor as '{name}' zeroes ({len(counts)} tensors, seed {settings.random_control_seed}).")
+    return controls
 
 
 def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_first, seconds, cfg, classifier):
@@ -501,6 +547,13 @@ def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_fi
                        f"{calibration} generations to their nearest of {pool_text}; backend {backend.name}",
     }
     nearest_by_member = dict(zip(members, nearest.reshape(len(members), -1)))
+    strict = strict_threshold(copy_sim, members, settings.threshold_percentile) if mode == "training_image" else None
+    if strict is not None:
+        threshold_info["strict"] = {
+            "value": strict, "percentile": settings.threshold_percentile, "calibrated_on": calibration,
+            "description": f"{settings.threshold_percentile:g}th percentile of the similarity of the unedited "
+                           f"{calibration} generations to their OWN training image; backend {backend.name}",
+        }
 
     copy_reference = {}
     for model, source in images:
@@ -538,12 +591,17 @@ def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_fi
                     "copy_reference_similarity": copy_reference[model, source][i, s],
                     "is_copy": (copy_reference[model, source][i, s] > threshold
                                 if np.isfinite(copy_reference[model, source][i, s]) else np.nan),
+                    "is_copy_strict": (copy_reference[model, source][i, s] > strict
+                                       if strict is not None and np.isfinite(copy_reference[model, source][i, s])
+                                       else np.nan),
                     "detection_score": det_mean[model, source][i, s],
                     "detection_score_first_step": det_first[model, source][i, s],
                 })
     generations = pd.DataFrame(records)
 
     rows = [("unedited", calibration, "copy_threshold", threshold)]
+    if strict is not None:
+        rows.append(("unedited", calibration, "copy_threshold_strict", strict))
     pick = lambda table, members: np.stack([table[source][i] for source, i in members])  # noqa: E731
     for model in models:
         per_model = lambda table: {source: table[model, source] for source in sources}  # noqa: E731
@@ -554,6 +612,8 @@ def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_fi
             reference_values = pick(per_model(copy_reference), group.members)
             if np.isfinite(reference_values).any():
                 add("memorization_rate", memorization_rate(reference_values, threshold))
+                if strict is not None:
+                    add("memorization_rate_strict", memorization_rate(reference_values, strict))
             copy_values = pick(per_model(copy_sim), group.members)
             if np.isfinite(copy_values).any():
                 add("copy_similarity", np.nanmean(copy_values))
@@ -598,6 +658,16 @@ def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_fi
 
 # --------------------------------------------------------------------------------------------- outputs
 
+def threshold_lines(result: EvaluationResult, prefix: str = "") -> list[str]:
+    """Which threshold each memorization rate used, in words."""
+    lines = [f"{prefix}Copy threshold {result.threshold:.4g} (memorization_rate): {result.threshold_info['description']}."]
+    strict = result.threshold_info.get("strict")
+    if strict:
+        lines.append(f"{prefix}Strict copy threshold {strict['value']:.4g} (memorization_rate_strict): "
+                     f"{strict['description']}.")
+    return lines
+
+
 def _format(value: float) -> str:
     if value is None or not math.isfinite(value):
         return ""
@@ -614,7 +684,7 @@ def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids
         "",
         f"- Model: `{settings.model}`" + "".join(f"; {name}: `{folder}`" for name, folder in settings.edited_models().items()),
         f"- Similarity backend: {result.backend}",
-        f"- Copy threshold: {result.threshold:.4g} ({result.threshold_info['description']})",
+        *threshold_lines(result, "- "),
         f"- Generation: {settings.generation.steps} steps, seeds {settings.generation.seed}.."
         f"{settings.generation.seed + settings.generation.seeds - 1}, guidance "
         f"{settings.generation.guidance_scale if settings.generation.guidance_scale is not None else 'pipeline default'}",
@@ -659,6 +729,11 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
                 seen.append(group.members)
                 image_grid(result, name, settings.grid_prompts).save(staging / "grids" / f"{name}.png")
                 grids.append(f"grids/{name}.png")
+        if result.generations.copy_similarity.notna().any():
+            from .plots import copy_similarity_ecdf, save_figure
+
+            save_figure(copy_similarity_ecdf(result), staging / "copy_similarity_ecdf.png")
+            grids.append("copy_similarity_ecdf.png")
         (staging / "metrics.md").write_text(metrics_markdown(result, settings, grids))
         inputs = {role: settings.prompt_file(role) for role in ("memorized", "reference", "control", "general")}
         inputs["exclude_prompts"] = settings.exclude_prompts
@@ -666,10 +741,9 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
         for name, folder in settings.edited_models().items():
             inputs[f"{name}_memprune_json"] = str(Path(folder) / PRUNE_INFO)
         write_run_json(staging, settings, inputs, result.timings, similarity_backend=result.backend,
-                       copy_threshold=result.threshold_info, notes=result.notes,
+                       copy_threshold=result.threshold_info, notes=result.notes, random_controls=result.random_controls,
                        groups={name: len(group.members) for name, group in result.groups.items()})
-    lines = [f"Similarity backend: {result.backend}",
-             f"Copy threshold: {result.threshold:.4f} ({result.threshold_info['description']})."]
+    lines = [f"Similarity backend: {result.backend}", *threshold_lines(result)]
     lines += [f"Note: {note}" for note in result.notes]
     lines.append(_summary_table(result))
     lines.append(f"Metrics: {Path(out) / 'metrics.csv'} and {Path(out) / 'metrics.md'}")

@@ -187,9 +187,20 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
     lines = [
         f"Located {sum(counts.values())} weight selections over {len(result.masks.layers)} layers x "
         f"{len(result.masks.steps)} steps from {len(result.prompts)} memorized prompts.",
+        *_kept_line(result.masks),
         f"Masks: {Path(out) / 'masks.safetensors'}",
     ]
     if result.overlap is not None:
         lines.append("Subset overlap (mean IoU):\n" + summarize_overlap(result.overlap).round(3).to_string())
         lines.append(f"Overlap table: {Path(out) / 'overlap.csv'}")
     return "\n".join(lines)
+
+
+def _kept_line(masks) -> list[str]:
+    """k per row (the paper's units) and the ratio it corresponds to, over layers."""
+    kept = masks.meta.get("k_per_row", {})
+    if not kept:
+        return []
+    ratios = [kept[layer] / masks.shapes[layer][1] for layer in kept]
+    return [f"Columns kept per output row: k = {min(kept.values())}..{max(kept.values())} "
+            f"(ratio k/H = {min(ratios):.4g}..{max(ratios):.4g}); per layer in masks.json."]

@@ -227,3 +227,29 @@ def image_grid(result, group: str, max_prompts: int = 8):
             if footer:
                 draw.text((x + 2, y + cell_h), footer, fill="black")
     return canvas
+
+
+def copy_similarity_ecdf(result, groups=("memorized_held_out", "memorized")) -> plt.Figure:
+    """Empirical CDF of the copy similarity of the memorized generations (the first of `groups` present), one line
+    per model (unedited, edited, random control, ...), with the copy threshold and the strict threshold drawn."""
+    group = next(g for g in groups if g in result.groups)
+    members = set(result.groups[group].members)
+    table = result.generations
+    table = table[[(s, i) in members for s, i in zip(table.source, table.prompt_index)]]
+    fig, ax = _subplots(figsize=(7, 4.2))
+    for model, rows in table.groupby("model", sort=False):
+        values = np.sort(rows.copy_reference_similarity.dropna().to_numpy())
+        if values.size:
+            ax.step(values, np.arange(1, values.size + 1) / values.size, where="post", label=f"{model} (n={values.size})")
+    ax.axvline(result.threshold, color="black", linestyle="--", label=f"copy threshold {result.threshold:.3f}")
+    strict = result.threshold_info.get("strict")
+    if strict:
+        ax.axvline(strict["value"], color="red", linestyle=":", label=f"strict threshold {strict['value']:.3f}")
+    ax.set_xlabel("copy similarity to the training image")
+    ax.set_ylabel("share of generations ≤ x")
+    ax.set_title(f"Copy similarity, {group.replace('_', ' ')} prompts")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig

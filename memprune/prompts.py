@@ -52,14 +52,14 @@ def _first_present(columns, candidates):
 def _read_csv(path: Path, text: str) -> PromptList:
     first_line = text.splitlines()[0] if text else ""
     delimiter = ";" if first_line.count(";") > first_line.count(",") else ","
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter, strict=True)
     columns = reader.fieldnames or []
     caption_column = _first_present(columns, CAPTION_COLUMNS)
     if caption_column is None:
         raise MemPruneError(
             f"Prompt file '{path}' has no caption column: name one of {', '.join(CAPTION_COLUMNS[:4])} in its header line."
         )
-    rows = list(reader)
+    rows = _csv_rows(path, reader, caption_column)
     label_column = _first_present(columns, LABEL_COLUMNS)
     image_column = _first_present(columns, IMAGE_COLUMNS)
     prompts = []
@@ -80,6 +80,27 @@ def _read_csv(path: Path, text: str) -> PromptList:
         images=images,
         extra=extra,
     )
+
+
+def _csv_rows(path: Path, reader: csv.DictReader, caption_column: str) -> list[dict]:
+    """All rows, refusing what a lenient reader would silently turn into one long caption or shifted columns:
+    an unterminated quote, a caption spanning lines, more fields than the header names."""
+    rows = []
+    while True:
+        start = reader.line_num + 1  # the physical line the next record starts on
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as exc:
+            raise MemPruneError(f"Prompt file '{path}' line {start} is malformed CSV ({exc}): check its quotes.") from exc
+        if None in row:
+            raise MemPruneError(f"Prompt file '{path}' line {start} has more fields than its header: quote captions "
+                                "that contain the delimiter.")
+        if "\n" in (row.get(caption_column) or "") or "\r" in (row.get(caption_column) or ""):
+            raise MemPruneError(f"Prompt file '{path}' line {start}: the caption runs over several lines "
+                                f"(to line {reader.line_num}), probably an unbalanced quote.")
+        rows.append(row)
 
 
 def _image_path(folder: Path, relative: str) -> str:

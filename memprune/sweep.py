@@ -26,6 +26,7 @@ from .similarity import SimilarityBackend, load_image
 @dataclass
 class SweepSettings:
     ratios: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
+    k_per_row: tuple[int, ...] = ()  # further points in the paper's units (columns kept per output row)
     timesteps: tuple[int, ...] = (10,)
     random_controls: int = 2  # random masks of the same size per layer, per point
     generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(steps=50, seeds=4, batch_size=16))
@@ -72,22 +73,37 @@ def zeroed_share(masks: Masks, timesteps: int) -> float:
     return sum(idx.numel() for idx in union.values()) / total
 
 
+def kept_per_row(masks: Masks) -> tuple[float, float]:
+    """(smallest, largest) k over layers, from the masks' meta (NaN for masks that do not record it)."""
+    kept = list(masks.meta.get("k_per_row", {}).values())
+    return (min(kept), max(kept)) if kept else (float("nan"), float("nan"))
+
+
 def pruning_sweep(pipe, masks_for_ratio: Callable[[float], Masks], score: Scorer, settings: SweepSettings,
-                  progress: bool = True) -> pd.DataFrame:
-    """One row per (method, ratio, τ, control seed): the scores of the pruned model, plus the unpruned baseline."""
-    rows = [{"method": "none", "ratio": 0.0, "timesteps": 0, "control_seed": -1, "zeroed_share": 0.0, **score(pipe)}]
-    points = [(ratio, tau) for ratio in settings.ratios for tau in settings.timesteps]
+                  progress: bool = True, masks_for_k: Callable[[int], Masks] | None = None) -> pd.DataFrame:
+    """One row per (method, ratio or k per row, τ, control seed): the scores of the pruned model, plus the unpruned
+    baseline. Points of `settings.k_per_row` need `masks_for_k`; their `ratio` is NaN, and every row records the
+    smallest and largest k per row over layers (`k_min`, `k_max`) so ratios and k can be read in the same units."""
+    nan = float("nan")
+    rows = [{"method": "none", "ratio": 0.0, "k_per_row": nan, "k_min": 0, "k_max": 0, "timesteps": 0,
+             "control_seed": -1, "zeroed_share": 0.0, **score(pipe)}]
+    if settings.k_per_row and masks_for_k is None:
+        raise ValueError("SweepSettings.k_per_row needs masks_for_k.")
+    sizes = [(ratio, nan) for ratio in settings.ratios] + [(nan, k) for k in settings.k_per_row]
+    points = [(size, tau) for size in sizes for tau in settings.timesteps]
     bar = tqdm(total=len(points) * (1 + settings.random_controls), desc="pruning sweep", disable=not progress)
-    for ratio, tau in points:
-        located = masks_for_ratio(ratio)
+    for (ratio, k), tau in points:
+        located = masks_for_ratio(ratio) if np.isfinite(ratio) else masks_for_k(int(k))
+        k_min, k_max = kept_per_row(located)
         candidates = [("wanda", -1, located)] + [
             ("random", seed, random_masks_like(located, tau, seed)) for seed in range(settings.random_controls)
         ]
         for method, seed, masks in candidates:
             edit = apply_masks(pipe, masks, tau)
             try:
-                rows.append({"method": method, "ratio": ratio, "timesteps": tau, "control_seed": seed,
-                             "zeroed_share": zeroed_share(masks, tau), **score(pipe)})
+                rows.append({"method": method, "ratio": ratio, "k_per_row": k, "k_min": k_min, "k_max": k_max,
+                             "timesteps": tau, "control_seed": seed, "zeroed_share": zeroed_share(masks, tau),
+                             **score(pipe)})
             finally:
                 undo(pipe, edit)
             bar.update(1)
@@ -96,9 +112,11 @@ def pruning_sweep(pipe, masks_for_ratio: Callable[[float], Masks], score: Scorer
 
 
 def summarize_sweep(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Wanda vs the mean of its random controls, per (ratio, τ)."""
+    """Wanda vs the mean of its random controls, per (ratio or k per row, τ), with k's range over layers."""
     metrics = [c for c in ("memorization_rate", "copy_similarity", "attribute_accuracy") if c in sweep]
-    table = (sweep[sweep.method != "none"].groupby(["ratio", "timesteps", "method"])[metrics + ["zeroed_share"]]
+    keys = ["ratio", "k_per_row", "k_min", "k_max", "timesteps", "method"]
+    sweep = sweep.assign(**{key: sweep[key] if key in sweep else float("nan") for key in keys[1:4]})
+    table = (sweep[sweep.method != "none"].groupby(keys, dropna=False)[metrics + ["zeroed_share"]]
              .mean().unstack("method"))
     table.columns = [f"{metric} ({method})" for metric, method in table.columns]
     return table

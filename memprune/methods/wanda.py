@@ -27,12 +27,21 @@ NEURON_SCORES = ("zscore", "ratio")
 
 @dataclass
 class SelectionSettings:
-    ratio: float = 0.01
+    """How many columns per output row are kept: a share `ratio` of the layer width H (k = floor(ratio·H), the
+    paper's parameter) or, in the paper's units across models of different width, `k_per_row` itself."""
+
+    ratio: float | None = 0.01
     granularity: str = "weight"
     neuron_score: str = "zscore"
+    k_per_row: int | None = None
 
     def __post_init__(self):
-        if not 0 < self.ratio <= 1:
+        if self.k_per_row is not None:
+            if self.ratio is not None:
+                raise MemPruneError("Give --ratio or --k-per-row, not both.")
+            if int(self.k_per_row) != self.k_per_row or self.k_per_row < 1:
+                raise MemPruneError(f"--k-per-row must be a whole number of at least 1, got {self.k_per_row}.")
+        elif self.ratio is None or not 0 < self.ratio <= 1:
             raise MemPruneError(f"--ratio must be in (0, 1], got {self.ratio}.")
         if self.granularity not in GRANULARITIES:
             raise MemPruneError(f"Unknown granularity '{self.granularity}': use weight or neuron.")
@@ -40,16 +49,34 @@ class SelectionSettings:
             raise MemPruneError(f"Unknown neuron score '{self.neuron_score}': use zscore or ratio.")
 
 
+    def keep(self, width: int, layer: str = "a layer") -> int:
+        """k, the columns kept per output row of a layer of input width H = `width`."""
+        if self.k_per_row is None:
+            return keep_count(self.ratio, width)
+        if self.k_per_row > width:
+            raise MemPruneError(f"--k-per-row {self.k_per_row} is larger than the width {width} of {layer}: "
+                                f"use at most {width}.")
+        return int(self.k_per_row)
+
+
 def keep_count(ratio: float, width: int) -> int:
-    return math.floor(ratio * width)
+    """k = floor(ratio · H) (a small epsilon absorbs float error: 0.1 · 250 must give 25, not 24)."""
+    return math.floor(ratio * width + 1e-9)
 
 
-def wanda_mask(weight: torch.Tensor, a_mem: torch.Tensor, a_ref: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Per output row i keep the top-k columns of |W[i]| * a_mem, then only columns with a_mem > a_ref."""
+def ratio_for(k: int, width: int) -> float:
+    """The ratio that keeps k columns of a width-H row: keep_count(ratio_for(k, H), H) == k."""
+    return k / width
+
+
+def wanda_mask(weight: torch.Tensor, a_mem: torch.Tensor, a_ref: torch.Tensor, ratio: float | None = None,
+               k: int | None = None) -> torch.Tensor:
+    """Per output row i keep the top-k columns of |W[i]| * a_mem (k given, or floor(ratio·H)), then only columns
+    with a_mem > a_ref."""
     a_mem = a_mem.to(weight.device, torch.float32)
     a_ref = a_ref.to(weight.device, torch.float32)
     scores = weight.detach().abs().float() * a_mem[None, :]
-    k = keep_count(ratio, weight.shape[1])
+    k = keep_count(ratio, weight.shape[1]) if k is None else k
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k > 0:
         mask.scatter_(1, scores.topk(k, dim=1).indices, True)
@@ -64,10 +91,11 @@ def neuron_scores(memorized, reference, score: str = "zscore") -> torch.Tensor:
     return memorized.wanda_norm / (reference.wanda_norm + eps)
 
 
-def neuron_mask(weight: torch.Tensor, memorized, reference, ratio: float, score: str = "zscore") -> torch.Tensor:
+def neuron_mask(weight: torch.Tensor, memorized, reference, ratio: float | None = None, score: str = "zscore",
+                k: int | None = None) -> torch.Tensor:
     """Top-k neurons (whole columns of W) by score, kept only where the score says 'more active than reference'."""
     scores = neuron_scores(memorized, reference, score).to(weight.device, torch.float32)
-    k = keep_count(ratio, weight.shape[1])
+    k = keep_count(ratio, weight.shape[1]) if k is None else k
     columns = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
     if k > 0:
         columns[scores.topk(k).indices] = True
@@ -86,16 +114,18 @@ def select(
     """Masks for every (layer, step) recorded in both statistics."""
     steps = steps if steps is not None else memorized.steps
     dense = {}
+    kept = {layer: settings.keep(weight.shape[1], layer) for layer, weight in weights.items()}
     for layer, weight in weights.items():
         for step in steps:
             if (layer, step) not in memorized.accumulators or (layer, step) not in reference.accumulators:
                 raise MemPruneError(f"No statistics for {layer} at step {step}: record both prompt sets with the same --steps.")
             mem, ref = memorized[(layer, step)], reference[(layer, step)]
             if settings.granularity == "weight":
-                dense[(layer, step)] = wanda_mask(weight, mem.wanda_norm, ref.wanda_norm, settings.ratio)
+                dense[(layer, step)] = wanda_mask(weight, mem.wanda_norm, ref.wanda_norm, k=kept[layer])
             else:
-                dense[(layer, step)] = neuron_mask(weight, mem, ref, settings.ratio, settings.neuron_score)
-    return Masks.from_dense(dense, meta={"selection": vars(settings).copy(), **(meta or {})})
+                dense[(layer, step)] = neuron_mask(weight, mem, ref, score=settings.neuron_score, k=kept[layer])
+    # k per layer in the paper's units, so masks of models of different width can be set side by side
+    return Masks.from_dense(dense, meta={"selection": vars(settings).copy(), "k_per_row": kept, **(meta or {})})
 
 
 def edit(pipe, settings: SelectionSettings, memorized_stats: NeuronStats, reference_stats: NeuronStats,

@@ -18,7 +18,7 @@ def testbed() -> None:
 
 @testbed.command("train")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for data, initialisation and batches.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for data, initialisation and batches.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="UNet training steps (default: the preset's).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch CPU threads.")
 @click.option("--device", default="auto", show_default=True,
