@@ -6,13 +6,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench notebooks clean
 
+LOG := $(VENV)/install.log
+
+# Quiet on success (one line says what is happening); on failure the pip log is printed.
+# The CPU wheel of the torch pin lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU wheel of this pin lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,testbed,notebooks]'
-	touch $(STAMP)
+	@echo "Installing memprune and its dependencies into $(VENV) (first run only, about 2 minutes; log: $(LOG))"
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@( $(BIN)/pip install --quiet --upgrade pip && \
+	   $(BIN)/pip install --quiet torch==2.13.0 && \
+	   $(BIN)/pip install --quiet -e '.[dev,testbed,notebooks]' ) > $(LOG) 2>&1 \
+	   || { cat $(LOG); echo "Installation failed: the pip log is above and in $(LOG)."; exit 1; }
+	@touch $(STAMP)
 
 install: $(STAMP)
 

@@ -189,6 +189,18 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
     click.echo(detect_to_file(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype)))
 
 
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--evaluation", required=True, type=click.Path(file_okay=False),
+              help="Output folder of `memprune evaluate` that evaluated FOLDER.")
+@click.option("--name", default=None, help="FOLDER's model column in that evaluation (default: found from its run.json).")
+def card(folder, evaluation, name):
+    """Rewrite the README.md model card of an edited FOLDER with the numbers of an evaluation."""
+    from .model_card import card_from_evaluation
+
+    click.echo(f"Model card: {card_from_evaluation(folder, evaluation, name)}")
+
+
 def _register_optional_commands() -> None:
     """Commands of modules that may be absent in a partial install are added only when importable."""
     try:

@@ -1,8 +1,23 @@
-"""Say plainly whether the demo shows what the paper claims: memorization of the memorized prompts outside the
-located subset from >= 90% to <= 10%, attribute accuracy within 5 points, seconds per image unchanged."""
+"""Say plainly whether the demo shows what the paper claims, beside its control: memorization of the memorized
+prompts outside the located subset from >= 90% to <= 10%, and far below a random mask of the same size (the
+located subspace, not just any weights); attribute accuracy within 5 points; seconds per image unchanged."""
+import math
 import sys
 
 import pandas as pd
+
+MODELS = ("unedited", "edited", "random_control")
+ROWS = (
+    ("memorized_held_out", "memorization_rate", "held-out memorization", True),
+    ("memorized_held_out", "memorization_rate_strict", "held-out memorization (strict threshold)", True),
+    ("memorized_held_out", "copy_similarity", "held-out copy similarity", False),
+    ("same_style_control", "memorization_rate", "same-style controls: memorization", True),
+    ("same_style_control", "similarity_to_unedited", "same-style controls: similarity to unedited", False),
+    ("general", "similarity_to_unedited", "general: similarity to unedited", False),
+    ("general", "attribute_accuracy", "general: attribute accuracy", True),
+    ("memorized", "seconds_per_image_ratio", "seconds per image vs unedited", False),
+)
+MARGIN = 0.2  # the edit must beat its random control by this much held-out memorization to count as located
 
 
 def value(metrics, model, group, metric):
@@ -10,21 +25,38 @@ def value(metrics, model, group, metric):
     return float(row.value.iloc[0]) if len(row) else float("nan")
 
 
+def table(metrics) -> str:
+    lines = [f"{'':46s}" + "".join(f"{m:>16s}" for m in MODELS)]
+    for group, metric, label, percent in ROWS:
+        cells = [value(metrics, m, group, metric) for m in MODELS]
+        text = ["" if math.isnan(v) else (f"{v:.1%}" if percent else f"{v:.3f}") for v in cells]
+        lines.append(f"{label:46s}" + "".join(f"{t:>16s}" for t in text))
+    return "\n".join(lines)
+
+
 def main(path: str) -> int:
     metrics = pd.read_csv(path)
-    before = value(metrics, "unedited", "memorized_held_out", "memorization_rate")
-    after = value(metrics, "edited", "memorized_held_out", "memorization_rate")
+    print(table(metrics))
+    print()
+    rate = lambda model, metric="memorization_rate": value(metrics, model, "memorized_held_out", metric)  # noqa: E731
+    before, after, control = rate("unedited"), rate("edited"), rate("random_control")
+    strict_after, strict_control = rate("edited", "memorization_rate_strict"), rate("random_control", "memorization_rate_strict")
     accuracy = (value(metrics, "unedited", "general", "attribute_accuracy"),
                 value(metrics, "edited", "general", "attribute_accuracy"))
     cost = value(metrics, "edited", "memorized", "seconds_per_image_ratio")
     checks = [
         (f"held-out memorization {before:.1%} -> {after:.1%} (claim: >= 90% -> <= 10%)", before >= 0.9 and after <= 0.1),
+        (f"the edit beats a random mask of the same size: {after:.1%} vs {control:.1%} (strict threshold: "
+         f"{strict_after:.1%} vs {strict_control:.1%}; claim: at least {MARGIN:.0%} lower under both)",
+         not math.isnan(control) and control - after >= MARGIN and strict_control - strict_after >= MARGIN),
         (f"attribute accuracy {accuracy[0]:.1%} -> {accuracy[1]:.1%} (claim: within 5 points)",
          abs(accuracy[1] - accuracy[0]) <= 0.05),
         (f"seconds per image edited/unedited {cost:.2f} (claim: unchanged; pruning adds no work)", abs(cost - 1) <= 0.1),
     ]
     for text, ok in checks:
         print(f"[{'holds' if ok else 'DOES NOT HOLD'}] {text}")
+    if math.isnan(control):
+        print("No random control in this evaluation (--no-random-control?): the edit cannot be told from any edit.")
     verdict = all(ok for _, ok in checks)
     print("The paper's claim " + ("holds on this model." if verdict else
                                   "does NOT hold on this model: see data/testbed/MODEL_CARD.md for what was measured."))

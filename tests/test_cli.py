@@ -96,7 +96,17 @@ def test_bad_ratio_timesteps_and_existing_output(saved_pipelines, located, tmp_p
     model, prompts = saved_pipelines["sd1"], located["prompts"]
     for ratio in ("0", "1.5"):
         assert_refused(run(*LOCATE, "--model", model, "--memorized", prompts, "--ratio", ratio, "--out", tmp_path / "o"),
-                       "--ratio must be in (0, 1]")
+                       f"Invalid value for '--ratio': {float(ratio)} is not in the range 0<x<=1")
+    # Every numeric option is range-checked before any work (a batch size of 0 once ended in ZeroDivisionError).
+    for option, value in (("--batch-size", "0"), ("--steps", "0"), ("--seeds", "0"), ("--k-per-row", "0"),
+                          ("--subset-size", "0"), ("--num-prompts", "0"), ("--seed", "-1")):
+        assert_refused(run(*LOCATE, "--model", model, "--memorized", prompts, option, value, "--out", tmp_path / "o"),
+                       f"Invalid value for '{option}'")
+    assert_refused(run(*LOCATE, "--model", model, "--memorized", prompts, "--ratio", "0.1", "--k-per-row", "2",
+                       "--out", tmp_path / "o"), "Give --ratio or --k-per-row, not both.")
+    by_k = [arg for arg in LOCATE if arg not in ("--ratio", "0.1")]
+    assert_refused(run(*by_k, "--model", model, "--memorized", prompts, "--k-per-row", "100000", "--out", tmp_path / "o"),
+                   "--k-per-row 100000 is larger than the width")
     assert_refused(run("prune", "--model", model, "--masks", located["out"], "--timesteps", "4", "--out", tmp_path / "o"),
                    "larger than the 3 steps")
     assert_refused(run(*LOCATE, "--model", model, "--memorized", prompts, "--out", located["out"]), "already exists")

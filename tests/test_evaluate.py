@@ -218,7 +218,7 @@ def no_truth(saved_pipelines, tmp_path_factory):
 
 def check_schema(metrics: pd.DataFrame):
     assert list(metrics.columns) == ["model", "group", "metric", "value"]
-    assert set(metrics.model) <= {"unedited", "edited"} and set(metrics.group) <= set(GROUPS) and set(metrics.metric) <= set(METRICS)
+    assert set(metrics.model) <= {"unedited", "edited", "random_control"} and set(metrics.group) <= set(GROUPS) and set(metrics.metric) <= set(METRICS)
     assert np.isfinite(metrics.value).all()
     assert not metrics.duplicated(["model", "group", "metric"]).any()
 
@@ -229,8 +229,10 @@ def test_no_ground_truth_metrics_by_hand(no_truth, saved_pipelines):
     check_schema(metrics)
     assert set(metrics.group) == {"memorized", "memorized_held_out", "non_memorized"}
     assert not (metrics.metric == "copy_similarity").any()  # no training images
-    assert set(metrics[metrics.metric == "similarity_to_unedited"].model) == {"edited"}
-    assert set(metrics[metrics.metric == "memorization_rate"].model) == {"edited"}  # undefined for the unedited model
+    assert set(metrics[metrics.metric == "similarity_to_unedited"].model) == {"edited", "random_control"}
+    # undefined for the unedited model
+    assert set(metrics[metrics.metric == "memorization_rate"].model) == {"edited", "random_control"}
+    assert not (metrics.metric == "memorization_rate_strict").any()  # no training images: no strict threshold
 
     # The unedited generations are those of a separate generate() call with the same seeds.
     pipe = load_pipeline(str(saved_pipelines["sd1"]))
@@ -296,7 +298,9 @@ def test_evaluate_command_writes_folder(no_truth):
     assert run_info["copy_threshold"]["value"] == pytest.approx(metrics.query("metric == 'copy_threshold'").value.iloc[0])
     assert run_info["similarity_backend"].startswith("SSIM")
     markdown = (out / "metrics.md").read_text()
-    assert "| group | metric | unedited | edited |" in markdown and "| memorized | similarity_to_unedited |  |" in markdown
+    assert "| group | metric | unedited | edited | random_control |" in markdown
+    assert "| memorized | similarity_to_unedited |  |" in markdown
+    assert run_info["random_controls"]["random_control"]["seed"] == 0
     with Image.open(out / "grids" / "memorized.png") as grid:
         assert grid.width > 4 * 64 and grid.height >= 3 * 64  # 3 prompts x (2 + 2 seeds), 16 px upscaled to 64
 
@@ -308,7 +312,7 @@ def test_compare_several_edited_models(no_truth, saved_pipelines):
     out = folder / "compare"
     result = run("evaluate", "--model", settings.model, "--edited", settings.edited, "--compare", heavier,
                  "--memorized", settings.memorized, "--reference", settings.reference, "--steps", 2, "--seeds", 2,
-                 "--device", "cpu", "--grid-prompts", 2, "--out", out)
+                 "--device", "cpu", "--grid-prompts", 2, "--no-random-control", "--out", out)
     assert result.exit_code == 0, result.output
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(dict.fromkeys(metrics.model)) == ["unedited", "edited", "heavier"]  # folder names, given order
@@ -375,6 +379,16 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
     control_copies = result.generations.query("model == 'unedited' and source == 'control'").copy_similarity
     for group in ("same_style_control", "non_memorized"):  # general captions have no training image
         assert result.value("unedited", group, "memorization_rate") == pytest.approx(np.mean(control_copies > result.threshold))
+    # Strict threshold: 95th percentile of the controls' similarity to their OWN training image (dog.png, square.png).
+    own = control_copies.to_numpy()
+    by_hand = [float(ssim(result.images["unedited", "control"][i, s][None], load_image(images / f"{n}.png")[None]))
+               for i, n in enumerate(("dog", "square")) for s in range(2)]
+    np.testing.assert_allclose(np.sort(own), np.sort(by_hand), atol=1e-6)
+    strict = np.percentile(by_hand, 95)
+    assert result.value("unedited", "same_style_control", "copy_threshold_strict") == pytest.approx(strict, abs=1e-6)
+    assert result.threshold_info["strict"]["value"] == pytest.approx(strict, abs=1e-6)
+    assert strict <= result.threshold + 1e-9  # own image is one of the pool: never above the nearest
+    assert result.value("unedited", "memorized", "memorization_rate_strict") == pytest.approx(np.mean(copies > strict))
     # Attributes: the classifier says (red, circle) for everything: right on prompt 0, wrong on prompt 1.
     assert result.value("unedited", "general", "attribute_accuracy") == pytest.approx(0.5)
     general = result.metrics[result.metrics.group == "general"]
@@ -387,6 +401,9 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
     summary = evaluate_module.evaluate_to_folder(settings, out, progress=False)
     assert "Similarity backend: SSIM" in summary
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["general.png", "memorized.png", "same_style_control.png"]
+    assert (out / "copy_similarity_ecdf.png").is_file()
+    markdown = (out / "metrics.md").read_text()
+    assert "(memorization_rate_strict): 95th percentile" in markdown and "(memorization_rate): 95th" in markdown
     with Image.open(out / "grids" / "memorized.png") as grid:
         assert grid.width > 3 * 64  # training image + 2 seeds, 16 px upscaled to 64
         # Row 2 ("the cat"): its training tile is cat.png upscaled 4x by pixel repetition, left of the generations.
@@ -437,7 +454,7 @@ def test_bad_inputs(no_truth, tmp_path):
     cases = [
         ([], "--reference is required"),
         (["--reference", s.reference, "--exclude-prompts", unrelated], "None of the captions"),
-        (["--reference", s.reference, "--seeds", 0], "--steps and --seeds must be at least 1"),
+        (["--reference", s.reference, "--seeds", 0], "Invalid value for '--seeds': 0 is not in the range x>=1"),
         (["--reference", missing_image], "does not exist"),
         (["--reference", s.reference, "--sscd", tmp_path / "none.pt"], "SSCD model file"),
         (["--reference", s.reference, "--threshold-percentile", 0], "--threshold-percentile"),
