@@ -34,8 +34,9 @@ here, all fields of `DoCoSettings` unless stated:
 - **Discriminator.** Conv(C→w, 3) · LeakyReLU · Conv(w→2w, 4, stride 2) · LeakyReLU · Conv(2w→2w, 3) · LeakyReLU
   · global average pool · Linear(2w→1); w = `discriminator_width` (32). Adam lr `discriminator_lr` (5e-4, the
   public code's dlr), betas (0.5, 0.999) as usual for GANs. It is initialised from `seed` and updated once per
-  step, before the student's generator loss is computed (as in the public code). `discriminator_warmup` (20
-  steps, 10 % of the default run; the public code uses 500 of 1000) trains D alone first.
+  step, before the student's generator loss is computed (as in the public code). `discriminator_warmup` (default
+  10 % of the steps, 20 of the default 200; the public code uses 500 of 1000) trains D alone first. During the
+  warm-up the student only distils the teacher on retain prompts, which starts at zero loss.
 - **Surgery scope.** `surgery_scope="parameter"` (default): per parameter tensor (as the public code does per
   parameter), so one layer's conflict does not bend another's gradient. `"global"`: one cosine over all trained
   parameters flattened. The public code compares normalised gradients and subtracts dot·ĝ_r. We use the formula
@@ -73,7 +74,7 @@ class DoCoSettings:
     unlearn_weight: float = 1.0  # weight of the generator (unlearning) loss's gradient
     discriminator_lr: float = 5e-4
     discriminator_width: int = 32
-    discriminator_warmup: int = 20  # steps that train D only
+    discriminator_warmup: int | None = None  # steps that train D only (None: 10 % of the run's steps)
     unlearn_t_min: float = 0.5  # memorized/anchor timesteps from [t_min * T, T)
     surgery: bool = True
     surgery_scope: str = "parameter"  # "parameter" or "global"
@@ -84,7 +85,7 @@ class DoCoSettings:
             raise MemPruneError(f"DoCo surgery_scope must be one of {', '.join(SCOPES)}, got '{self.surgery_scope}'.")
         if not 0 <= self.unlearn_t_min < 1:
             raise MemPruneError(f"DoCo unlearn_t_min must be in [0, 1), got {self.unlearn_t_min}.")
-        if self.discriminator_warmup < 0 or self.discriminator_width < 1:
+        if (self.discriminator_warmup or 0) < 0 or self.discriminator_width < 1:
             raise MemPruneError("DoCo discriminator_warmup must be >= 0 and discriminator_width >= 1.")
 
 
@@ -125,6 +126,7 @@ class DoCoHooks(FinetuneHooks):
         self.memorized_prompts = list(memorized_prompts)
         self.anchor_prompts = anchor_prompts
         self.d_history: list[dict] = []
+        self.warmup = 0
         self.conflicts = 0
         self.compared = 0
 
@@ -135,6 +137,8 @@ class DoCoHooks(FinetuneHooks):
         else:
             self.anchors = encode_conditioning(
                 loop.pipe, sample_prompts(self.anchor_prompts, self.settings.anchor_prompts, loop.settings.seed))
+        warmup = self.settings.discriminator_warmup
+        self.warmup = loop.settings.steps // 10 if warmup is None else warmup
         self.generator = torch.Generator("cpu").manual_seed(loop.settings.seed + 1)
         self.rng = np.random.default_rng(loop.settings.seed + 1)
         channels = loop.retain.latents.shape[1]
@@ -172,7 +176,7 @@ class DoCoHooks(FinetuneHooks):
             self.optimizer.step()
         accuracy = float(((real < 0).sum() + (fake > 0).sum()) / (real.numel() + fake.numel()))
         self.d_history.append({"step": step, "discriminator_loss": float(loss_d.detach()), "accuracy": accuracy})
-        if step < self.settings.discriminator_warmup or self.settings.unlearn_weight == 0:
+        if step < self.warmup or self.settings.unlearn_weight == 0:
             return {}
         logits = self.discriminator(student)
         return {"unlearn": F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))}
@@ -209,6 +213,7 @@ class DoCoHooks(FinetuneHooks):
             "discriminator_accuracy_last20": float(np.mean([r["accuracy"] for r in last])) if last else None,
             "discriminator_loss_last20": float(np.mean([r["discriminator_loss"] for r in last])) if last else None,
             "surgery_conflict_share": self.conflicts / self.compared if self.compared else None,
+            "discriminator_warmup_steps": self.warmup,
             "anchors": "retain prompts" if self.anchor_prompts is None else f"{len(self.anchors)} anchor prompts",
         }
 
