@@ -558,6 +558,20 @@ def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None
     return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors)
 
 
+def anchor_notes(model: str, anchors: str | None) -> list[str]:
+    """A warning when the anchors are the testbed's same-style control captions, which evaluate scores."""
+    from .models import TESTBED_CAPTION_FILES, testbed_captions
+
+    captions = testbed_captions(model)
+    if anchors is None or captions is None:
+        return []
+    control = captions / TESTBED_CAPTION_FILES["control"]
+    if control.is_file() and Path(anchors).resolve() == control.resolve():
+        return ["the anchors are the testbed's same-style control captions, which `memprune evaluate` scores as its "
+                "control group: that group is not held out from this fine-tune."]
+    return []
+
+
 def _file_record(path) -> dict | None:
     from .masks import file_sha256
 
@@ -615,8 +629,10 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
         retain_prompts = read_image_captions(settings.retain_images)[1]
     check_disjoint(memorized, retain_prompts)
     anchors = read_prompts(inputs.anchors).prompts if inputs.anchors else None
+    notes = []
     if anchors is not None:
         check_disjoint(memorized, anchors, "anchor")
+        notes += anchor_notes(model, inputs.anchors)
     timer = Timer()
     with timer("load"):
         pipe = load_pipeline(model, resolve_device(device), dtype)
@@ -652,6 +668,7 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
         "relative_frobenius_change": changes,
         "final_losses": {k: float(v) for k, v in history.iloc[-1].items() if k.endswith("_loss")},
         "method_info": _jsonable(method_info),
+        "notes": notes,
     }
     with atomic_output_dir(out, overwrite, protected) as staging:
         with timer("save"):
@@ -671,7 +688,7 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     return (f"{method}: {settings.steps} steps on {len(retain.prompts)} retain {retain.source} latents "
             f"({timer.seconds['finetune']:.0f} s); changed {len(changed)} of {len(changes)} trained tensors "
             f"(--params {settings.params}, largest relative change {largest:.3g}); verified {verified} tensors "
-            f"after reload.\nFine-tuned pipeline: {out}")
+            f"after reload.\n" + "".join(f"Note: {note}\n" for note in notes) + f"Fine-tuned pipeline: {out}")
 
 
 @dataclass
