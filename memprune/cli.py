@@ -196,11 +196,10 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
 @click.option("--sampling-steps", default=20, show_default=True, help="Sampling steps of the retain generations.")
 @click.option("--seed", default=0, show_default=True)
 @device_option
-@dtype_option
 @out_option
 @overwrite_option
 def finetune(model, method, memorized, retain, retain_images, anchors, params, energy, steps, lr, batch_size,
-             retain_prompts, sampling_steps, seed, device, dtype, out, overwrite):
+             retain_prompts, sampling_steps, seed, device, out, overwrite):
     """Fine-tune the denoiser on retain data (gradient projection, DoCo, or the plain control) and save it."""
     from .finetune import FinetuneInputs, FinetuneSettings, finetune_to_folder
     from .methods import get
@@ -217,8 +216,9 @@ def finetune(model, method, memorized, retain, retain_images, anchors, params, e
     if anchors is not None and method != "doco":
         raise MemPruneError("--anchors is used by --method doco only.")
     inputs = FinetuneInputs(memorized=memorized, retain=retain, anchors=anchors)
+    # float32 only (no --dtype): Adam on half-precision weights loses small updates.
     click.echo(finetune_to_folder(model, method, out, settings, inputs, method_settings, overwrite=overwrite,
-                                  device=device, dtype=torch_dtype(dtype)))
+                                  device=device))
 
 
 def _register_optional_commands() -> None:

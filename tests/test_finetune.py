@@ -282,3 +282,39 @@ def test_cli_nan_loss_keeps_nothing(prompt_files, tmp_path):
     result = _cli(model, *prompt_files, out, "--method", "plain")
     assert result.exit_code == 1 and "at step 0" in result.output and "Traceback" not in result.output
     assert not out.exists() and not any(p.name.startswith(".tuned") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("layout", ["sidecar", "metadata"])
+def test_retain_images_are_vae_latents_of_the_pairs(tmp_path, layout):
+    from PIL import Image
+
+    from memprune.finetune import image_retain_data, read_image_captions
+
+    pipe = sd1_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(2)]
+    for index, (array, caption) in enumerate(zip(arrays, RETAIN)):
+        Image.fromarray(array).save(tmp_path / f"{index}.png")
+        if layout == "sidecar":
+            (tmp_path / f"{index}.txt").write_text(caption)
+    if layout == "metadata":
+        (tmp_path / "metadata.csv").write_text("file_name,caption\n0.png,a red circle\n1.png,a blue square\n")
+    assert read_image_captions(tmp_path)[1] == RETAIN[:2]
+    data = image_retain_data(pipe, tmp_path, TINY)
+    pixels = torch.from_numpy(np.stack(arrays).astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    assert data.source == "images" and data.prompts == RETAIN[:2]
+    torch.testing.assert_close(data.latents, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_retain_images_without_captions_are_refused(tmp_path):
+    from PIL import Image
+
+    from memprune.finetune import read_image_captions
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(MemPruneError, match="has no caption"):
+        read_image_captions(tmp_path)
