@@ -12,8 +12,9 @@ subspace during training, so the weights that read the text cannot learn anythin
 - **Which tokens.** `tokens="prompt"` (default): the caption's own tokens and its end-of-text token (positions
   1 .. EOS), found from the pipeline's tokenizer attention mask. Not the start token: CLIP's causal attention
   makes its output identical for every prompt, so including it would freeze K/V for every prompt alike. Not
-  the padding positions: they are near-copies of the EOS state and would only add weight to it.
-  `tokens="all"` takes every position but the start token (cross-attention reads the padding too).
+  the padding positions, by default: they come after EOS and only summarise the same caption again (we did not
+  measure how much they add). `tokens="all"` takes every position but the start token (cross-attention reads
+  the padding too).
 - **Centring.** None by default (`center=False`): as GPM and the public re-implementation (CUIG's
   P = I - C(CᵀC)⁻¹Cᵀ) do, the subspace includes the memorized captions' mean direction. `center=True` removes the
   mean first (only the directions in which memorized captions differ from each other).
