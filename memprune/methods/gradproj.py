@@ -37,6 +37,11 @@ comes from the 1 - energy residual, from the non-K/V parameters under --params u
 fine-tune changes for other tokens. In the paper, the projection is applied while the model is trained on data
 that contains the concept. Here it is applied to an already-memorizing model, which the seed paper does not
 evaluate. The plain control (`--method plain`, the same steps and data without projection) separates the two.
+
+Measured on the embedded testbed (text width 64, 50 memorized captions, 170 caption+EOS token vectors): the
+default subspace has rank 15 (28 centred). The retain captions (128 of general_train.csv) are not orthogonal to it.
+90.3 % of their token energy lies inside U uncentred (64.1 % centred; 89.3 % / 74.4 % with tokens="all"). The
+projected fine-tune can therefore only change the K/V response to the remaining part of every prompt.
 """
 from __future__ import annotations
 
