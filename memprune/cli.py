@@ -190,6 +190,54 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
 
 
 @main.command()
+@model_option
+@click.option("--method", type=click.Choice(["gradproj", "doco", "plain"]), default="gradproj", show_default=True,
+              help="gradproj: project updates off the memorized captions' text subspace; doco: adversarial "
+                   "concept-domain correction with gradient surgery; plain: the step-matched control.")
+@click.option("--memorized", default=None, type=click.Path(), help="Memorized captions (testbed default: its memorized.csv).")
+@click.option("--retain", default=None, type=click.Path(),
+              help="Retain captions the unedited model generates the fine-tuning data from "
+                   "(testbed default: general_train.csv, never the held-out captions evaluate scores).")
+@click.option("--retain-images", default=None, type=click.Path(file_okay=False),
+              help="Instead of --retain: a folder of image/caption pairs (metadata.csv, or a .txt beside each image).")
+@click.option("--anchors", default=None, type=click.Path(),
+              help="doco: anchor captions (default: the retain captions).")
+@click.option("--params", type=click.Choice(["kv", "unet"]), default="kv", show_default=True,
+              help="kv: cross-attention to_k/to_v only; unet: every denoiser parameter.")
+@click.option("--energy", default=0.97, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="gradproj: share of singular-value energy the memorized subspace keeps.")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimiser steps.")
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Retain latents per step.")
+@click.option("--retain-prompts", default=128, show_default=True, type=click.IntRange(min=0), help="Seeded sample of retain captions generated (0: all).")
+@click.option("--sampling-steps", default=20, show_default=True, type=click.IntRange(min=1), help="Sampling steps of the retain generations.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@device_option
+@out_option
+@overwrite_option
+def finetune(model, method, memorized, retain, retain_images, anchors, params, energy, steps, lr, batch_size,
+             retain_prompts, sampling_steps, seed, device, out, overwrite):
+    """Fine-tune the denoiser on retain data (gradient projection, DoCo, or the plain control) and save it."""
+    from .finetune import FinetuneInputs, FinetuneSettings, finetune_to_folder
+    from .methods import get
+
+    model = model or DEFAULT_MODEL
+    settings = FinetuneSettings(steps=steps, lr=lr, seed=seed, params=params, batch_size=batch_size,
+                                retain_prompts=retain_prompts or None, retain_images=retain_images,
+                                sampling_steps=sampling_steps)
+    method_settings = get(method, "finetune").default_settings()
+    if method == "gradproj":
+        from .methods.gradproj import GradProjSettings
+
+        method_settings = GradProjSettings(energy=energy)
+    if anchors is not None and method != "doco":
+        raise MemPruneError("--anchors is used by --method doco only.")
+    inputs = FinetuneInputs(memorized=memorized, retain=retain, anchors=anchors)
+    # float32 only (no --dtype): Adam on half-precision weights loses small updates.
+    click.echo(finetune_to_folder(model, method, out, settings, inputs, method_settings, overwrite=overwrite,
+                                  device=device))
+
+
+@main.command()
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--evaluation", required=True, type=click.Path(file_okay=False),
               help="Output folder of `memprune evaluate` that evaluated FOLDER.")

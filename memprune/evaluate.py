@@ -221,10 +221,10 @@ def check_edited(model: str, edited: str) -> str:
         raise MemPruneError(f"'{info_path}' is not a valid memprune.json (no 'source'): re-run memprune prune.") from exc
     if not same_model(str(source), str(model)):
         raise MemPruneError(
-            f"Edited model '{edited}' was pruned from '{source}', not from --model '{model}': "
+            f"Edited model '{edited}' was edited from '{source}', not from --model '{model}': "
             f"evaluate it against its own base (--model {source})."
         )
-    return f"Edited model '{edited}' was pruned from '{source}' (= --model)."
+    return f"Edited model '{edited}' was edited from '{source}' (= --model)."
 
 
 # --------------------------------------------------------------------------------------------- inputs

@@ -440,7 +440,7 @@ def test_edited_model_of_another_base_is_refused(no_truth, saved_pipelines, tmp_
     settings = no_truth["settings"]
     result = run("evaluate", "--model", settings.model, "--edited", other, "--memorized", settings.memorized,
                  "--reference", settings.reference, "--out", tmp_path / "o")
-    assert_refused(result, "was pruned from")
+    assert_refused(result, "was edited from")
     assert not (tmp_path / "o").exists()
 
 
