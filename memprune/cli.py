@@ -132,12 +132,19 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr
 @click.option("--grid-prompts", default=8, show_default=True, help="Prompts (rows) per image grid; 0: no grids.")
 @click.option("--attributes/--no-attributes", default=True, show_default=True,
               help="attribute_accuracy on the general captions with the testbed's classifier.")
+@click.option("--mitigation", type=click.Choice(["wen"]), default=None,
+              help="Add a column: the unedited model with this generation-time mitigation (wen: Wen et al. 2024), same seeds.")
+@click.option("--wen-lr", default=0.05, show_default=True, help="wen: AdamW learning rate on the prompt embedding.")
+@click.option("--wen-iterations", default=10, show_default=True, help="wen: at most this many optimisation steps per image.")
+@click.option("--wen-target", type=float, default=None,
+              help="wen: target first-step noise norm (default: median of the unedited model's non-memorized prompts).")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def evaluate(model, edited, compare, memorized, reference, control, general, exclude_prompts, seeds, seed, steps, guidance_scale,
-             batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes, device, dtype, out, overwrite):
+             batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes, mitigation, wen_lr, wen_iterations,
+             wen_target, device, dtype, out, overwrite):
     """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
     from .evaluate import EvaluateSettings, evaluate_to_folder
 
@@ -146,6 +153,7 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
         general=general, exclude_prompts=exclude_prompts,
         generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
         similarity=similarity, sscd=sscd, threshold_percentile=threshold_percentile, grid_prompts=grid_prompts, attributes=attributes,
+        mitigation=mitigation, wen_lr=wen_lr, wen_iterations=wen_iterations, wen_target=wen_target,
     )
     click.echo(evaluate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype), log=click.echo))
 
