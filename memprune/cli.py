@@ -181,6 +181,54 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
     click.echo(detect_to_file(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype)))
 
 
+@main.command()
+@model_option
+@click.option("--edited", multiple=True, type=click.Path(),
+              help="Edited pipeline folder to attack (repeatable; one is named 'edited', several by folder, as evaluate).")
+@click.option("--prompts", default=None, type=click.Path(),
+              help="Memorized prompts with an image column (testbed default: its memorized.csv).")
+@click.option("--exclude-prompts", default=None, type=click.Path(),
+              help="prompts_used.csv of locate: attack only the held-out prompts (group memorized_held_out).")
+@click.option("--num-prompts", type=int, default=None, help="Attack the first N prompts (file order) only.")
+@click.option("--steps", default=50, show_default=True, help="Sampling steps per generation.")
+@click.option("--seeds", default=2, show_default=True, help="Fresh generation seeds per prompt.")
+@click.option("--seed", default=1000, show_default=True, help="First fresh generation seed (not the attack's seed).")
+@click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's).")
+@click.option("--attack-steps", default=50, show_default=True, help="Adam steps on the embedding perturbation.")
+@click.option("--attack-lr", default=0.01, show_default=True, help="Adam learning rate of the perturbation.")
+@click.option("--bound", default=0.25, show_default=True, help="Perturbation budget: ||delta|| <= bound * ||embedding||.")
+@click.option("--noise-samples", default=4, show_default=True, help="(t, noise) draws per attack step.")
+@click.option("--attack-seed", default=0, show_default=True, help="Seed of the attack's (t, noise) draws.")
+@click.option("--threshold", type=float, default=None, help="Copy threshold (default: calibrated as evaluate does).")
+@click.option("--threshold-from", default=None, type=click.Path(file_okay=False),
+              help="An evaluate output folder: use its copy_threshold.")
+@click.option("--control", default=None, type=click.Path(),
+              help="Non-memorized prompts with training images that calibrate the threshold (testbed default: same-style).")
+@click.option("--threshold-percentile", default=95.0, show_default=True, help="Calibration percentile.")
+@click.option("--similarity", type=click.Choice(["ssim", "l2"]), default="ssim", show_default=True)
+@click.option("--sscd", default=None, type=click.Path(), help="SSCD model file (TorchScript, or .onnx with onnxruntime).")
+@device_option
+@dtype_option
+@out_option
+@overwrite_option
+def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, seed, guidance_scale, attack_steps,
+           attack_lr, bound, noise_samples, attack_seed, threshold, threshold_from, control, threshold_percentile,
+           similarity, sscd, device, dtype, out, overwrite):
+    """DoRI-style robustness check: optimise a bounded prompt-embedding perturbation toward each memorized training
+    image, then count copies on fresh seeds (memorization_rate_attacked) for the unedited and every edited model."""
+    from .attack import AttackRunSettings, AttackSettings, attack_to_folder
+
+    settings = AttackRunSettings(
+        model=model or DEFAULT_MODEL, edited=tuple(edited), prompts=prompts, exclude_prompts=exclude_prompts,
+        num_prompts=num_prompts, control=control, threshold=threshold, threshold_from=threshold_from,
+        threshold_percentile=threshold_percentile, similarity=similarity, sscd=sscd,
+        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale),
+        attack=AttackSettings(attack_steps=attack_steps, attack_lr=attack_lr, bound=bound, noise_samples=noise_samples,
+                              attack_seed=attack_seed),
+    )
+    click.echo(attack_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype), log=click.echo))
+
+
 def _register_optional_commands() -> None:
     """Commands of modules that may be absent in a partial install are added only when importable."""
     try:
