@@ -285,6 +285,36 @@ def text_fingerprint(pipe) -> dict[str, str]:
     return prints
 
 
+TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+
+
+def text_side(source: str):
+    """Only the tokenizers and text encoders of a local pipeline folder (for checking before the long work), or None
+    for a hub id (then the check runs when the model is loaded)."""
+    import types
+
+    import transformers
+
+    index_path = Path(source).expanduser() / "model_index.json"
+    if not index_path.is_file():
+        return None
+    index = json.loads(index_path.read_text())
+    parts = {}
+    for name in TEXT_COMPONENTS:
+        entry = index.get(name)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            continue
+        cls = getattr(transformers, entry[1], None)
+        if cls is None:
+            return None
+        kwargs = {} if name.startswith("tokenizer") else {"use_safetensors": True}
+        try:
+            parts[name] = cls.from_pretrained(str(index_path.parent), subfolder=name, **kwargs)
+        except Exception as exc:  # transformers raises many types; all mean "cannot read this component"
+            raise MemPruneError(f"Could not load the {name} of '{source}': {str(exc).splitlines()[0]}") from exc
+    return types.SimpleNamespace(**parts)
+
+
 def check_same_text_side(base: dict[str, str], edited: dict[str, str], folder: str) -> None:
     for key in sorted(set(base) | set(edited)):
         if base.get(key) != edited.get(key):
@@ -380,7 +410,8 @@ def _attack_model(name, pipe, prompts: PromptList, training: list[torch.Tensor],
     seeds = list(range(settings.generation.seed, settings.generation.seed + settings.generation.seeds))
     for i in tqdm(range(len(prompts)), desc=f"attack {name}", disable=not progress, leave=False):
         prompt = prompts.prompts[i]
-        conditioning = encode(pipe, [prompt], None, size)
+        with torch.no_grad():
+            conditioning = encode(pipe, [prompt], None, size)
         result = attack_prompt(pipe, prompt, training[i], settings.attack, conditioning)
         row = {"model": name, "prompt_index": i, "caption": prompt, "image": prompts.images[i],
                "denoising_loss": result.loss_before, "denoising_loss_attacked": result.loss_after,
@@ -449,6 +480,10 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
     training = [load_image(path, size) for path in prompts.images]
     train_features = backend.features(torch.stack(training))
     base_print = text_fingerprint(pipe)
+    for folder in edited.values():  # refuse a foreign text side before minutes of attacking
+        components = text_side(folder)
+        if components is not None:
+            check_same_text_side(base_print, text_fingerprint(components), folder)
     timings["load_unedited"] = round(time.perf_counter() - tic, 3)
 
     calibrated_on = settings.group  # a given threshold is filed under the attacked group

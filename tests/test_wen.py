@@ -35,7 +35,7 @@ def norm_by_hand(pipe, prompt_embeds, negative_embeds, seed, steps, extra=None) 
     return float(np.linalg.norm((cond - uncond).double().numpy().ravel()))
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 def test_norm_by_hand_and_mitigation_lowers_it(arch):
     pipe = BUILDERS[arch]()
     pipe.set_progress_bar_config(disable=True)
@@ -104,6 +104,7 @@ def test_nan_embedding_names_the_prompt(monkeypatch):
         list(generate(wrapped, ["the green dog"], GENERATION, output_type="latent", progress=False))
 
 
+@pytest.mark.slow
 def test_evaluate_mitigation_column(saved_pipelines, tmp_path):
     """evaluate --mitigation wen: a `wen` column from the same seeds, with its cost ratio and target metrics."""
     (tmp_path / "memorized.txt").write_text("a red circle\nthe cat\n")
