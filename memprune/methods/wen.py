@@ -33,7 +33,7 @@ An embedding that becomes NaN or inf stops the run with the prompt's text.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
