@@ -146,13 +146,19 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr
               help="Beside each edited model, a random edit zeroing as many weights per tensor (the control).")
 @click.option("--random-control-seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the random control's choice of weights.")
+@click.option("--mitigation", type=click.Choice(["wen"]), default=None,
+              help="Add a column: the unedited model with this generation-time mitigation (wen: Wen et al. 2024), same seeds.")
+@click.option("--wen-lr", default=0.05, show_default=True, type=click.FloatRange(min=0, min_open=True), help="wen: AdamW learning rate on the prompt embedding.")
+@click.option("--wen-iterations", default=10, show_default=True, type=click.IntRange(min=1), help="wen: at most this many optimisation steps per image.")
+@click.option("--wen-target", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="wen: target first-step noise norm (default: median of the unedited model's non-memorized prompts).")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def evaluate(model, edited, compare, memorized, reference, control, general, exclude_prompts, seeds, seed, steps, guidance_scale,
              batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes, random_control, random_control_seed,
-             device, dtype, out, overwrite):
+             mitigation, wen_lr, wen_iterations, wen_target, device, dtype, out, overwrite):
     """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
     from .evaluate import EvaluateSettings, evaluate_to_folder
 
@@ -162,6 +168,7 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
         generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
         similarity=similarity, sscd=sscd, threshold_percentile=threshold_percentile, grid_prompts=grid_prompts, attributes=attributes,
         random_control=random_control, random_control_seed=random_control_seed,
+        mitigation=mitigation, wen_lr=wen_lr, wen_iterations=wen_iterations, wen_target=wen_target,
     )
     click.echo(evaluate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype), log=click.echo))
 
@@ -247,6 +254,54 @@ def card(folder, evaluation, name):
     from .model_card import card_from_evaluation
 
     click.echo(f"Model card: {card_from_evaluation(folder, evaluation, name)}")
+
+
+@main.command()
+@model_option
+@click.option("--edited", multiple=True, type=click.Path(),
+              help="Edited pipeline folder to attack (repeatable; one is named 'edited', several by folder, as evaluate).")
+@click.option("--prompts", default=None, type=click.Path(),
+              help="Memorized prompts with an image column (testbed default: its memorized.csv).")
+@click.option("--exclude-prompts", default=None, type=click.Path(),
+              help="prompts_used.csv of locate: attack only the held-out prompts (group memorized_held_out).")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=None, help="Attack the first N prompts (file order) only.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps per generation.")
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(min=1), help="Fresh generation seeds per prompt.")
+@click.option("--seed", default=1000, show_default=True, type=click.IntRange(min=0), help="First fresh generation seed (not the attack's seed).")
+@click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, help="CFG scale (default: the pipeline's).")
+@click.option("--attack-steps", default=50, show_default=True, type=click.IntRange(min=0), help="Adam steps on the embedding perturbation.")
+@click.option("--attack-lr", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate of the perturbation.")
+@click.option("--bound", default=0.25, show_default=True, type=click.FloatRange(min=0), help="Perturbation budget: ||delta|| <= bound * ||embedding||.")
+@click.option("--noise-samples", default=4, show_default=True, type=click.IntRange(min=1), help="(t, noise) draws per attack step.")
+@click.option("--attack-seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the attack's (t, noise) draws.")
+@click.option("--threshold", type=float, default=None, help="Copy threshold (default: calibrated as evaluate does).")
+@click.option("--threshold-from", default=None, type=click.Path(file_okay=False),
+              help="An evaluate output folder: use its copy_threshold.")
+@click.option("--control", default=None, type=click.Path(),
+              help="Non-memorized prompts with training images that calibrate the threshold (testbed default: same-style).")
+@click.option("--threshold-percentile", default=95.0, show_default=True, type=click.FloatRange(0, 100, min_open=True), help="Calibration percentile.")
+@click.option("--similarity", type=click.Choice(["ssim", "l2"]), default="ssim", show_default=True)
+@click.option("--sscd", default=None, type=click.Path(), help="SSCD model file (TorchScript, or .onnx with onnxruntime).")
+@device_option
+@dtype_option
+@out_option
+@overwrite_option
+def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, seed, guidance_scale, attack_steps,
+           attack_lr, bound, noise_samples, attack_seed, threshold, threshold_from, control, threshold_percentile,
+           similarity, sscd, device, dtype, out, overwrite):
+    """DoRI-style robustness check: optimise a bounded prompt-embedding perturbation toward each memorized training
+    image, then count copies on fresh seeds (memorization_rate_attacked) for the unedited and every edited model."""
+    from .attack import AttackRunSettings, AttackSettings, attack_to_folder
+
+    settings = AttackRunSettings(
+        model=model or DEFAULT_MODEL, edited=tuple(edited), prompts=prompts, exclude_prompts=exclude_prompts,
+        num_prompts=num_prompts, control=control, threshold=threshold, threshold_from=threshold_from,
+        threshold_percentile=threshold_percentile, similarity=similarity, sscd=sscd,
+        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale),
+        attack=AttackSettings(attack_steps=attack_steps, attack_lr=attack_lr, bound=bound, noise_samples=noise_samples,
+                              attack_seed=attack_seed),
+    )
+    click.echo(attack_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype), log=click.echo))
 
 
 def _register_optional_commands() -> None:

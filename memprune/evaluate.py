@@ -37,6 +37,13 @@ diverse), averaged over prompts; ``detection_score`` = Wen et al.'s noise norm (
 vs the row's non-memorized group; ``attribute_accuracy`` (general captions, testbed classifier);
 ``seconds_per_image`` per model and group, both models timed in the same run with the same settings
 (generation alternates unedited/edited per prompt file after one warm-up call each).
+
+``--mitigation wen`` adds the column ``wen``: the unedited model wrapped by Wen et al.'s inference-time mitigation
+(memprune.methods.wen), generated on the same seeds and timed like the others, so its seconds_per_image_ratio is the
+mitigation's cost per image in this run. Its target noise norm (``--wen-target``; default: the median first-step
+noise norm of the unedited model on the threshold's calibration group, computed before generation), the mean AdamW
+iterations per image and the share of images that reached the target are the metrics ``mitigation_target``,
+``mitigation_iterations`` and ``mitigation_target_reached`` of that column.
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ METRICS = (
     "memorization_rate_strict", "copy_similarity", "similarity_to_unedited",
     "diversity", "attribute_accuracy", "detection_score", "detection_score_first_step", "detection_auc",
     "detection_auc_first_step", "seconds_per_image", "seconds_per_image_ratio",
+    "mitigation_target", "mitigation_iterations", "mitigation_target_reached",
 )
 TESTBED_FILES = {role: TESTBED_CAPTION_FILES[role] for role in ("memorized", "control", "general")}  # evaluate's roles
 NONE = "none"  # --control none / --general none: leave the testbed default out
@@ -133,6 +141,10 @@ class EvaluateSettings:
     attributes: bool = True  # attribute_accuracy on the general captions (testbed classifier)
     random_control: bool = True  # beside each edited model, a random edit zeroing as many weights per tensor
     random_control_seed: int = 0
+    mitigation: str | None = None  # a generation-time mitigation (wen) of the unedited model, as one more column
+    wen_lr: float = 0.05  # --wen-lr
+    wen_iterations: int = 10  # --wen-iterations
+    wen_target: float | None = None  # --wen-target; None: calibrated in the run (memprune.methods.wen)
 
     def __post_init__(self):
         self.model = self.model or DEFAULT_MODEL
@@ -146,6 +158,14 @@ class EvaluateSettings:
             raise MemPruneError("--grid-prompts must be 0 or more.")
         if self.sscd is None and self.similarity not in ("ssim", "l2"):
             raise MemPruneError(f"Unknown similarity '{self.similarity}': use ssim or l2, or give --sscd FILE.")
+        if self.mitigation is not None:
+            from .methods import get
+
+            get(self.mitigation, "mitigation")
+            self.wen_settings()  # refuse a bad --wen-lr/--wen-iterations/--wen-target now
+            if self.mitigation in self.edited_models():
+                raise MemPruneError(f"An edited model is named '{self.mitigation}', the name of the mitigation column: "
+                                    "rename its folder.")
 
     @property
     def is_testbed(self) -> bool:
@@ -163,6 +183,11 @@ class EvaluateSettings:
                 name = f"{name}_{len(named) + 1}"
             named[name] = folder
         return named
+
+    def wen_settings(self):
+        from .methods.wen import WenSettings
+
+        return WenSettings(lr=self.wen_lr, max_iterations=self.wen_iterations, target=self.wen_target)
 
     def with_defaults(self) -> "EvaluateSettings":
         """Fill the testbed's caption files where none were given; require --memorized/--reference otherwise.
@@ -446,24 +471,40 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None, attribute_
     if not cfg:
         notes.append("No classifier-free guidance (guidance scale <= 1): detection metrics are skipped.")
 
+    mitigated: dict[str, object] = {}
+    if settings.mitigation is not None:
+        tic = time.perf_counter()
+        mitigated = _mitigation_pipes(settings, pipe, sources, groups, notes, log)
+        pipes.update(mitigated)
+        timings["mitigation_calibration"] = round(time.perf_counter() - tic, 3)
+
     generation = settings.generation
     first_prompt = sources[roles["memorized"]].prompts[0]
     for model_pipe in pipes.values():
         _warm_up(model_pipe, first_prompt, generation)
+    for model_pipe in mitigated.values():
+        model_pipe.records.clear()  # the warm-up's records are not part of the evaluation
     images, det_mean, det_first, seconds = {}, {}, {}, {}
+    mitigation_records: dict[tuple[str, str], list] = {}
     for source, prompts in sources.items():
         for model, model_pipe in pipes.items():  # alternate models per file: load drift hits both alike
+            if model in mitigated:
+                model_pipe.records.clear()
             tic = time.perf_counter()
             images[model, source], det_mean[model, source], det_first[model, source] = generate_images(
                 model_pipe, prompts.prompts, generation, f"{model}: {source}", progress)
             seconds[model, source] = time.perf_counter() - tic
             timings[f"generate_{model}_{source}"] = round(seconds[model, source], 3)
+            if model in mitigated:
+                mitigation_records[model, source] = list(model_pipe.records)
 
     tic = time.perf_counter()
     computed = _compute(settings, backend, sources, groups, pipes, images, det_mean, det_first, seconds, cfg,
                         attribute_classifier)
     timings["metrics"] = round(time.perf_counter() - tic, 3)
     metrics, generations, threshold, threshold_info, training = computed
+    if mitigated:
+        metrics = _add_mitigation_metrics(metrics, settings, mitigated, mitigation_records, groups, list(pipes))
     return EvaluationResult(metrics=metrics, generations=generations, threshold=threshold, threshold_info=threshold_info,
                             backend=backend.description, images=images, sources=sources, groups=groups,
                             training_images=training, timings=timings, notes=notes, random_controls=random_controls)
@@ -490,6 +531,67 @@ def _add_random_controls(pipes: dict, settings: EvaluateSettings, notes: list[st
         notes.append(f"'{control_name}': the unedited model with {sum(counts.values())} random weights zeroed, as many "
                      f"per tensor as '{name}' zeroes ({len(counts)} tensors, seed {settings.random_control_seed}).")
     return controls
+
+
+def _calibration_group(groups: dict[str, Group]) -> str:
+    """The non-memorized group that calibrates the copy threshold (and Wen's default target)."""
+    return "same_style_control" if "same_style_control" in groups else "non_memorized"
+
+
+def _mitigation_pipes(settings: EvaluateSettings, pipe, sources, groups, notes: list[str], log) -> dict[str, object]:
+    """{name: wrapped unedited pipeline} of the --mitigation; Wen's target is calibrated here when not given."""
+    from .generate import guidance_scale
+    from .methods import get
+    from .methods.wen import calibrate_target
+
+    module = get(settings.mitigation, "mitigation")
+    generation = settings.generation
+    if not uses_cfg(pipe, generation):
+        raise MemPruneError(f"--mitigation {settings.mitigation} needs classifier-free guidance: use a guidance scale "
+                            "above 1.")
+    wen = settings.wen_settings()
+    if wen.target is None:
+        calibration = _calibration_group(groups)
+        prompts = [sources[source].prompts[i] for source, i in groups[calibration].members]
+        seeds = list(range(generation.seed, generation.seed + generation.seeds))
+        wen = replace(wen, target=calibrate_target(pipe, prompts, generation.steps, seeds, guidance_scale(pipe, generation)))
+        notes.append(f"Wen mitigation target noise norm {wen.target:.4g}: median first-step noise norm of the unedited "
+                     f"model on the {len(prompts)} {calibration} prompts x {len(seeds)} seeds (lr {wen.lr:g}, at most "
+                     f"{wen.max_iterations} iterations).")
+    else:
+        notes.append(f"Wen mitigation target noise norm {wen.target:.4g} (given; lr {wen.lr:g}, at most "
+                     f"{wen.max_iterations} iterations).")
+    log(notes[-1])
+    return {settings.mitigation: module.wrap(pipe, wen)}
+
+
+def _add_mitigation_metrics(metrics: pd.DataFrame, settings, mitigated, records, groups, models) -> pd.DataFrame:
+    """Per group: the target, the mean AdamW iterations per image and the share of images that reached the target.
+
+    Records come in generate()'s order: seeds outer, prompts inner (batches keep the prompt order).
+    """
+    rows = []
+    seeds = settings.generation.seeds
+    for model, wrapped in mitigated.items():
+        per_source = {}
+        for (name, source), items in records.items():
+            if name == model:
+                count = len(items) // seeds
+                iterations = np.array([r.iterations for r in items], dtype=float).reshape(seeds, count).T
+                reached = np.array([r.reached for r in items], dtype=float).reshape(seeds, count).T
+                per_source[source] = (iterations, reached)
+        for name, group in groups.items():
+            rows.append((model, name, "mitigation_target", float(wrapped.settings.target)))
+            rows.append((model, name, "mitigation_iterations",
+                         float(np.mean([per_source[s][0][i] for s, i in group.members]))))
+            rows.append((model, name, "mitigation_target_reached",
+                         float(np.mean([per_source[s][1][i] for s, i in group.members]))))
+    metrics = pd.concat([metrics, pd.DataFrame(rows, columns=metrics.columns)], ignore_index=True)
+    order = {name: i for i, name in enumerate(METRICS)}
+    return metrics.assign(
+        _m=metrics.model.map({m: i for i, m in enumerate(models)}), _g=metrics.group.map({g: i for i, g in enumerate(GROUPS)}),
+        _k=metrics.metric.map(order),
+    ).sort_values(["_m", "_g", "_k"], kind="stable").drop(columns=["_m", "_g", "_k"]).reset_index(drop=True)
 
 
 def _compute(settings, backend, sources, groups, pipes, images, det_mean, det_first, seconds, cfg, classifier):
