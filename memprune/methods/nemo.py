@@ -144,11 +144,12 @@ class SearchResult:
 def search_theta(z: dict[str, torch.Tensor], activations: dict[str, torch.Tensor], broken: Callable[[Neurons], bool],
                  settings: NeMoSettings) -> SearchResult:
     """Lower θ (and raise k) until deactivating the candidates breaks memorization; stop at the first that does.
-    Empty candidate sets are skipped (deactivating nothing cannot break anything)."""
+    Empty candidate sets are skipped (deactivating nothing cannot break anything), and so is a set equal to the one
+    tried before it (the criterion is deterministic: it would give the same answer)."""
     tries, last = 0, None
     for theta, k in theta_schedule(settings):
         candidates = initial_candidates(z, theta, activations, k)
-        if not count(candidates):
+        if not count(candidates) or (last is not None and candidates == last[0]):
             continue
         tries += 1
         last = (candidates, theta, k)
