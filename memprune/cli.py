@@ -48,13 +48,16 @@ def main():
               help="nemo: memorization SSIM threshold (default: mean + 1 std of non-memorized pairwise SSIM).")
 @click.option("--nemo-layers", type=click.Choice(["down_mid", "all"]), default="down_mid", show_default=True,
               help="nemo: value layers of the down and mid blocks (their code) or all cross-attentions.")
+@click.option("--nemo-unbroken", type=click.Choice(["refine", "skip"]), default="refine", show_default=True,
+              help="nemo: a prompt whose memorization θ_min does not break: refine its candidates anyway (their code) "
+                   "or select nothing.")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def locate(model, method, memorized, memorized_label, reference, steps, seeds, seed, guidance_scale, batch_size, ratio,
            granularity, neuron_score, half, num_prompts, sample_seed, subsets, subset_size, control, theta, min_theta,
-           theta_step, ssim_threshold, nemo_layers, device, dtype, out, overwrite):
+           theta_step, ssim_threshold, nemo_layers, nemo_unbroken, device, dtype, out, overwrite):
     """Record activations of memorized vs reference prompts and select the memorization weights (Wanda) or neurons (NeMo)."""
     from .locate import LocateSettings, locate_to_folder
 
@@ -69,7 +72,7 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
         reference = nemo_reference(model, reference)
         nemo = NeMoSettings(theta=theta, min_theta=min_theta, theta_step=theta_step, ssim_threshold=ssim_threshold,
                             seeds=10 if seeds is None else seeds, seed=seed, steps=steps, batch_size=batch_size,
-                            layers=nemo_layers)
+                            layers=nemo_layers, refine_unbroken=nemo_unbroken == "refine")
         settings = NeMoLocateSettings(model=model or DEFAULT_MODEL, memorized=memorized, reference=reference, nemo=nemo,
                                       memorized_label=memorized_label, num_prompts=num_prompts, sample_seed=sample_seed)
         click.echo(nemo_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype)))

@@ -163,7 +163,7 @@ def run(*args):
 
 
 NEMO = ["locate", "--method", "nemo", "--steps", "10", "--seeds", "3", "--batch-size", "4", "--device", "cpu",
-        "--theta", "2", "--theta-step", "0.5", "--min-theta", "0.5", "--nemo-layers", "all"]
+        "--theta", "2", "--theta-step", "0.5", "--min-theta", "0.5"]
 
 
 @pytest.mark.slow
@@ -205,6 +205,16 @@ def test_locate_nemo_then_prune_zeroes_exactly_the_rows(saved_pipelines, tmp_pat
     assert changed == set(neurons)
     info = json.loads((pruned / "memprune.json").read_text())
     assert info["total_zeroed"] == sum(len(rows) * before[f"{layer}.weight"].shape[1] for layer, rows in neurons.items())
+
+
+def test_reference_defaults_to_the_testbed_training_captions():
+    from memprune.cli import nemo_reference
+    from memprune.errors import MemPruneError
+
+    assert nemo_reference(None, None).endswith("captions/general_train.csv")  # never general_heldout.csv
+    assert nemo_reference(None, "mine.csv") == "mine.csv"
+    with pytest.raises(MemPruneError, match="NeMo needs non-memorized prompts"):
+        nemo_reference(None, "empty")
 
 
 def assert_refused(result, message):

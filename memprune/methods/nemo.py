@@ -38,7 +38,9 @@ Choices their paper/code leaves open or that we made differently (all in `NeMoSe
 - Seeds: `seeds` (their 10) consecutive seeds from `seed`; the memorized prompt's activations come from the
   first one (they depend on the prompt only).
 - If θ reaches `min_theta` without breaking memorization, as in their code the candidates at `min_theta` are
-  refined against the similarity they reach (they keep what does not make it worse).
+  refined against the similarity they reach (they keep what does not make it worse); `refine_unbroken=False`
+  (`--nemo-unbroken skip`) selects nothing for such a prompt instead. `nemo_prompts.csv` says which prompts broke.
+- Identical candidate sets at successive θ are judged once (the criterion is deterministic), which saves calls.
 - z-scores are two-sided |z| (their `.abs()`); `two_sided=False` keeps only neurons more active than usual. A neuron
   with zero reference std gets std 1e-12 (any deviation is an outlier).
 - Masks are step-independent: the same rows are stored at every step 0..steps-1, so `memprune prune --timesteps τ`
@@ -84,6 +86,7 @@ class NeMoSettings:
     steps: int = 50  # scheduler steps (only the first is run); also the steps the masks are stored at
     batch_size: int = 8  # prompts (statistics) or seeds (criterion) per pipeline call
     layers: str = "down_mid"  # "down_mid" (their code) or "all" cross-attention value layers
+    refine_unbroken: bool = True  # θ_min without breaking memorization: refine anyway (theirs) or select nothing
 
     def __post_init__(self):
         if self.layers not in LAYER_CHOICES:
@@ -430,7 +433,8 @@ class NeMoRun:
 
         z = {name: zscores(activations[name], *statistics[name], self.settings.two_sided) for name in self.linears}
         search = search_theta(z, activations, lambda neurons: similarity(neurons) <= threshold, self.settings)
-        if not count(search.candidates):
+        if not count(search.candidates) or (not search.broken and not self.settings.refine_unbroken):
+            result.update(theta=search.theta, k=search.k, initial=count(search.candidates))
             return result
         initial_similarity = similarity(search.candidates)
         limit = threshold if search.broken else initial_similarity  # their fallback: refine against what θ_min reaches
@@ -531,9 +535,12 @@ def nemo_to_folder(settings: NeMoLocateSettings, out, overwrite: bool = False, d
     nemo = masks.meta["nemo"]
     neurons = count(nemo["neurons"])
     located = sum(1 for result in nemo["prompts"] if result["neurons"])
+    detected = sum(1 for result in nemo["prompts"] if result["memorized_seeds"])
+    broken = sum(1 for result in nemo["prompts"] if result["broken"])
     return (
         f"NeMo selected {neurons} value neurons in {sum(1 for v in nemo['neurons'].values() if v)} of "
-        f"{len(masks.layers)} cross-attention layers from {len(memorized)} memorized prompts ({located} localised; "
+        f"{len(masks.layers)} cross-attention layers from {len(memorized)} memorized prompts ({detected} memorized by "
+        f"the criterion, {broken} broken by deactivation, {located} with neurons; "
         f"SSIM threshold {nemo['ssim_threshold']:.3f}; {nemo['criterion_calls']} criterion calls, "
         f"{timer.seconds.get('locate', 0):.0f} s).\n"
         f"Masks: {Path(out) / 'masks.safetensors'} (step-independent: prune with any --timesteps <= {settings.nemo.steps})"
