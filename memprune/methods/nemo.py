@@ -35,8 +35,10 @@ Choices their paper/code leaves open or that we made differently (all in `NeMoSe
 - Similarity: single-scale SSIM (memprune.similarity, Gaussian window σ = 1.5, 11 taps, 7 below 32 px, valid
   positions, data range 1) instead of their 3-scale MS-SSIM (kernel 11), which needs latents of at least 44 px
   (the testbed's are 8 × 8). Threshold comparisons are "≤ threshold = broken" (theirs: strict <).
-- Seeds: `seeds` (their 10) consecutive seeds from `seed`; the memorized prompt's activations come from the
-  first one (they depend on the prompt only).
+- Seeds: `seeds` (their 10; `locate --method nemo` defaults --seeds to 10) consecutive seeds from `seed`; the
+  memorized prompt's activations come from the first one (they depend on the prompt only).
+- Reference prompts: all of `--reference` in a `--sample-seed` order for the statistics (theirs: 50k LAION
+  prompts); the first `calibration_prompts` (50) of that order for the SSIM threshold.
 - If θ reaches `min_theta` without breaking memorization, as in their code the candidates at `min_theta` are
   refined against the similarity they reach (they keep what does not make it worse); `refine_unbroken=False`
   (`--nemo-unbroken skip`) selects nothing for such a prompt instead. `nemo_prompts.csv` says which prompts broke.
@@ -500,7 +502,7 @@ def nemo_to_folder(settings: NeMoLocateSettings, out, overwrite: bool = False, d
     import numpy as np
     import pandas as pd
 
-    from ..models import load_pipeline, model_identity, prunable_layer_shapes, resolve_device
+    from ..models import denoiser, load_pipeline, model_identity, prunable_layer_shapes, resolve_device
     from ..prompts import read_prompts, seeded_subsets, write_prompts
     from ..runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
 
@@ -516,8 +518,6 @@ def nemo_to_folder(settings: NeMoLocateSettings, out, overwrite: bool = False, d
     with timer("load"):
         pipe = load_pipeline(settings.model, resolve_device(device), dtype)
     identity = model_identity(settings.model, pipe)
-    from ..models import denoiser
-
     identity["layer_shapes"] = prunable_layer_shapes(denoiser(pipe))
     meta = {"model": identity, "prompts": memorized.prompts,
             "settings": {"reference": settings.reference, "reference_prompts": len(reference)}}
