@@ -149,8 +149,10 @@ def main(argv=None) -> int:
         run(memprune("evaluate", "--model", args.model, *compare, *mitigation, *exclude, "--seeds", args.seeds,
                      "--steps", args.steps, "--no-random-control", "--out", work / "evaluate", "--overwrite"), env, log)
         attack_edited = [x for folder in folders for x in ("--edited", folder)]
+        # evaluate's copy threshold exactly (same backend), so attacked and unattacked rates share one threshold
         run(memprune("attack", "--model", args.model, *attack_edited, *exclude, "--num-prompts", args.attack_prompts,
-                     "--steps", args.steps, "--out", work / "attack", "--overwrite"), env, log)
+                     "--steps", args.steps, "--threshold-from", work / "evaluate", "--out", work / "attack",
+                     "--overwrite"), env, log)
     evaluation = pd.read_csv(work / "evaluate" / "metrics.csv")
     attack = pd.read_csv(work / "attack" / "metrics.csv")
     metrics = comparison_metrics(evaluation, attack, edit_seconds)

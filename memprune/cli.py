@@ -28,11 +28,15 @@ def selection_settings(ratio, k_per_row, granularity, neuron_score) -> Selection
 
 @main.command()
 @model_option
+@click.option("--method", type=click.Choice(["wanda", "nemo"]), default="wanda", show_default=True,
+              help="wanda: Chavhan et al.'s FFN weight selection; nemo: Hintersdorf et al.'s cross-attention value neurons.")
 @click.option("--memorized", default=None, type=click.Path(), help="Memorized prompts (.txt/.csv/.jsonl).")
 @click.option("--label", "memorized_label", default=None, help="Keep only memorized prompts with this label (e.g. VM).")
-@click.option("--reference", default="empty", show_default=True, help="'empty' (the empty prompt) or a file of non-memorized prompts.")
+@click.option("--reference", default=None,
+              help="'empty' (the empty prompt) or a file of non-memorized prompts [wanda default: empty; nemo needs a "
+                   "file, testbed default: its general_train.csv].")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps per generation.")
-@click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1), help="Generations per prompt.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Generations per prompt [wanda: 1; nemo: 10, its criterion's seeds].")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="First seed.")
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, help="CFG scale (default: the pipeline's).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts per pipeline call.")
@@ -47,16 +51,44 @@ def selection_settings(ratio, k_per_row, granularity, neuron_score) -> Selection
 @click.option("--subsets", default=0, show_default=True, type=click.IntRange(min=0), help="N seeded subsets for the overlap analysis (0: none).")
 @click.option("--subset-size", default=10, show_default=True, type=click.IntRange(min=1), help="Prompts per subset (m).")
 @click.option("--control", default=None, type=click.Path(), help="Non-memorized prompts for the overlap controls.")
+@click.option("--theta", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="nemo: first z-score threshold θ of the search.")
+@click.option("--min-theta", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="nemo: last θ tried.")
+@click.option("--theta-step", default=0.25, show_default=True, type=click.FloatRange(min=0, min_open=True), help="nemo: θ decrease per try.")
+@click.option("--ssim-threshold", type=click.FloatRange(-1, 1), default=None,
+              help="nemo: memorization SSIM threshold (default: mean + 1 std of non-memorized pairwise SSIM).")
+@click.option("--nemo-layers", type=click.Choice(["down_mid", "all"]), default="down_mid", show_default=True,
+              help="nemo: value layers of the down and mid blocks (their code) or all cross-attentions.")
+@click.option("--nemo-unbroken", type=click.Choice(["refine", "skip"]), default="refine", show_default=True,
+              help="nemo: a prompt whose memorization θ_min does not break: refine its candidates anyway (their code) "
+                   "or select nothing.")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
-def locate(model, memorized, memorized_label, reference, steps, seeds, seed, guidance_scale, batch_size, ratio, k_per_row, granularity,
-           neuron_score, half, num_prompts, sample_seed, subsets, subset_size, control, device, dtype, out, overwrite):
-    """Record FFN activations of memorized vs reference prompts and select the memorization weights."""
+def locate(model, method, memorized, memorized_label, reference, steps, seeds, seed, guidance_scale, batch_size, ratio,
+           k_per_row, granularity, neuron_score, half, num_prompts, sample_seed, subsets, subset_size, control, theta,
+           min_theta, theta_step, ssim_threshold, nemo_layers, nemo_unbroken, device, dtype, out, overwrite):
+    """Record activations of memorized vs reference prompts and select the memorization weights (Wanda) or neurons (NeMo)."""
     from .locate import LocateSettings, locate_to_folder
 
     memorized = default_testbed_file(model, memorized, "memorized.csv", "--memorized")
+    if method == "nemo":
+        from .methods.nemo import NeMoLocateSettings, NeMoSettings, nemo_to_folder
+
+        if subsets:
+            raise MemPruneError("--subsets is an analysis of Wanda masks: run it with --method wanda.")
+        if guidance_scale not in (None, 0.0, 1.0):
+            raise MemPruneError("NeMo's criterion runs without guidance (as theirs): drop --guidance-scale with --method nemo.")
+        reference = nemo_reference(model, reference)
+        nemo = NeMoSettings(theta=theta, min_theta=min_theta, theta_step=theta_step, ssim_threshold=ssim_threshold,
+                            seeds=10 if seeds is None else seeds, seed=seed, steps=steps, batch_size=batch_size,
+                            layers=nemo_layers, refine_unbroken=nemo_unbroken == "refine")
+        settings = NeMoLocateSettings(model=model or DEFAULT_MODEL, memorized=memorized, reference=reference, nemo=nemo,
+                                      memorized_label=memorized_label, num_prompts=num_prompts, sample_seed=sample_seed)
+        click.echo(nemo_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype)))
+        return
+    reference = "empty" if reference is None else reference
+    seeds = 1 if seeds is None else seeds
     if subsets and control is None and testbed_captions(model) is not None:
         control = str(testbed_captions(model) / "non_memorized_same_style.csv")
     settings = LocateSettings(
@@ -75,6 +107,16 @@ def locate(model, memorized, memorized_label, reference, steps, seeds, seed, gui
     )
     summary = locate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype))
     click.echo(summary)
+
+
+def nemo_reference(model: str | None, reference: str | None) -> str:
+    """NeMo's non-memorized prompts: the given file; on a testbed by default its general_train.csv (never the
+    held-out captions, which evaluate scores)."""
+    if reference is None and testbed_captions(model) is not None:
+        return str(testbed_captions(model) / "general_train.csv")
+    if reference is None or reference == "empty":
+        raise MemPruneError("NeMo needs non-memorized prompts for its statistics and SSIM threshold: give --reference FILE.")
+    return reference
 
 
 @main.command()

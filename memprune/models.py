@@ -111,7 +111,44 @@ def output_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Weight shapes of the FeedForward output Linears (what `model_identity` fingerprints; keep it FF-only so the
+    fingerprint of existing masks files does not change)."""
     return {name: list(linear.weight.shape) for name, linear in output_linears(model).items()}
+
+
+def _attention_classes() -> tuple[type, ...]:
+    from diffusers.models.attention_processor import Attention
+
+    classes = [Attention]
+    try:  # newer diffusers: attention classes of DiT-style transformers share this mixin
+        from diffusers.models.attention import AttentionModuleMixin
+    except ImportError:
+        return tuple(classes)
+    return (*classes, AttentionModuleMixin)
+
+
+def find_cross_attentions(model: nn.Module) -> dict[str, nn.Module]:
+    """Every diffusers attention module that attends to the text (is_cross_attention), by dotted name, found by type."""
+    classes = _attention_classes()
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, classes) and getattr(module, "is_cross_attention", False)
+            and isinstance(getattr(module, "to_v", None), nn.Linear)}
+
+
+def value_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The value projection (to_v, text width -> inner width) of every cross-attention, keyed by its module name
+    (e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v`): NeMo's neurons are its output units."""
+    return {f"{name}.to_v": attention.to_v for name, attention in find_cross_attentions(model).items()}
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every Linear a masks file may address: FeedForward output Linears (keyed by the FeedForward's name, as masks
+    files always were) and cross-attention value Linears (keyed by their own name). The key sets cannot collide."""
+    return {**output_linears(model), **value_linears(model)}
+
+
+def prunable_layer_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {name: list(linear.weight.shape) for name, linear in prunable_linears(model).items()}
 
 
 def model_identity(model_source: str, pipe) -> dict:

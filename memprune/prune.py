@@ -1,4 +1,5 @@
-"""Apply masks to a pipeline (zero the selected weights of each FeedForward output Linear) and save it."""
+"""Apply masks to a pipeline (zero the selected weights of each masked Linear: FeedForward output Linears, and
+cross-attention value Linears for NeMo's neuron masks) and save it."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import torch
 
 from .errors import MemPruneError
 from .masks import MASKS_FILE, Masks, file_sha256
-from .models import denoiser, layer_shapes, output_linears
+from .models import denoiser, prunable_layer_shapes, prunable_linears
 
 PRUNE_INFO = "memprune.json"
 
@@ -31,7 +32,7 @@ class PruneResult:
 def apply_masks(pipe, masks: Masks, timesteps: int = 10) -> PruneResult:
     """Zero the union over steps 0..timesteps-1 of the masks, in place on `pipe`; biases are untouched."""
     net = denoiser(pipe)
-    masks.check_compatible(layer_shapes(net))
+    masks.check_compatible(prunable_layer_shapes(net))
     if timesteps < 1:
         raise MemPruneError(f"--timesteps must be at least 1, got {timesteps}.")
     if timesteps > len(masks.steps):
@@ -39,7 +40,7 @@ def apply_masks(pipe, masks: Masks, timesteps: int = 10) -> PruneResult:
             f"--timesteps {timesteps} is larger than the {len(masks.steps)} steps recorded in the masks: "
             f"use at most {len(masks.steps)}."
         )
-    linears = output_linears(net)
+    linears = prunable_linears(net)
     result = PruneResult(timesteps=timesteps)
     with torch.no_grad():
         for layer, indices in masks.union_indices(timesteps).items():
@@ -54,7 +55,7 @@ def apply_masks(pipe, masks: Masks, timesteps: int = 10) -> PruneResult:
 
 def undo(pipe, result: PruneResult) -> None:
     """Restore the weights an `apply_masks` call replaced."""
-    linears = output_linears(denoiser(pipe))
+    linears = prunable_linears(denoiser(pipe))
     with torch.no_grad():
         for layer, indices in result.indices.items():
             flat = linears[layer].weight.view(-1)
@@ -91,7 +92,7 @@ def verify_pruned(folder: str | Path, masks: Masks, timesteps: int) -> int:
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
-    linears = output_linears(denoiser(pipe))
+    linears = prunable_linears(denoiser(pipe))
     checked = 0
     for layer, indices in masks.union_indices(timesteps).items():
         values = linears[layer].weight.view(-1)[indices]
@@ -125,7 +126,7 @@ def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrit
                        {"masks": Path(masks_folder) / MASKS_FILE}, timer.seconds, zeroed_weights=result.zeroed)
     total = sum(masks.shapes[layer][0] * masks.shapes[layer][1] for layer in result.zeroed)
     return (
-        f"Zeroed {result.total_zeroed} weights ({result.total_zeroed / total:.3%} of the FeedForward output weights) "
+        f"Zeroed {result.total_zeroed} weights ({result.total_zeroed / total:.3%} of the masked layers' weights) "
         f"in {len(result.zeroed)} layers, steps 0..{timesteps - 1}; verified {verified} zeros after reload.\n"
         f"Edited pipeline: {out}"
     )

@@ -1,0 +1,547 @@
+"""NeMo (Hintersdorf et al., NeurIPS 2024): memorization neurons of the cross-attention value projections.
+
+What it records. NeMo's neurons are the output units of the *value projection* `to_v` of every cross-attention
+(diffusers `Attention` modules with `is_cross_attention`, found by type; in SD's UNet these are the `attn2.to_v`
+Linears). Their input is the text embedding, so a neuron's activation depends on the prompt only, not on the seed
+or the timestep. As in their code, the activation of neuron j for a prompt is the mean over the text tokens of
+|to_v(c)|_j (their `activations.abs().mean(dim=0)`), recorded at the first denoiser call without guidance.
+
+The method, per memorized prompt (their `3_detect_memorized_neurons.py`, our own code):
+1. Statistics: per neuron, the mean and (sample) standard deviation of that activation over non-memorized prompts
+   (float64, merged batch by batch with Chan's update, so memory does not grow with the prompt count).
+2. Memorization criterion: the *noise difference* of a generation is the first-step noise prediction minus the
+   latent the denoiser was given, min-max scaled to [0, 1] per sample and channel. For a memorized prompt the noise
+   differences of different seeds look alike. A seed counts as memorized when its highest SSIM to any other seed
+   exceeds the threshold; prompts without such a seed are skipped (no neurons).
+3. Threshold: the mean plus one standard deviation of the pairwise SSIM between seeds of non-memorized prompts
+   (their README: 0.428 on SD v1.4), calibrated here on `calibration_prompts` reference prompts; or given.
+4. Initial candidates: neurons with |z| > θ, z = (a - mean) / std, plus the top-k neurons by |a| per layer. θ starts
+   at 5 and drops by 0.25 (k grows by 1) until deactivating the candidates breaks memorization: the highest SSIM,
+   over the memorized seeds, between the noise difference with and without the candidates falls to the threshold.
+5. Refinement: layer by layer (last layer first) give back a whole layer's candidates if memorization stays broken
+   without them; then neuron by neuron in the remaining layers, keep only the neurons still needed.
+6. The union over prompts is a neuron mask: whole rows of each `to_v` weight (`memprune prune` zeroes them; to_v has
+   no bias in SD, so a zeroed row is exactly NeMo's deactivation, which sets the neuron's output to 0).
+
+Choices their paper/code leaves open or that we made differently (all in `NeMoSettings`):
+- Layers: their code hooks the seven value layers of SD v1's down and mid blocks only (`layers="down_mid"`, the
+  default here: every cross-attention inside the UNet's `down_blocks` and `mid_block`, found by module membership, so
+  SDXL's extra transformer blocks count too); `layers="all"` adds the up blocks. A denoiser without down/mid blocks
+  (DiT) uses all its cross-attentions.
+- Which step: their loop never calls the scheduler, so it returns the prediction of the *second* timestep on the
+  initial noise; we take the first denoiser call of an ordinary pipeline call (timestep t_0, latent x_T), stopped
+  right after it. `steps` sets the scheduler's timesteps as their `num_inference_steps` does.
+- Guidance: none (guidance scale 1, the conditional prediction only), as their detection default (guidance 0).
+- Similarity: single-scale SSIM (memprune.similarity, Gaussian window σ = 1.5, 11 taps, 7 below 32 px, valid
+  positions, data range 1) instead of their 3-scale MS-SSIM (kernel 11), which needs latents of at least 44 px
+  (the testbed's are 8 × 8). Threshold comparisons are "≤ threshold = broken" (theirs: strict <).
+- Seeds: `seeds` (their 10; `locate --method nemo` defaults --seeds to 10) consecutive seeds from `seed`; the
+  memorized prompt's activations come from the first one (they depend on the prompt only).
+- Reference prompts: all of `--reference` in a `--sample-seed` order for the statistics (theirs: 50k LAION
+  prompts); the first `calibration_prompts` (50) of that order for the SSIM threshold.
+- If θ reaches `min_theta` without breaking memorization, as in their code the candidates at `min_theta` are
+  refined against the similarity they reach (they keep what does not make it worse); `refine_unbroken=False`
+  (`--nemo-unbroken skip`) selects nothing for such a prompt instead. `nemo_prompts.csv` says which prompts broke.
+- Identical candidate sets at successive θ are judged once (the criterion is deterministic), which saves calls.
+- z-scores are two-sided |z| (their `.abs()`); `two_sided=False` keeps only neurons more active than usual. A neuron
+  with zero reference std gets std 1e-12 (any deviation is an outlier).
+- Masks are step-independent: the same rows are stored at every step 0..steps-1, so `memprune prune --timesteps τ`
+  (any τ ≤ steps) zeroes exactly the NeMo set. Cost: the index file is `steps` times larger than one step.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import MemPruneError
+from ..masks import Masks
+from . import MethodInfo
+
+METHOD = MethodInfo(
+    name="nemo", kind="weight_edit",
+    summary="NeMo: out-of-distribution cross-attention value neurons of each memorized prompt (z > θ vs non-memorized "
+            "prompts), refined until deactivating them breaks the seed-to-seed SSIM of first-step noise differences.",
+    reference="Hintersdorf et al., NeurIPS 2024, Finding NeMo: Localizing Neurons Responsible For Memorization in "
+              "Diffusion Models",
+)
+
+LAYER_CHOICES = ("down_mid", "all")
+Neurons = dict[str, list[int]]  # value-layer name -> neuron (output row) indices
+
+
+@dataclass
+class NeMoSettings:
+    theta: float = 5.0  # first θ of the search (theirs: 5)
+    theta_step: float = 0.25  # θ decrease per failed try (theirs: 0.25)
+    min_theta: float = 1.0  # last θ tried (theirs: 1)
+    top_k_step: int = 1  # top-|a| neurons per layer added per failed try (theirs: k += 1 from 0); 0: θ only
+    two_sided: bool = True  # |z| > θ (theirs) or z > θ
+    ssim_threshold: float | None = None  # None: mean + threshold_std * std of non-memorized pairwise SSIM
+    threshold_std: float = 1.0
+    calibration_prompts: int = 50  # non-memorized prompts for the threshold
+    seeds: int = 10  # generations per prompt in the criterion (theirs: 10)
+    seed: int = 0  # first seed
+    steps: int = 50  # scheduler steps (only the first is run); also the steps the masks are stored at
+    batch_size: int = 8  # prompts (statistics) or seeds (criterion) per pipeline call
+    layers: str = "down_mid"  # "down_mid" (their code) or "all" cross-attention value layers
+    refine_unbroken: bool = True  # θ_min without breaking memorization: refine anyway (theirs) or select nothing
+
+    def __post_init__(self):
+        if self.layers not in LAYER_CHOICES:
+            raise MemPruneError(f"Unknown NeMo layers '{self.layers}': use one of {', '.join(LAYER_CHOICES)}.")
+        if self.seeds < 2:
+            raise MemPruneError(f"NeMo compares seeds with each other: --seeds must be at least 2, got {self.seeds}.")
+        if self.steps < 1 or self.batch_size < 1 or self.calibration_prompts < 2:
+            raise MemPruneError("NeMo needs --steps >= 1, --batch-size >= 1 and at least 2 calibration prompts.")
+        if self.theta_step <= 0 or self.min_theta > self.theta:
+            raise MemPruneError(f"NeMo's θ search needs theta_step > 0 and min_theta <= theta, got "
+                                f"{self.theta_step} and {self.min_theta} > {self.theta}.")
+
+
+# ------------------------------------------------------------------------------------------------- pure parts
+
+def zscores(activations: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, two_sided: bool = True) -> torch.Tensor:
+    """(a - mean) / std per neuron in float64; |z| when two-sided (NeMo). A zero std counts as 1e-12."""
+    z = (activations.double() - mean.double()) / std.double().clamp_min(1e-12)
+    return z.abs() if two_sided else z
+
+
+def initial_candidates(z: dict[str, torch.Tensor], theta: float, activations: dict[str, torch.Tensor] | None = None,
+                       k: int = 0) -> Neurons:
+    """Per layer, the sorted neurons with z > θ, united with the k largest |activation| (NeMo's top-k)."""
+    result = {}
+    for layer, scores in z.items():
+        chosen = set((scores > theta).nonzero().flatten().tolist())
+        if k > 0 and activations is not None:
+            values = activations[layer].abs()
+            chosen |= set(values.topk(min(k, values.numel())).indices.tolist())
+        result[layer] = sorted(chosen)
+    return result
+
+
+def count(neurons: Neurons) -> int:
+    return sum(len(rows) for rows in neurons.values())
+
+
+def theta_schedule(settings: NeMoSettings) -> list[tuple[float, int]]:
+    """(θ, k) pairs tried in order: θ from `theta` down to `min_theta`, k growing by `top_k_step` per try."""
+    pairs, theta, k = [], settings.theta, 0
+    while theta >= settings.min_theta - 1e-9:
+        pairs.append((round(theta, 10), k))
+        theta -= settings.theta_step
+        k += settings.top_k_step
+    return pairs
+
+
+@dataclass
+class SearchResult:
+    candidates: Neurons
+    theta: float
+    k: int
+    broken: bool  # whether deactivating `candidates` breaks memorization
+    tries: int
+
+
+def search_theta(z: dict[str, torch.Tensor], activations: dict[str, torch.Tensor], broken: Callable[[Neurons], bool],
+                 settings: NeMoSettings) -> SearchResult:
+    """Lower θ (and raise k) until deactivating the candidates breaks memorization; stop at the first that does.
+    Empty candidate sets are skipped (deactivating nothing cannot break anything), and so is a set equal to the one
+    tried before it (the criterion is deterministic: it would give the same answer)."""
+    tries, last = 0, None
+    for theta, k in theta_schedule(settings):
+        candidates = initial_candidates(z, theta, activations, k)
+        if not count(candidates) or (last is not None and candidates == last[0]):
+            continue
+        tries += 1
+        last = (candidates, theta, k)
+        if broken(candidates):
+            return SearchResult(candidates, theta, k, True, tries)
+    if last is None:
+        return SearchResult({layer: [] for layer in z}, settings.min_theta, 0, False, tries)
+    return SearchResult(*last, False, tries)
+
+
+def refine(candidates: Neurons, broken: Callable[[Neurons], bool]) -> Neurons:
+    """NeMo's refinement: keep only candidates whose deactivation is needed for `broken` to stay true.
+
+    First layer-wise (last layer first): drop a layer's candidates when memorization stays broken without them.
+    Then neuron-wise in the remaining layers (last layer first, neurons in order): drop each neuron that is not
+    needed. Assumes `broken(candidates)`; the result is a subset of the candidates."""
+    current = {layer: list(rows) for layer, rows in candidates.items()}
+    for layer in reversed(list(current)):
+        if current[layer]:
+            trial = {**current, layer: []}
+            if broken(trial):
+                current = trial
+    for layer in reversed(list(current)):
+        for neuron in list(current[layer]):
+            trial = {**current, layer: [n for n in current[layer] if n != neuron]}
+            if broken(trial):
+                current = trial
+    return current
+
+
+def neuron_masks(neurons: Neurons, shapes: dict[str, tuple[int, int]], steps: int, meta: dict | None = None) -> Masks:
+    """Whole rows of each value weight, the same at every step 0..steps-1 (NeMo is step-independent)."""
+    indices = {}
+    for layer, (rows, columns) in shapes.items():
+        selected = torch.tensor(sorted(set(neurons.get(layer, []))), dtype=torch.int64)
+        flat = (selected[:, None] * columns + torch.arange(columns, dtype=torch.int64)[None, :]).flatten()
+        for step in range(steps):
+            indices[(layer, step)] = flat.clone()  # safetensors refuses tensors that share memory
+    return Masks(indices=indices, shapes={layer: tuple(shape) for layer, shape in shapes.items()},
+                 meta={**(meta or {}), "step_independent": True})
+
+
+# ------------------------------------------------------------------------------------------------- hooks
+
+def nemo_layers(net: nn.Module, which: str = "down_mid") -> dict[str, nn.Linear]:
+    """The cross-attention value Linears NeMo looks at: those inside the UNet's down and mid blocks (their code), or
+    all; a denoiser without down/mid blocks (DiT) gives all of them."""
+    from ..models import value_linears
+
+    linears = value_linears(net)
+    if not linears:
+        raise MemPruneError("The denoiser has no cross-attention value layers (to_v): NeMo has nothing to record.")
+    if which == "all":
+        return linears
+    blocks = [getattr(net, "down_blocks", None), getattr(net, "mid_block", None)]
+    inside = {id(module) for block in blocks if isinstance(block, nn.Module) for module in block.modules()}
+    chosen = {name: linear for name, linear in linears.items() if id(linear) in inside}
+    return chosen or linears
+
+
+class ValueRecorder:
+    """Context manager: per value Linear, the token-mean of |output| of every sample it sees, as float64 rows.
+    On exit it removes exactly the hooks it added."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.linears = linears
+        self.rows: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+        self._handles = []
+
+    def _hook_for(self, name: str):
+        def hook(module, args, output):
+            value = output if output.dim() == 3 else output.unsqueeze(1)
+            self.rows[name].append(value.detach().abs().mean(dim=1).double().cpu())
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The rows recorded since the last take, (samples, H) per layer."""
+        taken = {name: torch.cat(rows) if rows else torch.zeros(0) for name, rows in self.rows.items()}
+        self.rows = {name: [] for name in self.linears}
+        return taken
+
+    def __enter__(self) -> "ValueRecorder":
+        try:
+            for name, linear in self.linears.items():
+                self._handles.append(linear.register_forward_hook(self._hook_for(name)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class Deactivated:
+    """Context manager: the given neurons of value Linears output what a zeroed weight row gives (their bias, or 0)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], neurons: Neurons | None):
+        self.linears = linears
+        self.neurons = {layer: rows for layer, rows in (neurons or {}).items() if rows}
+        self._handles = []
+
+    @staticmethod
+    def _hook_for(rows: list[int]):
+        def hook(module, args, output):
+            index = torch.tensor(rows, device=output.device)
+            if module.bias is None:
+                return output.index_fill(-1, index, 0.0)
+            output = output.clone()
+            output[..., index] = module.bias[index].to(output.dtype)
+            return output
+        return hook
+
+    def __enter__(self) -> "Deactivated":
+        for layer, rows in self.neurons.items():
+            self._handles.append(self.linears[layer].register_forward_hook(self._hook_for(rows)))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class _FirstCallDone(Exception):
+    """Raised from the denoiser's hook to end a pipeline call after its first denoiser call."""
+
+
+def first_step(pipe, prompts: list[str], seeds: list[int], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent input, noise prediction) of the first denoiser call of an unguided pipeline call, one generation per
+    (prompt, seed) with its own CPU generator (as memprune.generate: a seed gives the same x_T in any batch)."""
+    from ..models import denoiser
+
+    captured = {}
+
+    def hook(module, args, kwargs, output):
+        sample = args[0] if args else kwargs["sample"]
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        captured["sample"], captured["prediction"] = sample.detach().float().cpu(), prediction.detach().float().cpu()
+        raise _FirstCallDone
+
+    handle = denoiser(pipe).register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+                 generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds])
+    except _FirstCallDone:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise MemPruneError("The pipeline call ended without calling its denoiser: NeMo cannot measure it.")
+    return captured["sample"], captured["prediction"]
+
+
+def noise_differences(sample: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """NeMo's noise difference ε̂ − x, min-max scaled to [0, 1] per sample and channel."""
+    diff = prediction - sample
+    low, high = diff.amin(dim=(-2, -1), keepdim=True), diff.amax(dim=(-2, -1), keepdim=True)
+    return (diff - low) / (high - low).clamp_min(1e-12)
+
+
+def max_pairwise_ssim(diffs: torch.Tensor) -> torch.Tensor:
+    """Each seed's highest SSIM against any other seed of the same prompt."""
+    from ..similarity import ssim_matrix
+
+    matrix = ssim_matrix(diffs, diffs)
+    matrix.fill_diagonal_(float("-inf"))
+    return matrix.max(dim=1).values
+
+
+def pairwise_ssims(diffs: torch.Tensor) -> torch.Tensor:
+    from ..similarity import ssim_matrix
+
+    rows, columns = torch.triu_indices(len(diffs), len(diffs), offset=1)
+    return ssim_matrix(diffs, diffs)[rows, columns]
+
+
+# ------------------------------------------------------------------------------------------------- pipeline parts
+
+@dataclass
+class Moments:
+    """Float64 per-neuron mean and M2, merged batch by batch (Chan et al.)."""
+
+    count: int = 0
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        n, batch_mean = rows.shape[0], rows.mean(0)
+        batch_m2 = (rows - batch_mean).square().sum(0)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, batch_mean, batch_m2
+            return
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + batch_m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (self.m2 / max(self.count - 1, 1)).sqrt()
+
+
+class NeMoRun:
+    """One pipeline, its NeMo layers and settings: statistics, threshold and per-prompt localisation."""
+
+    def __init__(self, pipe, settings: NeMoSettings, progress: bool = True):
+        from ..models import denoiser
+
+        self.pipe, self.settings, self.progress = pipe, settings, progress
+        self.linears = nemo_layers(denoiser(pipe), settings.layers)
+        self.calls = 0  # criterion pipeline calls, for the cost report
+
+    def _chunks(self, items: list):
+        size = self.settings.batch_size
+        return [items[i:i + size] for i in range(0, len(items), size)]
+
+    def reference_statistics(self, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if len(prompts) < 2:
+            raise MemPruneError("NeMo needs at least 2 non-memorized prompts for its activation statistics.")
+        moments = {name: Moments() for name in self.linears}
+        with ValueRecorder(self.linears) as recorder:
+            for batch in tqdm(self._chunks(prompts), desc="NeMo statistics (non-memorized)", disable=not self.progress,
+                              leave=False):
+                first_step(self.pipe, batch, [self.settings.seed] * len(batch), self.settings.steps)
+                for name, rows in recorder.take().items():
+                    moments[name].add(rows)
+        for name, moment in moments.items():
+            if not (torch.isfinite(moment.mean).all() and torch.isfinite(moment.std).all()):
+                raise MemPruneError(f"Activations of {name} contain NaN or inf: run in float32 or check the weights.")
+        return {name: (moment.mean, moment.std) for name, moment in moments.items()}
+
+    def diffs(self, prompt: str, seeds: list[int], neurons: Neurons | None = None) -> torch.Tensor:
+        parts = []
+        with Deactivated(self.linears, neurons):
+            for batch in self._chunks(seeds):
+                self.calls += 1
+                parts.append(noise_differences(*first_step(self.pipe, [prompt] * len(batch), batch, self.settings.steps)))
+        return torch.cat(parts)
+
+    def calibrate_threshold(self, prompts: list[str]) -> tuple[float, dict]:
+        """Mean + threshold_std × std of the pairwise SSIM between seeds of non-memorized prompts (their 0.428)."""
+        seeds = self.all_seeds()
+        values = torch.cat([pairwise_ssims(self.diffs(prompt, seeds))
+                            for prompt in tqdm(prompts, desc="NeMo SSIM threshold", disable=not self.progress, leave=False)])
+        mean, std = values.double().mean().item(), values.double().std().item()
+        return mean + self.settings.threshold_std * std, {"pairwise_ssim_mean": mean, "pairwise_ssim_std": std,
+                                                          "calibration_prompts": len(prompts)}
+
+    def all_seeds(self) -> list[int]:
+        return list(range(self.settings.seed, self.settings.seed + self.settings.seeds))
+
+    def locate_prompt(self, prompt: str, statistics: dict, threshold: float) -> dict:
+        """NeMo for one memorized prompt: its refined neurons and what led to them."""
+        from ..similarity import ssim
+
+        seeds = self.all_seeds()
+        with ValueRecorder(self.linears) as recorder:
+            vanilla = self.diffs(prompt, seeds)
+        activations = {name: rows[0] for name, rows in recorder.take().items()}
+        pairwise = max_pairwise_ssim(vanilla)
+        memorized = pairwise > threshold
+        result = {"prompt": prompt, "max_pairwise_ssim": pairwise.max().item(), "memorized_seeds": int(memorized.sum()),
+                  "theta": None, "k": None, "broken": False, "initial": 0, "refined": 0, "similarity_initial": None,
+                  "similarity_refined": None, "neurons": {}}
+        if not memorized.any():
+            return result  # not memorized by NeMo's criterion: nothing to localise
+        look = [seed for seed, keep in zip(seeds, memorized.tolist()) if keep]
+        reference = vanilla[memorized]
+
+        def similarity(neurons: Neurons) -> float:
+            return ssim(reference, self.diffs(prompt, look, neurons)).max().item()
+
+        z = {name: zscores(activations[name], *statistics[name], self.settings.two_sided) for name in self.linears}
+        search = search_theta(z, activations, lambda neurons: similarity(neurons) <= threshold, self.settings)
+        if not count(search.candidates) or (not search.broken and not self.settings.refine_unbroken):
+            result.update(theta=search.theta, k=search.k, initial=count(search.candidates))
+            return result
+        initial_similarity = similarity(search.candidates)
+        limit = threshold if search.broken else initial_similarity  # their fallback: refine against what θ_min reaches
+        refined = refine(search.candidates, lambda neurons: similarity(neurons) <= limit)
+        result.update(theta=search.theta, k=search.k, broken=search.broken, initial=count(search.candidates),
+                      refined=count(refined), similarity_initial=initial_similarity,
+                      similarity_refined=similarity(refined), neurons={k: v for k, v in refined.items() if v})
+        return result
+
+
+def union(neuron_sets: list[Neurons]) -> Neurons:
+    merged: dict[str, set[int]] = {}
+    for neurons in neuron_sets:
+        for layer, rows in neurons.items():
+            merged.setdefault(layer, set()).update(rows)
+    return {layer: sorted(rows) for layer, rows in merged.items()}
+
+
+def edit(pipe, settings: NeMoSettings, memorized: list[str], reference: list[str], meta: dict | None = None,
+         progress: bool = True) -> Masks:
+    """The weight-edit entry point: NeMo's neurons for each memorized prompt, united into a neuron mask of `pipe`'s
+    cross-attention value Linears. `reference` are non-memorized prompts (statistics and SSIM threshold)."""
+    if not reference:
+        raise MemPruneError("NeMo needs non-memorized prompts: give --reference FILE with non-memorized captions.")
+    run = NeMoRun(pipe, settings, progress)
+    statistics = run.reference_statistics(reference)
+    calibration = {}
+    threshold = settings.ssim_threshold
+    if threshold is None:
+        threshold, calibration = run.calibrate_threshold(reference[: settings.calibration_prompts])
+    results = []
+    bar = tqdm(memorized, desc="NeMo memorized prompts", disable=not progress, leave=False)
+    for prompt in bar:
+        results.append(run.locate_prompt(prompt, statistics, threshold))
+        bar.set_postfix(neurons=count(union([r["neurons"] for r in results])))
+    neurons = union([result["neurons"] for result in results])
+    shapes = {name: tuple(linear.weight.shape) for name, linear in run.linears.items()}
+    nemo_meta = {"ssim_threshold": threshold, **calibration, "criterion_calls": run.calls, "prompts": results,
+                 "neurons": neurons}
+    selection = {"method": "nemo", **asdict(settings)}
+    return neuron_masks(neurons, shapes, settings.steps, {"selection": selection, **(meta or {}), "nemo": nemo_meta})
+
+
+# ------------------------------------------------------------------------------------------------- command
+
+@dataclass
+class NeMoLocateSettings:
+    model: str
+    memorized: str
+    reference: str  # file of non-memorized prompts
+    nemo: NeMoSettings = field(default_factory=NeMoSettings)
+    memorized_label: str | None = None
+    num_prompts: int | None = None
+    sample_seed: int = 0
+    reference_prompts: int | None = None  # None: all of the file (seeded order)
+
+
+def nemo_to_folder(settings: NeMoLocateSettings, out, overwrite: bool = False, device: str = "auto", dtype=None) -> str:
+    """`memprune locate --method nemo` as a function: the same kind of folder as locate (masks, prompts_used.csv,
+    run.json) plus nemo_prompts.csv (per prompt: θ, neuron counts, similarities)."""
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from ..models import denoiser, load_pipeline, model_identity, prunable_layer_shapes, resolve_device
+    from ..prompts import read_prompts, seeded_subsets, write_prompts
+    from ..runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
+
+    protected = [settings.model] if Path(settings.model).exists() else []
+    check_output_dir(out, overwrite, protected)
+    memorized = read_prompts(settings.memorized, label=settings.memorized_label)
+    if settings.num_prompts is not None:
+        memorized = memorized.subset(seeded_subsets(len(memorized), 1, settings.num_prompts, settings.sample_seed)[0])
+    captions = read_prompts(settings.reference).prompts
+    order = np.random.default_rng(settings.sample_seed).permutation(len(captions))
+    reference = [captions[i] for i in order[: settings.reference_prompts]]
+    timer = Timer()
+    with timer("load"):
+        pipe = load_pipeline(settings.model, resolve_device(device), dtype)
+    identity = model_identity(settings.model, pipe)
+    identity["layer_shapes"] = prunable_layer_shapes(denoiser(pipe))
+    meta = {"model": identity, "prompts": memorized.prompts,
+            "settings": {"reference": settings.reference, "reference_prompts": len(reference)}}
+    with timer("locate"):
+        masks = edit(pipe, settings.nemo, memorized.prompts, reference, meta=meta)
+    with atomic_output_dir(out, overwrite, protected) as staging:
+        masks.save(staging)
+        write_prompts(memorized.prompts, Path(staging) / "prompts_used.csv")
+        rows = [{key: value for key, value in result.items() if key != "neurons"}
+                | {"neurons": ";".join(f"{layer}:{row}" for layer, rows in result["neurons"].items() for row in rows)}
+                for result in masks.meta["nemo"]["prompts"]]
+        pd.DataFrame(rows).to_csv(Path(staging) / "nemo_prompts.csv", index=False)
+        inputs = {"memorized": settings.memorized, "reference": settings.reference}
+        write_run_json(staging, settings, inputs, timer.seconds, model=identity)
+    nemo = masks.meta["nemo"]
+    neurons = count(nemo["neurons"])
+    located = sum(1 for result in nemo["prompts"] if result["neurons"])
+    detected = sum(1 for result in nemo["prompts"] if result["memorized_seeds"])
+    broken = sum(1 for result in nemo["prompts"] if result["broken"])
+    return (
+        f"NeMo selected {neurons} value neurons in {sum(1 for v in nemo['neurons'].values() if v)} of "
+        f"{len(masks.layers)} cross-attention layers from {len(memorized)} memorized prompts ({detected} memorized by "
+        f"the criterion, {broken} broken by deactivation, {located} with neurons; "
+        f"SSIM threshold {nemo['ssim_threshold']:.3f}; {nemo['criterion_calls']} criterion calls, "
+        f"{timer.seconds.get('locate', 0):.0f} s).\n"
+        f"Masks: {Path(out) / 'masks.safetensors'} (step-independent: prune with any --timesteps <= {settings.nemo.steps})"
+    )
