@@ -6,17 +6,10 @@ import sys
 
 import pandas as pd
 
+from memprune.model_card import CARD_METRICS
+
 MODELS = ("unedited", "edited", "random_control")
-ROWS = (
-    ("memorized_held_out", "memorization_rate", "held-out memorization", True),
-    ("memorized_held_out", "memorization_rate_strict", "held-out memorization (strict threshold)", True),
-    ("memorized_held_out", "copy_similarity", "held-out copy similarity", False),
-    ("same_style_control", "memorization_rate", "same-style controls: memorization", True),
-    ("same_style_control", "similarity_to_unedited", "same-style controls: similarity to unedited", False),
-    ("general", "similarity_to_unedited", "general: similarity to unedited", False),
-    ("general", "attribute_accuracy", "general: attribute accuracy", True),
-    ("memorized", "seconds_per_image_ratio", "seconds per image vs unedited", False),
-)
+ROWS = CARD_METRICS  # the rows a pruned folder's model card shows: one table for both
 MARGIN = 0.2  # the edit must beat its random control by this much held-out memorization to count as located
 
 
@@ -26,11 +19,14 @@ def value(metrics, model, group, metric):
 
 
 def table(metrics) -> str:
-    lines = [f"{'':46s}" + "".join(f"{m:>16s}" for m in MODELS)]
+    width = max(len(label) for _, _, label, _ in ROWS) + 2
+    lines = [" " * width + "".join(f"{m:>16s}" for m in MODELS)]
     for group, metric, label, percent in ROWS:
         cells = [value(metrics, m, group, metric) for m in MODELS]
+        if all(math.isnan(v) for v in cells):
+            continue
         text = ["" if math.isnan(v) else (f"{v:.1%}" if percent else f"{v:.3f}") for v in cells]
-        lines.append(f"{label:46s}" + "".join(f"{t:>16s}" for t in text))
+        lines.append(f"{label:{width}s}" + "".join(f"{t:>16s}" for t in text))
     return "\n".join(lines)
 
 
