@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.steps, args.seeds, args.uniforget_steps, args.attack_prompts = 4, 1, 2, 2
         args.finetune_steps = args.finetune_steps or 2
+        args.timesteps = min(args.timesteps, args.steps)  # τ cannot exceed the recorded steps
     if args.finetune_steps is None:
         args.finetune_steps = 200
     work = args.out
