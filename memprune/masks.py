@@ -110,7 +110,13 @@ class Masks:
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{layer}|{step}": idx.contiguous() for (layer, step), idx in self.indices.items()}
+        tensors, seen = {}, set()
+        for (layer, step), idx in self.indices.items():
+            idx = idx.contiguous()
+            if idx.data_ptr() in seen and idx.numel():  # one set shared by several steps: safetensors wants copies
+                idx = idx.clone()
+            seen.add(idx.data_ptr())
+            tensors[f"{layer}|{step}"] = idx
         save_file(tensors, str(folder / MASKS_FILE))
         meta = {
             **self.meta,

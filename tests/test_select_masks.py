@@ -157,3 +157,18 @@ def test_wanda_edit_selects_from_the_pipeline_weights_and_changes_none():
     for key in expected.indices:
         assert torch.equal(masks.indices[key], expected.indices[key])
     assert all(torch.equal(before[n], l.weight) for n, l in linears.items())
+
+
+def test_random_masks_like_saves_and_loads(tmp_path):
+    """A random control repeats one index set at every step; it must save (safetensors refuses shared memory)."""
+    from memprune.masks import random_masks_like
+
+    dense = {("l", step): torch.rand(4, 6, generator=torch.Generator().manual_seed(step)) > 0.5 for step in range(3)}
+    located = Masks.from_dense(dense)
+    control = random_masks_like(located, 3, seed=1)
+    control.save(tmp_path)
+    loaded = Masks.load(tmp_path)
+    union = located.union_indices(3)["l"]
+    for step in range(3):
+        assert loaded.indices[("l", step)].numel() == union.numel()  # the union's size at every step
+        assert torch.equal(loaded.indices[("l", step)], control.indices[("l", 0)])
