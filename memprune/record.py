@@ -54,9 +54,18 @@ class ActivationRecorder:
             value = timestep.flatten()[0] if torch.is_tensor(timestep) else timestep
             self.stats.timesteps[self.step] = float(value)
 
+    def take_stats(self) -> NeuronStats:
+        """The statistics recorded so far; recording goes on into fresh ones (one pipeline call's worth each)."""
+        stats, self.stats = self.stats, NeuronStats()
+        return stats
+
     def _select_half(self, x: torch.Tensor) -> torch.Tensor:
         if self.half == "both" or not self.cfg:
             return x
+        if x.shape[0] % 2:
+            raise MemPruneError(
+                f"half='{self.half}' expects a classifier-free-guidance batch [uncond, cond], but a FeedForward saw an odd "
+                f"batch of {x.shape[0]}: this pipeline does not batch CFG; use half='both'.")
         half_size = x.shape[0] // 2
         return x[:half_size] if self.half == "uncond" else x[half_size:]
 
@@ -85,3 +94,16 @@ class ActivationRecorder:
 
     def __exit__(self, *exc_info) -> None:
         self.remove()
+
+
+def check_half(pipe, half: str, cfg: bool) -> None:
+    """Refuse a CFG half the pipeline cannot give, in one sentence that says why."""
+    from .generate import guidance_distilled
+
+    if half != "both" and guidance_distilled(pipe):
+        raise MemPruneError(
+            f"{type(pipe).__name__} is guidance-distilled: its guidance scale is an input of the transformer and it runs "
+            f"no [uncond, cond] batch, so there is no '{half}' half to record; use --half both (every activation is "
+            "conditional).")
+    if half == "uncond" and not cfg:
+        raise MemPruneError("half='uncond' needs classifier-free guidance (guidance scale > 1).")

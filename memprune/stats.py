@@ -136,29 +136,24 @@ class NeuronStats:
                 setattr(accumulator, name, getattr(accumulator, name).to(device, dtype))
         return self
 
-    def save(self, path: str | Path) -> None:
-        """Write `path` (.safetensors) and a JSON sidecar with counts, timesteps and meta."""
-        path = Path(path)
-        tensors = {
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The accumulator vectors as a flat {"layer|step|field": tensor} dict (the safetensors layout)."""
+        return {
             f"{layer}|{step}|{name}": getattr(acc, name).detach().cpu().contiguous()
             for (layer, step), acc in self.accumulators.items()
             for name in FIELDS
         }
-        save_file(tensors, str(path))
-        sidecar = {
+
+    def sidecar(self) -> dict:
+        """Counts, timesteps and meta: what the tensors do not hold."""
+        return {
             "counts": {f"{layer}|{step}": [acc.count, acc.tokens] for (layer, step), acc in self.accumulators.items()},
             "timesteps": {str(step): value for step, value in self.timesteps.items()},
             "meta": self.meta,
         }
-        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "NeuronStats":
-        path = Path(path)
-        if not path.is_file() or not path.with_suffix(".json").is_file():
-            raise MemPruneError(f"Statistics file '{path}' or its .json sidecar is missing.")
-        tensors = load_file(str(path))
-        sidecar = json.loads(path.with_suffix(".json").read_text())
+    def from_parts(cls, tensors: dict[str, torch.Tensor], sidecar: dict) -> "NeuronStats":
         stats = cls(timesteps={int(k): v for k, v in sidecar["timesteps"].items()}, meta=sidecar.get("meta", {}))
         for key, (count, tokens) in sidecar["counts"].items():
             layer, step = key.rsplit("|", 1)
@@ -166,3 +161,16 @@ class NeuronStats:
                 *(tensors[f"{key}|{name}"] for name in FIELDS), count=count, tokens=tokens
             )
         return stats
+
+    def save(self, path: str | Path) -> None:
+        """Write `path` (.safetensors) and a JSON sidecar with counts, timesteps and meta."""
+        path = Path(path)
+        save_file(self.tensors(), str(path))
+        path.with_suffix(".json").write_text(json.dumps(self.sidecar(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeuronStats":
+        path = Path(path)
+        if not path.is_file() or not path.with_suffix(".json").is_file():
+            raise MemPruneError(f"Statistics file '{path}' or its .json sidecar is missing.")
+        return cls.from_parts(load_file(str(path)), json.loads(path.with_suffix(".json").read_text()))
