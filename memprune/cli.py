@@ -37,13 +37,23 @@ def main():
 @click.option("--subsets", default=0, show_default=True, help="N seeded subsets for the overlap analysis (0: none).")
 @click.option("--subset-size", default=10, show_default=True, help="Prompts per subset (m).")
 @click.option("--control", default=None, type=click.Path(), help="Non-memorized prompts for the overlap controls.")
+@click.option("--height", type=int, default=None, help="Image height in pixels (default: the pipeline's).")
+@click.option("--width", type=int, default=None, help="Image width in pixels (default: the pipeline's).")
+@click.option("--processes", default=1, show_default=True,
+              help="Split the generations over N local processes (gloo on CPU, one GPU each on CUDA); "
+                   "or start it with `accelerate launch -m memprune locate ...`.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from the partial statistics in OUT.partial.")
+@click.option("--checkpoint-every", default=60.0, show_default=True,
+              help="Seconds between saves of the partial statistics (OUT.partial) that --resume continues from.")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def locate(model, memorized, memorized_label, reference, steps, seeds, seed, guidance_scale, batch_size, ratio, granularity,
-           neuron_score, half, num_prompts, sample_seed, subsets, subset_size, control, device, dtype, out, overwrite):
+           neuron_score, half, num_prompts, sample_seed, subsets, subset_size, control, height, width, processes, resume,
+           checkpoint_every, device, dtype, out, overwrite):
     """Record FFN activations of memorized vs reference prompts and select the memorization weights."""
+    from .distributed import naming_this_rank
     from .locate import LocateSettings, locate_to_folder
 
     memorized = default_testbed_file(model, memorized, "memorized.csv", "--memorized")
@@ -54,7 +64,8 @@ def locate(model, memorized, memorized_label, reference, steps, seeds, seed, gui
         memorized=memorized,
         memorized_label=memorized_label,
         reference=reference,
-        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
+        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size,
+                                      height=height, width=width),
         selection=SelectionSettings(ratio=ratio, granularity=granularity, neuron_score=neuron_score),
         half=half,
         num_prompts=num_prompts,
@@ -63,7 +74,9 @@ def locate(model, memorized, memorized_label, reference, steps, seeds, seed, gui
         subset_size=subset_size,
         control=control,
     )
-    summary = locate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype))
+    with naming_this_rank():
+        summary = locate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype),
+                                   processes=processes, resume=resume, checkpoint_seconds=checkpoint_every)
     click.echo(summary)
 
 

@@ -13,6 +13,7 @@ same.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -98,6 +99,17 @@ class Processes:
 def launched_world_size() -> int:
     """The number of processes a launcher (accelerate launch, torchrun, `spawn`) started, 1 without one."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def naming_this_rank():
+    """Under a launcher every process prints its own errors: prefix them with the rank that had them."""
+    try:
+        yield
+    except MemPruneError as exc:
+        if launched_world_size() <= 1:
+            raise
+        raise MemPruneError(f"Process {os.environ.get('RANK', '?')} of {launched_world_size()}: {exc}") from exc
 
 
 def current_processes(device: str = "auto") -> Processes:
