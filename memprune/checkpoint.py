@@ -89,6 +89,9 @@ class PartialStats:
         os.replace(staging, path)
         self._last_save[key] = now
 
+    def holds_statistics(self) -> bool:
+        return any(self.folder.glob("*.safetensors"))
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 

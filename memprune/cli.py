@@ -77,7 +77,8 @@ def locate(model, memorized, memorized_label, reference, steps, seeds, seed, gui
     with naming_this_rank():
         summary = locate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype),
                                    processes=processes, resume=resume, checkpoint_seconds=checkpoint_every)
-    click.echo(summary)
+    if summary:  # empty on the other processes of a launcher
+        click.echo(summary)
 
 
 @main.command()

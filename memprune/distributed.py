@@ -203,7 +203,7 @@ def spawn(world: int, target, kwargs: dict, threads: int | None = None):
         try:
             while not context.join():
                 pass
-        except mp.ProcessException as exc:  # join() has already stopped the other processes
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:  # join() has already stopped the other processes
             message = _failure_message(Path(report_dir), world, exc.error_index, getattr(exc, "exit_code", None))
             raise MemPruneError(message) from None
         return json.loads((Path(report_dir) / "result.json").read_text())["result"]

@@ -268,20 +268,26 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
     partial, resumed = open_partial(out, resume_fingerprint(settings, dtype, group.world), resume, overwrite, group,
                                     checkpoint_seconds)
     timer = Timer()
-    with timer("load"):
-        pipe = load_pipeline(settings.model, group.device if group.distributed else resolve_device(device), dtype)
-    with timer("locate"):
-        result = locate(settings, pipe, processes=group, partial=partial)
-    if group.is_main:
-        with atomic_output_dir(out, overwrite, protected) as staging:
-            save_locate_result(result, staging)
-            write_locate_plots(staging, result.masks, result.overlap)
-            inputs = {"memorized": settings.memorized, "reference": settings.reference, "control": settings.control}
-            write_run_json(staging, settings, inputs, timer.seconds, model=result.masks.meta["model"],
-                           processes=group.world, resumed=resumed)
-    group.barrier()  # the others wait until the output is written: a failure of the main process stops them all
-    if group.is_main:
-        partial.remove()
+    try:
+        with timer("load"):
+            pipe = load_pipeline(settings.model, group.device if group.distributed else resolve_device(device), dtype)
+        with timer("locate"):
+            result = locate(settings, pipe, processes=group, partial=partial)
+        if group.is_main:
+            with atomic_output_dir(out, overwrite, protected) as staging:
+                save_locate_result(result, staging)
+                write_locate_plots(staging, result.masks, result.overlap)
+                inputs = {"memorized": settings.memorized, "reference": settings.reference, "control": settings.control}
+                write_run_json(staging, settings, inputs, timer.seconds, model=result.masks.meta["model"],
+                               processes=group.world, resumed=resumed)
+        group.barrier()  # the others wait until the output is written: a failure of the main process stops them all
+    except BaseException:
+        if group.is_main and not partial.holds_statistics():
+            partial.remove()  # nothing to resume from: do not make the next run ask for --resume
+        raise
+    if not group.is_main:
+        return ""  # the main process reports for all
+    partial.remove()
     counts = result.masks.count()
     lines = [
         f"Located {sum(counts.values())} weight selections over {len(result.masks.layers)} layers x "

@@ -6,6 +6,9 @@ import pytest
 import torch
 from diffusers import FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline
 
+from click.testing import CliRunner
+
+from memprune.cli import main
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings, guidance_distilled, uses_cfg
 from memprune.locate import LocateSettings, locate_to_folder, record_prompts
@@ -92,7 +95,6 @@ def test_recorded_statistics_and_cfg_halves_match_a_hand_computation(family):
             assert accumulator.count == token_means.shape[0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", list(DIT_BUILDERS))
 def test_locate_prune_save_and_reload_with_stock_diffusers(family, dit_folders, tmp_path, prompt_file):
     model = str(dit_folders[family])
@@ -126,3 +128,17 @@ def test_locate_prune_save_and_reload_with_stock_diffusers(family, dit_folders, 
         assert torch.count_nonzero(weight[zeroed]) == zeroed.sum()  # random weights: none was zero before
         assert torch.count_nonzero(pruned[name][zeroed]) == 0  # exactly the masked weights are zero ...
         torch.testing.assert_close(pruned[name][~zeroed], weight[~zeroed], rtol=0, atol=0)  # ... and no others change
+
+
+def test_cli_locates_a_dit_at_a_given_size_and_flux_refuses_a_cfg_half(dit_folders, tmp_path, prompt_file):
+    common = ["locate", "--memorized", str(prompt_file), "--steps", "2", "--height", "16", "--width", "16",
+              "--device", "cpu"]
+    ok = CliRunner().invoke(main, [*common, "--model", str(dit_folders["pixart"]), "--half", "cond",
+                                   "--out", str(tmp_path / "pixart")])
+    assert ok.exit_code == 0, ok.output
+    assert Masks.load(tmp_path / "pixart").layers == EXPECTED_LAYERS["pixart"]
+    assert json.loads((tmp_path / "pixart" / "run.json").read_text())["settings"]["generation"]["height"] == 16
+    refused = CliRunner().invoke(main, [*common, "--model", str(dit_folders["flux"]), "--half", "uncond",
+                                        "--out", str(tmp_path / "flux")])
+    assert refused.exit_code == 1 and "guidance-distilled" in refused.output and "Traceback" not in refused.output
+    assert not (tmp_path / "flux").exists() and not (tmp_path / "flux.partial").exists()
