@@ -42,6 +42,7 @@ class ActivationRecorder:
         self.linears = {name: m for name, m in linears.items() if layer_filter is None or layer_filter(name)}
         self.step = -1
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._timesteps: dict[int, torch.Tensor | float] = {}  # read lazily: float() of a GPU tensor is a sync
 
     def new_generation(self) -> None:
         """Call before each pipeline call: the next denoiser call is step 0."""
@@ -50,12 +51,17 @@ class ActivationRecorder:
     def _on_denoiser_call(self, module, args, kwargs):
         self.step += 1
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if timestep is not None and self.step not in self.stats.timesteps:
-            value = timestep.flatten()[0] if torch.is_tensor(timestep) else timestep
-            self.stats.timesteps[self.step] = float(value)
+        if timestep is not None and self.step not in self.stats.timesteps and self.step not in self._timesteps:
+            self._timesteps[self.step] = timestep.flatten()[0].detach().clone() if torch.is_tensor(timestep) else timestep
+
+    def _settle_timesteps(self) -> None:
+        for step, value in self._timesteps.items():
+            self.stats.timesteps.setdefault(step, float(value))
+        self._timesteps.clear()
 
     def take_stats(self) -> NeuronStats:
         """The statistics recorded so far; recording goes on into fresh ones (one pipeline call's worth each)."""
+        self._settle_timesteps()
         stats, self.stats = self.stats, NeuronStats()
         return stats
 
@@ -88,6 +94,7 @@ class ActivationRecorder:
         return self
 
     def remove(self) -> None:
+        self._settle_timesteps()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
