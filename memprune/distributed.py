@@ -157,7 +157,8 @@ def _is_communication_error(exc: BaseException) -> bool:
 
 def _worker(rank: int, world: int, port: int, threads: int, report_dir: str, target, kwargs: dict) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "OMP_NUM_THREADS": str(threads)})  # accelerate would pick its own count when it is unset
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     torch.set_num_threads(threads)
     report = Path(report_dir)

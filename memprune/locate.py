@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .errors import MemPruneError
 from .checkpoint import PartialStats, prompts_key
@@ -256,6 +257,9 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
     if processes > 1:
         check_output_dir(out, overwrite, protected)
         check_work_size(settings, processes)  # before starting any process
+        if resolve_device(device).type == "cuda" and processes > torch.cuda.device_count():
+            raise MemPruneError(f"--processes {processes} on CUDA takes one GPU each, but {torch.cuda.device_count()} "
+                                "are visible: use at most that many, or --device cpu.")
         return spawn(processes, locate_to_folder, dict(settings=settings, out=str(out), overwrite=overwrite,
                                                        device=device, dtype=dtype, resume=resume,
                                                        checkpoint_seconds=checkpoint_seconds))
