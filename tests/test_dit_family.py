@@ -45,15 +45,17 @@ def sumsq_normed(x: np.ndarray) -> np.ndarray:
     return ((x / np.linalg.norm(x, axis=1, keepdims=True)) ** 2).sum(0)
 
 
-def captured_inputs(pipe, layer: str, prompts, generation):
-    """The input of `layer`'s output Linear at every denoiser call, caught by a plain hook (no memprune)."""
-    seen = []
-    linear = output_linears(denoiser(pipe))[layer]
-    handle = linear.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+def captured_inputs(pipe, prompts, generation) -> dict[str, list[torch.Tensor]]:
+    """The input of every FeedForward's output Linear at every denoiser call, caught by plain hooks (no memprune)."""
+    seen = {}
+    handles = [linear.register_forward_pre_hook(
+                   lambda module, args, layer=layer: seen.setdefault(layer, []).append(args[0].detach().clone()))
+               for layer, linear in output_linears(denoiser(pipe)).items()]
     try:
         record_prompts(pipe, prompts, generation, progress=False)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return seen
 
 
@@ -69,10 +71,11 @@ def test_recorded_statistics_and_cfg_halves_match_a_hand_computation(family):
     pipe = DIT_BUILDERS[family]()
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red circle", "the green dog"]
-    layer = EXPECTED_LAYERS[family][-1]  # SD3/Flux: a context FeedForward or the last image one
-    seen = captured_inputs(pipe, layer, prompts, GENERATION)
-    assert len(seen) == GENERATION.steps  # one denoiser call per step: CFG is batched (or absent), never a 2nd call
-    batch = seen[0].shape[0]
+    seen_by_layer = captured_inputs(pipe, prompts, GENERATION)
+    assert list(seen_by_layer) == EXPECTED_LAYERS[family]
+    # one denoiser call per step: CFG is batched (or absent), never a second call
+    assert all(len(seen) == GENERATION.steps for seen in seen_by_layer.values())
+    batch = seen_by_layer[EXPECTED_LAYERS[family][0]][0].shape[0]
     if family == "flux":
         assert guidance_distilled(pipe) and not uses_cfg(pipe, GENERATION)
         assert batch == len(prompts)  # no [uncond, cond] batch
@@ -85,14 +88,15 @@ def test_recorded_statistics_and_cfg_halves_match_a_hand_computation(family):
         halves = {"both": slice(None), "uncond": slice(0, len(prompts)), "cond": slice(len(prompts), None)}
     for half, rows in halves.items():
         stats = record_prompts(pipe, prompts, GENERATION, half=half, progress=False)
-        assert stats.steps == list(range(GENERATION.steps))
-        for step, x in enumerate(seen):
-            expected = sumsq_normed(x[rows].numpy())
-            accumulator = stats[(layer, step)]
-            np.testing.assert_allclose(accumulator.sumsq_normed.numpy(), expected, rtol=1e-5)
-            token_means = x[rows].double().mean(dim=1).numpy()
-            np.testing.assert_allclose(accumulator.mean.numpy(), token_means.mean(0), rtol=1e-4, atol=1e-6)
-            assert accumulator.count == token_means.shape[0]
+        assert stats.steps == list(range(GENERATION.steps)) and stats.layers == EXPECTED_LAYERS[family]
+        for layer, seen in seen_by_layer.items():  # image and context (text-token) FeedForwards alike
+            for step, x in enumerate(seen):
+                expected = sumsq_normed(x[rows].numpy())
+                accumulator = stats[(layer, step)]
+                np.testing.assert_allclose(accumulator.sumsq_normed.numpy(), expected, rtol=1e-5)
+                token_means = x[rows].double().mean(dim=1).numpy()
+                np.testing.assert_allclose(accumulator.mean.numpy(), token_means.mean(0), rtol=1e-4, atol=1e-6)
+                assert accumulator.count == token_means.shape[0] and accumulator.tokens == x[rows].shape[0] * x.shape[1]
 
 
 @pytest.mark.parametrize("family", list(DIT_BUILDERS))
