@@ -92,9 +92,6 @@ class Processes:
 
             PartialState().wait_for_everyone()
 
-    def describe(self) -> str:
-        return f"process {self.rank} of {self.world}"
-
 
 def launched_world_size() -> int:
     """The number of processes a launcher (accelerate launch, torchrun, `spawn`) started, 1 without one."""

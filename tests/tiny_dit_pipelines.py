@@ -15,7 +15,6 @@ import string
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
