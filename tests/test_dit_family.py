@@ -83,6 +83,10 @@ def test_recorded_statistics_and_cfg_halves_match_a_hand_computation(family):
         for half in ("cond", "uncond"):
             with pytest.raises(MemPruneError, match="guidance-distilled.*--half both"):
                 record_prompts(pipe, prompts, GENERATION, half=half, progress=False)
+        from memprune.detect import require_cfg
+
+        with pytest.raises(MemPruneError, match="guidance-distilled"):
+            require_cfg(pipe, GENERATION)
     else:
         assert uses_cfg(pipe, GENERATION) and batch == 2 * len(prompts)
         halves = {"both": slice(None), "uncond": slice(0, len(prompts)), "cond": slice(len(prompts), None)}
