@@ -32,6 +32,8 @@ notebooks: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/record_overhead.py
+	$(BIN)/python bench/locate_throughput.py --processes 1 2
+	$(BIN)/python bench/prune_save_time.py
 
 clean:
 	rm -rf $(VENV) runs

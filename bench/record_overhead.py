@@ -1,9 +1,11 @@
 """Cost of recording: hooked vs plain generation time, measured in one run, at three scales.
 
-Scales: the tiny test pipeline (full generation), and UNets built from the real SD 1.5 and SDXL configs with
-random weights (the layer shapes and so the cost are real), driven as a sampler drives them: `--steps` denoiser
-calls on a CFG batch of 2. Plain and hooked runs alternate, `--repeats` times; the ratio of medians is printed.
-Also prints the statistics' memory after 10 vs 100 prompts (it must not grow with the number of prompts).
+Scales: the tiny test pipelines (full generation: SD1-like, and the DiT family PixArt / SD3 / Flux), and UNets built
+from the real SD 1.5 and SDXL configs with random weights (the layer shapes and so the cost are real), driven as a
+sampler drives them: `--steps` denoiser calls on a CFG batch of 2. Plain and hooked runs alternate, `--repeats`
+times; the ratio of medians is printed. The hooked runs hand each call's statistics to the host as locate does.
+Also prints the statistics' memory after 10 vs 500 prompts (it must not grow with the number of prompts).
+On a GPU, bench/gpu_overhead.py measures the same at SD1.5 / SDXL / PixArt scale, fused and eager.
 
     python bench/record_overhead.py            # CPU: small latents; CUDA: fp16, SD1.5 64x64, SDXL 128x128
     python bench/record_overhead.py --quick    # tiny + SD1.5 only
@@ -20,6 +22,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_dit_pipelines import DIT_BUILDERS, TINY_SIZE  # noqa: E402
 from tiny_pipelines import sd1_pipeline  # noqa: E402
 
 from memprune.generate import GenerationSettings, generate  # noqa: E402
@@ -81,6 +84,7 @@ def compare(name: str, run, net, device, repeats: int) -> float:
         with recorder:
             recorder.new_generation()
             run()
+        recorder.take_stats().to("cpu")  # what locate does after every pipeline call
 
     run()  # warm-up (allocator, kernels)
     hooked()
@@ -101,12 +105,12 @@ def stats_bytes(stats) -> int:
 def memory_check(device):
     pipe = sd1_pipeline().to(device)
     pipe.set_progress_bar_config(disable=True)
-    for count in (10, 100):
+    for count in (10, 500):
         recorder = ActivationRecorder(pipe.unet)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with recorder:
-            for _ in generate(pipe, [f"a red circle {i}" for i in range(count)], GenerationSettings(steps=5, batch_size=10),
+            for _ in generate(pipe, [f"a red circle {i}" for i in range(count)], GenerationSettings(steps=5, batch_size=50),
                               output_type="latent", before_call=recorder.new_generation, progress=False):
                 pass
         peak = f", peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB" if device.type == "cuda" else ""
@@ -132,6 +136,14 @@ def main():
     compare("tiny SD1-like pipeline (4 prompts)",
             lambda: list(generate(tiny, ["a red circle"] * 4, settings, output_type="latent", progress=False)),
             tiny.unet, device, args.repeats)
+    for name, build in DIT_BUILDERS.items():
+        pipe = build().to(device)
+        pipe.set_progress_bar_config(disable=True)
+        dit_settings = GenerationSettings(steps=args.steps, batch_size=4, height=TINY_SIZE, width=TINY_SIZE)
+        compare(f"tiny {name} pipeline (4 prompts)",
+                lambda pipe=pipe: list(generate(pipe, ["a red circle"] * 4, dit_settings, output_type="latent",
+                                                progress=False)),
+                pipe.transformer, device, args.repeats)
 
     # On CPU real resolutions take minutes per call: smaller latents keep every layer shape (H, C) real.
     scales = [("SD1.5 UNet", SD15_UNET, 64 if device.type == "cuda" else 16)]

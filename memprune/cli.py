@@ -61,14 +61,24 @@ def selection_settings(ratio, k_per_row, granularity, neuron_score) -> Selection
 @click.option("--nemo-unbroken", type=click.Choice(["refine", "skip"]), default="refine", show_default=True,
               help="nemo: a prompt whose memorization θ_min does not break: refine its candidates anyway (their code) "
                    "or select nothing.")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Image height in pixels (default: the pipeline's).")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Image width in pixels (default: the pipeline's).")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Split the generations over N local processes (gloo on CPU, one GPU each on CUDA); "
+                   "or start it with `accelerate launch -m memprune locate ...`.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from the partial statistics in OUT.partial.")
+@click.option("--checkpoint-every", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between saves of the partial statistics (OUT.partial) that --resume continues from.")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def locate(model, method, memorized, memorized_label, reference, steps, seeds, seed, guidance_scale, batch_size, ratio,
            k_per_row, granularity, neuron_score, half, num_prompts, sample_seed, subsets, subset_size, control, theta,
-           min_theta, theta_step, ssim_threshold, nemo_layers, nemo_unbroken, device, dtype, out, overwrite):
+           min_theta, theta_step, ssim_threshold, nemo_layers, nemo_unbroken, height, width, processes, resume,
+           checkpoint_every, device, dtype, out, overwrite):
     """Record activations of memorized vs reference prompts and select the memorization weights (Wanda) or neurons (NeMo)."""
+    from .distributed import naming_this_rank
     from .locate import LocateSettings, locate_to_folder
 
     memorized = default_testbed_file(model, memorized, "memorized.csv", "--memorized")
@@ -77,6 +87,8 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
 
         if subsets:
             raise MemPruneError("--subsets is an analysis of Wanda masks: run it with --method wanda.")
+        if processes > 1 or resume or height or width:
+            raise MemPruneError("--processes, --resume, --height and --width are not supported with --method nemo yet.")
         if guidance_scale not in (None, 0.0, 1.0):
             raise MemPruneError("NeMo's criterion runs without guidance (as theirs): drop --guidance-scale with --method nemo.")
         reference = nemo_reference(model, reference)
@@ -96,7 +108,8 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
         memorized=memorized,
         memorized_label=memorized_label,
         reference=reference,
-        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
+        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size,
+                                      height=height, width=width),
         selection=selection_settings(ratio, k_per_row, granularity, neuron_score),
         half=half,
         num_prompts=num_prompts,
@@ -105,8 +118,11 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
         subset_size=subset_size,
         control=control,
     )
-    summary = locate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype))
-    click.echo(summary)
+    with naming_this_rank():
+        summary = locate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype),
+                                   processes=processes, resume=resume, checkpoint_seconds=checkpoint_every)
+    if summary:  # empty on the other processes of a launcher
+        click.echo(summary)
 
 
 def nemo_reference(model: str | None, reference: str | None) -> str:

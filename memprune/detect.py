@@ -84,6 +84,11 @@ class NoiseNormRecorder:
 
 
 def require_cfg(pipe, settings: GenerationSettings) -> None:
+    from .generate import guidance_distilled
+
+    if guidance_distilled(pipe):
+        raise MemPruneError(f"The detection score needs classifier-free guidance, and {type(pipe).__name__} is "
+                            "guidance-distilled (no unconditional prediction): it cannot be scored.")
     if not uses_cfg(pipe, settings):
         raise MemPruneError("The detection score needs classifier-free guidance: use a guidance scale above 1.")
 

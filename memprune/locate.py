@@ -6,13 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .errors import MemPruneError
-from .generate import GenerationSettings, generate, uses_cfg
+from .checkpoint import PartialStats, prompts_key
+from .distributed import Processes, reduce_stats
+from .generate import GenerationSettings, call_plan, generate, uses_cfg
 from .masks import Masks, subset_overlap
 from .models import denoiser, layer_shapes, model_identity, output_linears
 from .prompts import PromptList, empty_prompts, read_prompts, seeded_subsets, write_prompts
-from .record import HALVES, ActivationRecorder
+from .record import HALVES, ActivationRecorder, check_half
 from .methods.wanda import SelectionSettings, select
 from .stats import NeuronStats
 
@@ -52,16 +55,40 @@ class LocateResult:
 
 
 def record_prompts(pipe, prompts: list[str], generation: GenerationSettings, half: str = "both",
-                   desc: str = "recording", progress: bool = True) -> NeuronStats:
-    """Generate every prompt with hooks on; return the statistics (latents are discarded, no VAE decode)."""
-    recorder = ActivationRecorder(denoiser(pipe), half=half, cfg=uses_cfg(pipe, generation))
+                   desc: str = "recording", progress: bool = True, processes: Processes | None = None,
+                   partial: PartialStats | None = None) -> NeuronStats:
+    """Generate every prompt with hooks on; return the statistics (latents are discarded, no VAE decode).
+
+    Each pipeline call's float32 statistics are merged into float64 host totals in call order, so the result does
+    not depend on how the calls are split: over `processes` (each runs its shard, the totals are merged in rank
+    order) or over an interruption (`partial` holds the totals so far and the run goes on from there)."""
+    processes = processes or Processes()
+    cfg = uses_cfg(pipe, generation)
+    check_half(pipe, half, cfg)
+    calls = processes.shard(call_plan(prompts, generation))
+    key = prompts_key(prompts)
+    total, done = partial.load(key, len(calls)) if partial is not None else (NeuronStats(), 0)
+    recorder = ActivationRecorder(denoiser(pipe), half=half, cfg=cfg)
+
+    def before_call():
+        processes.faults.before_call()
+        recorder.new_generation()
+
+    def after_call(call):
+        nonlocal done
+        total.merge(recorder.take_stats().to("cpu"))
+        done += 1
+        if partial is not None:
+            partial.save(key, total, done, len(calls))
+
     with recorder:
-        for _ in generate(pipe, prompts, generation, output_type="latent", before_call=recorder.new_generation,
-                          progress=progress, desc=desc):
+        for _ in generate(pipe, prompts, generation, output_type="latent", before_call=before_call, calls=calls[done:],
+                          after_call=after_call, progress=progress and processes.is_main, desc=desc):
             pass
-    recorder.stats.check_finite()
-    recorder.stats.meta.update({"prompts": len(prompts), "half": half, "steps": generation.steps, "seeds": generation.seeds})
-    return recorder.stats.to("cpu")
+    total.check_finite()
+    total = reduce_stats(processes, total)
+    total.meta.update({"prompts": len(prompts), "half": half, "steps": generation.steps, "seeds": generation.seeds})
+    return total
 
 
 def reference_prompts(reference: str, count: int, seed: int) -> list[str]:
@@ -81,10 +108,13 @@ class Locator:
     sweeps and notebooks do — costs no generation; reference statistics are cached by size.
     """
 
-    def __init__(self, pipe, settings: LocateSettings, progress: bool = True):
+    def __init__(self, pipe, settings: LocateSettings, progress: bool = True, processes: Processes | None = None,
+                 partial: PartialStats | None = None):
         self.pipe = pipe
         self.settings = settings
         self.progress = progress
+        self.processes = processes  # shard the recording over these processes (None: this one only)
+        self.partial = partial  # save running totals here so a killed run resumes (None: keep nothing)
         self.weights = {name: linear.weight for name, linear in output_linears(denoiser(pipe)).items()}
         self._stats_cache: dict[tuple[str, ...], NeuronStats] = {}
         self._reference_cache: dict[int, NeuronStats] = {}
@@ -93,7 +123,7 @@ class Locator:
         key = tuple(prompts)
         if key not in self._stats_cache:
             self._stats_cache[key] = record_prompts(self.pipe, prompts, self.settings.generation, self.settings.half, desc=desc,
-                                                    progress=self.progress)
+                                                    progress=self.progress, processes=self.processes, partial=self.partial)
         return self._stats_cache[key]
 
     def reference_stats(self, count: int) -> NeuronStats:
@@ -101,7 +131,7 @@ class Locator:
             prompts = reference_prompts(self.settings.reference, count, self.settings.sample_seed)
             self._reference_cache[count] = record_prompts(
                 self.pipe, prompts, self.settings.generation, self.settings.half, desc=f"reference ({count})",
-                progress=self.progress)
+                progress=self.progress, processes=self.processes, partial=self.partial)
         return self._reference_cache[count]
 
     def masks(self, prompts: list[str], selection: SelectionSettings | None = None, meta: dict | None = None,
@@ -111,11 +141,22 @@ class Locator:
         return select(self.weights, memorized, reference, selection or self.settings.selection, meta=meta)
 
 
-def locate(settings: LocateSettings, pipe) -> LocateResult:
-    """Masks of the memorized prompts (all, or a seeded sample), plus subset overlap with controls if asked."""
+def memorized_prompts(settings: LocateSettings) -> PromptList:
+    """The memorized prompts locate records: all of the file, or a seeded sample of --num-prompts."""
     memorized = read_prompts(settings.memorized, label=settings.memorized_label)
     if settings.num_prompts is not None:
         memorized = memorized.subset(seeded_subsets(len(memorized), 1, settings.num_prompts, settings.sample_seed)[0])
+    return memorized
+
+
+def locate(settings: LocateSettings, pipe, processes: Processes | None = None,
+           partial: PartialStats | None = None) -> LocateResult:
+    """Masks of the memorized prompts (all, or a seeded sample), plus subset overlap with controls if asked.
+
+    With `processes` every process runs its share of the generations and all get the same result; with `partial`
+    the running statistics are saved (and resumed from) there."""
+    memorized = memorized_prompts(settings)
+    check_half(pipe, settings.half, uses_cfg(pipe, settings.generation))  # before any generation
     net = denoiser(pipe)
     meta = {
         "model": model_identity(settings.model, pipe),
@@ -123,7 +164,7 @@ def locate(settings: LocateSettings, pipe) -> LocateResult:
         "prompts": memorized.prompts,
     }
     meta["model"]["layer_shapes"] = layer_shapes(net)
-    locator = Locator(pipe, settings)
+    locator = Locator(pipe, settings, processes=processes, partial=partial)
     masks = locator.masks(memorized.prompts, meta=meta, desc="memorized")
     result = LocateResult(masks, locator.stats(memorized.prompts), locator.reference_stats(len(memorized)), memorized)
     if settings.subsets:
@@ -160,8 +201,50 @@ def save_locate_result(result: LocateResult, folder: str | Path) -> None:
         result.overlap.to_csv(folder / "overlap.csv", index=False)
 
 
-def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, device: str = "auto", dtype=None) -> str:
-    """The `memprune locate` command as a function: load, locate, write the folder atomically; return a summary."""
+def check_work_size(settings: LocateSettings, world: int) -> None:
+    """Refuse more processes than pipeline calls: each process needs at least one call of the memorized set."""
+    count = len(memorized_prompts(settings))
+    calls = len(call_plan([""] * count, settings.generation))
+    if world > calls:
+        raise MemPruneError(
+            f"--processes {world} is more than the work: {count} memorized prompts x {settings.generation.seeds} seeds "
+            f"in batches of {settings.generation.batch_size} make {calls} pipeline calls; use at most {calls} processes "
+            "or a smaller --batch-size.")
+
+
+def resume_fingerprint(settings: LocateSettings, dtype, world: int) -> dict:
+    """Every setting the recorded statistics depend on, named like the CLI options (selection settings are not:
+    a resumed run may select with another --ratio)."""
+    from .masks import file_sha256
+
+    def sha256(path):
+        return file_sha256(Path(path)) if path and Path(path).is_file() else None
+
+    generation = settings.generation
+    return {
+        "command": "locate", "model": str(settings.model),
+        "memorized": str(settings.memorized), "memorized_sha256": sha256(settings.memorized),
+        "label": settings.memorized_label,
+        "reference": settings.reference, "reference_sha256": sha256(settings.reference),
+        "control": settings.control, "control_sha256": sha256(settings.control),
+        "steps": generation.steps, "seeds": generation.seeds, "seed": generation.seed,
+        "guidance_scale": generation.guidance_scale, "batch_size": generation.batch_size,
+        "height": generation.height, "width": generation.width, "half": settings.half,
+        "num_prompts": settings.num_prompts, "sample_seed": settings.sample_seed, "subsets": settings.subsets,
+        "subset_size": settings.subset_size, "dtype": str(dtype or "torch.float32").replace("torch.", ""),
+        "processes": world,
+    }
+
+
+def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, device: str = "auto", dtype=None,
+                     processes: int = 1, resume: bool = False, checkpoint_seconds: float = 60.0) -> str:
+    """The `memprune locate` command as a function: load, locate, write the folder atomically; return a summary.
+
+    `processes > 1` runs it in that many local processes (see memprune.distributed); under a launcher
+    (accelerate launch) this process does its share and only the main one writes. Running statistics are saved in
+    OUT.partial every `checkpoint_seconds`; `resume` continues from them."""
+    from .checkpoint import open_partial
+    from .distributed import current_processes, spawn
     from .masks import summarize_overlap
     from .models import load_pipeline, resolve_device
     from .plots import write_locate_plots
@@ -169,24 +252,51 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
 
     source = settings.model
     protected = [source] if Path(source).exists() else []
+    if processes < 1:
+        raise MemPruneError(f"--processes must be at least 1, got {processes}.")
+    if processes > 1:
+        check_output_dir(out, overwrite, protected)
+        check_work_size(settings, processes)  # before starting any process
+        if resolve_device(device).type == "cuda" and processes > torch.cuda.device_count():
+            raise MemPruneError(f"--processes {processes} on CUDA takes one GPU each, but {torch.cuda.device_count()} "
+                                "are visible: use at most that many, or --device cpu.")
+        return spawn(processes, locate_to_folder, dict(settings=settings, out=str(out), overwrite=overwrite,
+                                                       device=device, dtype=dtype, resume=resume,
+                                                       checkpoint_seconds=checkpoint_seconds))
+    group = current_processes(device)
     check_output_dir(out, overwrite, protected)
     read_prompts(settings.memorized, label=settings.memorized_label)  # fail on a bad prompt file before loading a model
     if settings.reference != "empty":
         read_prompts(settings.reference)
+    check_work_size(settings, group.world)
+    partial, resumed = open_partial(out, resume_fingerprint(settings, dtype, group.world), resume, overwrite, group,
+                                    checkpoint_seconds)
     timer = Timer()
-    with timer("load"):
-        pipe = load_pipeline(settings.model, resolve_device(device), dtype)
-    with timer("locate"):
-        result = locate(settings, pipe)
-    with atomic_output_dir(out, overwrite, protected) as staging:
-        save_locate_result(result, staging)
-        write_locate_plots(staging, result.masks, result.overlap)
-        inputs = {"memorized": settings.memorized, "reference": settings.reference, "control": settings.control}
-        write_run_json(staging, settings, inputs, timer.seconds, model=result.masks.meta["model"])
+    try:
+        with timer("load"):
+            pipe = load_pipeline(settings.model, group.device if group.distributed else resolve_device(device), dtype)
+        with timer("locate"):
+            result = locate(settings, pipe, processes=group, partial=partial)
+        if group.is_main:
+            with atomic_output_dir(out, overwrite, protected) as staging:
+                save_locate_result(result, staging)
+                write_locate_plots(staging, result.masks, result.overlap)
+                inputs = {"memorized": settings.memorized, "reference": settings.reference, "control": settings.control}
+                write_run_json(staging, settings, inputs, timer.seconds, model=result.masks.meta["model"],
+                               processes=group.world, resumed=resumed)
+        group.barrier()  # the others wait until the output is written: a failure of the main process stops them all
+    except BaseException:
+        if group.is_main and not partial.holds_statistics():
+            partial.remove()  # nothing to resume from: do not make the next run ask for --resume
+        raise
+    if not group.is_main:
+        return ""  # the main process reports for all
+    partial.remove()
     counts = result.masks.count()
     lines = [
         f"Located {sum(counts.values())} weight selections over {len(result.masks.layers)} layers x "
-        f"{len(result.masks.steps)} steps from {len(result.prompts)} memorized prompts.",
+        f"{len(result.masks.steps)} steps from {len(result.prompts)} memorized prompts"
+        + (f" in {group.world} processes" if group.distributed else "") + (", resumed" if resumed else "") + ".",
         *_kept_line(result.masks),
         f"Masks: {Path(out) / 'masks.safetensors'}",
     ]

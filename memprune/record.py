@@ -42,6 +42,7 @@ class ActivationRecorder:
         self.linears = {name: m for name, m in linears.items() if layer_filter is None or layer_filter(name)}
         self.step = -1
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._timesteps: dict[int, torch.Tensor | float] = {}  # read lazily: float() of a GPU tensor is a sync
 
     def new_generation(self) -> None:
         """Call before each pipeline call: the next denoiser call is step 0."""
@@ -50,13 +51,27 @@ class ActivationRecorder:
     def _on_denoiser_call(self, module, args, kwargs):
         self.step += 1
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if timestep is not None and self.step not in self.stats.timesteps:
-            value = timestep.flatten()[0] if torch.is_tensor(timestep) else timestep
-            self.stats.timesteps[self.step] = float(value)
+        if timestep is not None and self.step not in self.stats.timesteps and self.step not in self._timesteps:
+            self._timesteps[self.step] = timestep.flatten()[0].detach().clone() if torch.is_tensor(timestep) else timestep
+
+    def _settle_timesteps(self) -> None:
+        for step, value in self._timesteps.items():
+            self.stats.timesteps.setdefault(step, float(value))
+        self._timesteps.clear()
+
+    def take_stats(self) -> NeuronStats:
+        """The statistics recorded so far; recording goes on into fresh ones (one pipeline call's worth each)."""
+        self._settle_timesteps()
+        stats, self.stats = self.stats, NeuronStats()
+        return stats
 
     def _select_half(self, x: torch.Tensor) -> torch.Tensor:
         if self.half == "both" or not self.cfg:
             return x
+        if x.shape[0] % 2:
+            raise MemPruneError(
+                f"half='{self.half}' expects a classifier-free-guidance batch [uncond, cond], but a FeedForward saw an odd "
+                f"batch of {x.shape[0]}: this pipeline does not batch CFG; use half='both'.")
         half_size = x.shape[0] // 2
         return x[:half_size] if self.half == "uncond" else x[half_size:]
 
@@ -79,9 +94,23 @@ class ActivationRecorder:
         return self
 
     def remove(self) -> None:
+        self._settle_timesteps()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
     def __exit__(self, *exc_info) -> None:
         self.remove()
+
+
+def check_half(pipe, half: str, cfg: bool) -> None:
+    """Refuse a CFG half the pipeline cannot give, in one sentence that says why."""
+    from .generate import guidance_distilled
+
+    if half != "both" and guidance_distilled(pipe):
+        raise MemPruneError(
+            f"{type(pipe).__name__} is guidance-distilled: its guidance scale is an input of the transformer and it runs "
+            f"no [uncond, cond] batch, so there is no '{half}' half to record; use --half both (every activation is "
+            "conditional).")
+    if half == "uncond" and not cfg:
+        raise MemPruneError("half='uncond' needs classifier-free guidance (guidance scale > 1).")

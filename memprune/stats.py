@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import MemPruneError
+from .reduce import batch_statistics
 
 Key = tuple[str, int]
 FIELDS = ("sumsq_normed", "mean", "m2")
@@ -38,23 +39,25 @@ class Accumulator:
     def add_batch(self, x: torch.Tensor) -> None:
         """Reduce a (samples, tokens, H) activation into the accumulators, on its own device.
 
-        This runs inside a hook on every FeedForward call, so it uses few, fused ops (in-place addmv):
-        on small models the cost is the number of ops, on large ones the passes over the activation.
+        This runs inside a hook on every FeedForward call, so the reduction is fused where it can be (see
+        memprune.reduce), and an empty accumulator (the usual case: one batch per layer, step and pipeline call)
+        takes the batch's statistics as they are, with no merge ops.
         """
+        other = Accumulator.from_batch(x)
+        if self.count == 0 and self.tokens == 0:
+            dtype = self.mean.dtype
+            self.sumsq_normed, self.mean, self.m2 = (getattr(other, name).to(dtype) for name in FIELDS)
+            self.count, self.tokens = other.count, other.tokens
+        else:
+            self.merge(other)
+
+    @classmethod
+    def from_batch(cls, x: torch.Tensor) -> "Accumulator":
+        """The statistics of one (samples, tokens, H) activation batch, float32 on its device."""
         if x.dim() == 2:
             x = x.unsqueeze(1)
-        samples, tokens, width = x.shape
-        # Squares in float32 (fp16 squares overflow); one matrix-vector product normalises and sums per unit.
-        squares = x.float().square_() if x.dtype != torch.float32 else x.square()
-        inverse_norms = squares.sum(-1).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
-        self.sumsq_normed.addmv_(squares.view(-1, width).t(), inverse_norms.view(-1))
-        # mean(dtype=...) copies even when x is already float32, so ask for the dtype only when it differs.
-        sample_means = x.mean(dim=1) if x.dtype == torch.float32 else x.mean(dim=1, dtype=torch.float32)
-        # Explicit mean/variance: torch.var_mean over dim 0 is ~10x slower on CPU for (few samples, H).
-        batch_mean = sample_means.mean(0)
-        batch_var = (sample_means - batch_mean).square_().mean(0)
-        self._merge_moments(samples, batch_mean, batch_var, batch_scale=samples)
-        self.tokens += samples * tokens
+        samples, tokens, _ = x.shape
+        return cls(*batch_statistics(x), count=samples, tokens=samples * tokens)
 
     def _merge_moments(self, count_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, batch_scale: float = 1.0) -> None:
         """Chan et al.'s parallel update; `m2_b * batch_scale` is the second batch's sum of squared deviations."""
@@ -94,8 +97,9 @@ class NeuronStats:
         accumulator = self.accumulators.get(key)
         if accumulator is None:
             # float32 where the activations are (in the hook); float64 once on the host (see `to`).
-            accumulator = self.accumulators[key] = Accumulator.zeros(x.shape[-1], x.device, torch.float32)
-        accumulator.add_batch(x)
+            self.accumulators[key] = Accumulator.from_batch(x)
+        else:
+            accumulator.add_batch(x)
 
     def __getitem__(self, key: Key) -> Accumulator:
         return self.accumulators[key]
@@ -130,35 +134,39 @@ class NeuronStats:
 
     def to(self, device) -> "NeuronStats":
         """Move to `device`: float64 on the host (merging many partial statistics), float32 on an accelerator."""
-        dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+        device = torch.device(device)
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        tensors = [getattr(acc, name) for acc in self.accumulators.values() for name in FIELDS]
+        if tensors and device.type == "cpu" and any(t.device.type != "cpu" for t in tensors):
+            # From an accelerator: one copy of everything (one sync), not one per vector.
+            flat = torch.cat([t.reshape(-1).float() for t in tensors]).to(device, dtype)
+            tensors = list(flat.split([t.numel() for t in tensors]))
+        else:
+            tensors = [t.to(device, dtype) for t in tensors]
+        moved = iter(tensors)
         for accumulator in self.accumulators.values():
             for name in FIELDS:
-                setattr(accumulator, name, getattr(accumulator, name).to(device, dtype))
+                setattr(accumulator, name, next(moved))
         return self
 
-    def save(self, path: str | Path) -> None:
-        """Write `path` (.safetensors) and a JSON sidecar with counts, timesteps and meta."""
-        path = Path(path)
-        tensors = {
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The accumulator vectors as a flat {"layer|step|field": tensor} dict (the safetensors layout)."""
+        return {
             f"{layer}|{step}|{name}": getattr(acc, name).detach().cpu().contiguous()
             for (layer, step), acc in self.accumulators.items()
             for name in FIELDS
         }
-        save_file(tensors, str(path))
-        sidecar = {
+
+    def sidecar(self) -> dict:
+        """Counts, timesteps and meta: what the tensors do not hold."""
+        return {
             "counts": {f"{layer}|{step}": [acc.count, acc.tokens] for (layer, step), acc in self.accumulators.items()},
             "timesteps": {str(step): value for step, value in self.timesteps.items()},
             "meta": self.meta,
         }
-        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "NeuronStats":
-        path = Path(path)
-        if not path.is_file() or not path.with_suffix(".json").is_file():
-            raise MemPruneError(f"Statistics file '{path}' or its .json sidecar is missing.")
-        tensors = load_file(str(path))
-        sidecar = json.loads(path.with_suffix(".json").read_text())
+    def from_parts(cls, tensors: dict[str, torch.Tensor], sidecar: dict) -> "NeuronStats":
         stats = cls(timesteps={int(k): v for k, v in sidecar["timesteps"].items()}, meta=sidecar.get("meta", {}))
         for key, (count, tokens) in sidecar["counts"].items():
             layer, step = key.rsplit("|", 1)
@@ -166,3 +174,16 @@ class NeuronStats:
                 *(tensors[f"{key}|{name}"] for name in FIELDS), count=count, tokens=tokens
             )
         return stats
+
+    def save(self, path: str | Path) -> None:
+        """Write `path` (.safetensors) and a JSON sidecar with counts, timesteps and meta."""
+        path = Path(path)
+        save_file(self.tensors(), str(path))
+        path.with_suffix(".json").write_text(json.dumps(self.sidecar(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeuronStats":
+        path = Path(path)
+        if not path.is_file() or not path.with_suffix(".json").is_file():
+            raise MemPruneError(f"Statistics file '{path}' or its .json sidecar is missing.")
+        return cls.from_parts(load_file(str(path)), json.loads(path.with_suffix(".json").read_text()))
