@@ -140,7 +140,9 @@ def main(argv=None) -> int:
                 edit_seconds[arm.name] = sum(run(command, env, log) for command in arm.commands)
                 print(f"{arm.name}: built in {edit_seconds[arm.name]:.0f} s", flush=True)
         folders = [work / "models" / arm.name for arm in arms if arm.commands]
-        held_out = work / "locate" / arms[0].name / "prompts_used.csv" if arms[0].commands else None
+        # the memorized captions every locate used (one seeded sample): the rest are the held-out group
+        used = [work / "locate" / arm.name / "prompts_used.csv" for arm in arms]
+        held_out = next((path for path in used if path.is_file()), None)
         compare = [x for folder in folders for x in ("--compare", folder)]
         mitigation = ["--mitigation", "wen"] if any(arm.kind == "mitigation" for arm in arms) else []
         exclude = ["--exclude-prompts", held_out] if held_out else []
