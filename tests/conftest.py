@@ -7,18 +7,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)  # the CI machine has 2 cores; one thread avoids oversubscription stalls
 
-from tiny_pipelines import BUILDERS  # noqa: E402
+from tiny_pipelines import BUILDERS, save_builders  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def saved_pipelines(tmp_path_factory):
-    """Each tiny architecture saved once per session, as a user's local model folder."""
-    folders = {}
-    for name, build in BUILDERS.items():
-        folder = tmp_path_factory.mktemp(f"model_{name}")
-        build().save_pretrained(str(folder), safe_serialization=True)
-        folders[name] = folder
-    return folders
+    """Each tiny UNet architecture (SD1, SD2, SDXL) saved once per session."""
+    return save_builders(BUILDERS, tmp_path_factory, "model")
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from memprune.methods.wanda import SelectionSettings
 from memprune.models import denoiser, find_feedforwards, output_linears
 from memprune.prune import prune_to_folder
 from tiny_dit_pipelines import DIT_BUILDERS, TINY_SIZE
+from tiny_pipelines import save_builders
 
 STOCK_CLASSES = {"pixart": PixArtAlphaPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 # The FeedForwards memprune must find (by type): SD3's last joint block and nothing in Flux's single blocks.
@@ -31,12 +32,7 @@ GENERATION = GenerationSettings(steps=3, batch_size=2, height=TINY_SIZE, width=T
 
 @pytest.fixture(scope="module")
 def dit_folders(tmp_path_factory):
-    folders = {}
-    for name, build in DIT_BUILDERS.items():
-        folder = tmp_path_factory.mktemp(f"dit_{name}")
-        build().save_pretrained(str(folder), safe_serialization=True)
-        folders[name] = folder
-    return folders
+    return save_builders(DIT_BUILDERS, tmp_path_factory, "dit")
 
 
 def sumsq_normed(x: np.ndarray) -> np.ndarray:

@@ -135,3 +135,13 @@ def sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 
 
 BUILDERS = {"sd1": sd1_pipeline, "sd2": sd2_pipeline, "sdxl": sdxl_pipeline}
+
+
+def save_builders(builders, tmp_path_factory, prefix: str) -> dict:
+    """Each builder's pipeline saved once into its own folder, as a user's local model folder."""
+    folders = {}
+    for name, build in builders.items():
+        folder = tmp_path_factory.mktemp(f"{prefix}_{name}")
+        build().save_pretrained(str(folder), safe_serialization=True)
+        folders[name] = folder
+    return folders
