@@ -106,6 +106,44 @@ def run(command, env, log) -> float:
     return time.perf_counter() - tic
 
 
+def timing_prompts(args, work: Path) -> tuple[Path, Path]:
+    """Small prompt files for the timing run: the first memorized captions and as many same-style controls."""
+    from memprune.models import testbed_captions
+
+    captions = testbed_captions(args.model)
+    folder = work / "timing_prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name in ("memorized.csv", "non_memorized_same_style.csv"):
+        frame = pd.read_csv(captions / name).head(args.timing_prompts)
+        frame["image"] = [str((captions / image).resolve()) if (captions / image).is_file()
+                          else str((captions.parent / image).resolve()) for image in frame["image"]]
+        frame.to_csv(folder / name, index=False)
+        files.append(folder / name)
+    return files[0], files[1]
+
+
+def timing_run(args, work: Path, folders: list[Path], mitigation: list, env, log) -> None:
+    """seconds_per_image_ratio of every model in one short evaluate run of its own, with nothing else scored, so it can
+    be run when the machine is otherwise idle (the long evaluate's timings drift with whatever else the machine does)."""
+    memorized, control = timing_prompts(args, work)
+    compare = [x for folder in folders for x in ("--compare", folder)]
+    if mitigation:  # Wen's target as the long evaluate calibrated it, so the timed mitigation does the same work
+        metrics = pd.read_csv(work / "evaluate" / "metrics.csv")
+        target = metrics[metrics.metric == "mitigation_target"].value
+        mitigation = [*mitigation, "--wen-target", float(target.iloc[0])] if len(target) else mitigation
+    run(memprune("evaluate", "--model", args.model, *compare, *mitigation, "--memorized", memorized, "--reference",
+                 control, "--control", "none", "--general", "none", "--no-attributes", "--grid-prompts", 0, "--seeds", 1,
+                 "--steps", args.steps, "--no-random-control", "--out", work / "timing", "--overwrite"), env, log)
+
+
+def with_timing(evaluation: pd.DataFrame, timing: pd.DataFrame) -> pd.DataFrame:
+    """evaluate's metrics with seconds_per_image(_ratio) of the memorized group taken from the timing run."""
+    timed = timing[(timing.group == "memorized") & timing.metric.str.startswith("seconds_per_image")]
+    keep = ~((evaluation.group == "memorized") & evaluation.metric.str.startswith("seconds_per_image"))
+    return pd.concat([evaluation[keep], timed[["model", "group", "metric", "value"]]], ignore_index=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -118,12 +156,15 @@ def main(argv=None) -> int:
     parser.add_argument("--uniforget-steps", type=int, default=50)
     parser.add_argument("--finetune-steps", type=int, default=None, help="(default: memprune finetune's)")
     parser.add_argument("--attack-prompts", type=int, default=10, help="held-out memorized captions attacked")
+    parser.add_argument("--timing-prompts", type=int, default=16, help="memorized (and control) captions of the timing run")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every step")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 1 seed, tiny budgets")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only (re)run the timing evaluate and the table, on the models of an earlier run in --out")
     parser.add_argument("--publish", action="store_true", help="copy comparison.{csv,md} to data/testbed/comparison/")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.seeds, args.uniforget_steps, args.attack_prompts = 4, 1, 2, 2
+        args.steps, args.seeds, args.uniforget_steps, args.attack_prompts, args.timing_prompts = 4, 1, 2, 2, 2
         args.finetune_steps = args.finetune_steps or 2
         args.timesteps = min(args.timesteps, args.steps)  # τ cannot exceed the recorded steps
     if args.finetune_steps is None:
@@ -132,31 +173,35 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     arms = build_arms(args, work)
-    edit_seconds: dict[str, float] = {}
+    seconds_file = work / "edit_seconds.json"
+    edit_seconds: dict[str, float] = json.loads(seconds_file.read_text()) if args.timing_only else {}
     start = time.perf_counter()
+    folders = [work / "models" / arm.name for arm in arms if arm.commands]
+    mitigation = ["--mitigation", "wen"] if any(arm.kind == "mitigation" for arm in arms) else []
     with open(work / "commands.log", "a") as log:
-        for arm in arms:
-            if arm.commands:
-                edit_seconds[arm.name] = sum(run(command, env, log) for command in arm.commands)
-                print(f"{arm.name}: built in {edit_seconds[arm.name]:.0f} s", flush=True)
-        folders = [work / "models" / arm.name for arm in arms if arm.commands]
-        # the memorized captions every locate used (one seeded sample): the rest are the held-out group
-        used = [work / "locate" / arm.name / "prompts_used.csv" for arm in arms]
-        held_out = next((path for path in used if path.is_file()), None)
-        compare = [x for folder in folders for x in ("--compare", folder)]
-        mitigation = ["--mitigation", "wen"] if any(arm.kind == "mitigation" for arm in arms) else []
-        exclude = ["--exclude-prompts", held_out] if held_out else []
-        edit_seconds["unedited"] = 0.0
-        if mitigation:
-            edit_seconds["wen"] = 0.0  # nothing to build: its cost is per image (seconds_per_image_ratio)
-        run(memprune("evaluate", "--model", args.model, *compare, *mitigation, *exclude, "--seeds", args.seeds,
-                     "--steps", args.steps, "--no-random-control", "--out", work / "evaluate", "--overwrite"), env, log)
-        attack_edited = [x for folder in folders for x in ("--edited", folder)]
-        # evaluate's copy threshold exactly (same backend), so attacked and unattacked rates share one threshold
-        run(memprune("attack", "--model", args.model, *attack_edited, *exclude, "--num-prompts", args.attack_prompts,
-                     "--steps", args.steps, "--threshold-from", work / "evaluate", "--out", work / "attack",
-                     "--overwrite"), env, log)
-    evaluation = pd.read_csv(work / "evaluate" / "metrics.csv")
+        if not args.timing_only:
+            for arm in arms:
+                if arm.commands:
+                    edit_seconds[arm.name] = sum(run(command, env, log) for command in arm.commands)
+                    print(f"{arm.name}: built in {edit_seconds[arm.name]:.0f} s", flush=True)
+            # the memorized captions every locate used (one seeded sample): the rest are the held-out group
+            used = [work / "locate" / arm.name / "prompts_used.csv" for arm in arms]
+            held_out = next((path for path in used if path.is_file()), None)
+            compare = [x for folder in folders for x in ("--compare", folder)]
+            exclude = ["--exclude-prompts", held_out] if held_out else []
+            edit_seconds["unedited"] = 0.0
+            if mitigation:
+                edit_seconds["wen"] = 0.0  # nothing to build: its cost is per image (seconds_per_image_ratio)
+            seconds_file.write_text(json.dumps(edit_seconds, indent=1))
+            run(memprune("evaluate", "--model", args.model, *compare, *mitigation, *exclude, "--seeds", args.seeds,
+                         "--steps", args.steps, "--no-random-control", "--out", work / "evaluate", "--overwrite"), env, log)
+            attack_edited = [x for folder in folders for x in ("--edited", folder)]
+            # evaluate's copy threshold exactly (same backend), so attacked and unattacked rates share one threshold
+            run(memprune("attack", "--model", args.model, *attack_edited, *exclude, "--num-prompts", args.attack_prompts,
+                         "--steps", args.steps, "--threshold-from", work / "evaluate", "--out", work / "attack",
+                         "--overwrite"), env, log)
+        timing_run(args, work, folders, mitigation, env, log)
+    evaluation = with_timing(pd.read_csv(work / "evaluate" / "metrics.csv"), pd.read_csv(work / "timing" / "metrics.csv"))
     attack = pd.read_csv(work / "attack" / "metrics.csv")
     metrics = comparison_metrics(evaluation, attack, edit_seconds)
     metrics.to_csv(work / "comparison.csv", index=False)
@@ -164,7 +209,8 @@ def main(argv=None) -> int:
     table = comparison_table(metrics, ["unedited", *[arm.name for arm in arms]], labels)
     header = (f"Embedded testbed `{Path(args.model).name}`; {args.steps} sampling steps, {args.seeds} evaluate seeds, "
               f"τ {args.timesteps}, located on {args.locate_prompts} memorized captions, attack on "
-              f"{args.attack_prompts} held-out captions; {args.threads} CPU threads; total "
+              f"{args.attack_prompts} held-out captions; {args.threads} CPU threads; seconds per image from a separate "
+              f"timing run ({args.timing_prompts} memorized captions, 1 seed, all models alternating); this invocation "
               f"{time.perf_counter() - start:.0f} s.\n\n")
     (work / "comparison.md").write_text(header + comparison_markdown(table))
     (work / "comparison_settings.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
