@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from memprune.compare import comparison_markdown, comparison_metrics, comparison_table  # noqa: E402
 from memprune.models import DEFAULT_MODEL  # noqa: E402
+from memprune.prompts import read_prompts  # noqa: E402
 
 
 @dataclass
@@ -115,10 +116,9 @@ def timing_prompts(args, work: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for name in ("memorized.csv", "non_memorized_same_style.csv"):
-        frame = pd.read_csv(captions / name).head(args.timing_prompts)
-        frame["image"] = [str((captions / image).resolve()) if (captions / image).is_file()
-                          else str((captions.parent / image).resolve()) for image in frame["image"]]
-        frame.to_csv(folder / name, index=False)
+        prompts = read_prompts(captions / name)  # resolves the image paths
+        count = min(args.timing_prompts, len(prompts))
+        pd.DataFrame({"caption": prompts.prompts[:count], "image": prompts.images[:count]}).to_csv(folder / name, index=False)
         files.append(folder / name)
     return files[0], files[1]
 

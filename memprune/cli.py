@@ -19,11 +19,10 @@ def main():
 
 
 def selection_settings(ratio, k_per_row, granularity, neuron_score) -> SelectionSettings:
-    if ratio is not None and k_per_row is not None:
-        raise MemPruneError("Give --ratio or --k-per-row, not both.")
-    if k_per_row is not None:
-        return SelectionSettings(ratio=None, k_per_row=k_per_row, granularity=granularity, neuron_score=neuron_score)
-    return SelectionSettings(ratio=0.01 if ratio is None else ratio, granularity=granularity, neuron_score=neuron_score)
+    """--ratio defaults to 0.01 unless --k-per-row is given (SelectionSettings refuses both)."""
+    if ratio is None and k_per_row is None:
+        ratio = 0.01
+    return SelectionSettings(ratio=ratio, k_per_row=k_per_row, granularity=granularity, neuron_score=neuron_score)
 
 
 @main.command()

@@ -95,17 +95,11 @@ class FinetuneSettings:
 
 
 def cross_attention_kv(net: nn.Module) -> dict[str, nn.Linear]:
-    """to_k and to_v of every cross-attention (diffusers Attention with is_cross_attention), by dotted name."""
-    from diffusers.models.attention_processor import Attention
+    """to_k and to_v of every cross-attention (memprune.models.find_cross_attentions), by dotted name."""
+    from .models import find_cross_attentions
 
-    found = {}
-    for name, module in net.named_modules():
-        if isinstance(module, Attention) and getattr(module, "is_cross_attention", False):
-            for part in ("to_k", "to_v"):
-                linear = getattr(module, part, None)
-                if isinstance(linear, nn.Linear):
-                    found[f"{name}.{part}"] = linear
-    return found
+    return {f"{name}.{part}": getattr(attention, part) for name, attention in find_cross_attentions(net).items()
+            for part in ("to_k", "to_v") if isinstance(getattr(attention, part, None), nn.Linear)}
 
 
 def trainable_parameters(net: nn.Module, params: str) -> dict[str, nn.Parameter]:
@@ -459,18 +453,13 @@ class FinetuneLoop:
 @contextlib.contextmanager
 def _only_trainable(pipe, params: dict[str, nn.Parameter]):
     """requires_grad True on `params` only (every other pipeline parameter False); previous flags restored."""
+    from .conditioning import frozen
+
     modules = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, nn.Module)] + [denoiser(pipe)]
-    everything = {id(p): p for m in modules for p in m.parameters()}
-    flags = {key: p.requires_grad for key, p in everything.items()}
-    try:
-        for p in everything.values():
-            p.requires_grad_(False)
+    with frozen(*modules):  # restores every flag, the trained parameters' included
         for p in params.values():
             p.requires_grad_(True)
         yield
-    finally:
-        for key, p in everything.items():
-            p.requires_grad_(flags[key])
 
 
 def _check_finite(losses: dict[str, torch.Tensor], step: int) -> None:

@@ -61,7 +61,8 @@ def _edit_section(info: dict) -> list[str]:
     return lines + [""]
 
 
-def _value(metrics: pd.DataFrame, model: str, group: str, metric: str) -> float:
+def metric_value(metrics: pd.DataFrame, model: str, group: str, metric: str) -> float:
+    """One value of a tidy metrics table (evaluate's metrics.csv), NaN when absent."""
     rows = metrics[(metrics.model == model) & (metrics.group == group) & (metrics.metric == metric)]
     return float(rows.value.iloc[0]) if len(rows) else float("nan")
 
@@ -70,7 +71,9 @@ def _evaluation_section(metrics: pd.DataFrame | None, edited: str, source: str |
     if metrics is None:
         return ["## Evaluation", "", "Not evaluated yet: run `memprune evaluate --edited THIS_FOLDER ...`, then "
                 "`memprune card THIS_FOLDER --evaluation EVAL_FOLDER` to put the numbers here.", ""]
-    control = "random_control" if edited == "edited" else f"{edited}_random_control"
+    from .evaluate import random_control_name
+
+    control = random_control_name(edited)
     models = [m for m in ("unedited", edited, control) if m in set(metrics.model)]
     header = {"unedited": "unedited", edited: "this model", control: "random control, same size"}
     lines = ["## Evaluation", ""]
@@ -79,7 +82,7 @@ def _evaluation_section(metrics: pd.DataFrame | None, edited: str, source: str |
                   "as this edit does.", ""]
     lines += ["| metric | " + " | ".join(header[m] for m in models) + " |", "|---|" + "---:|" * len(models)]
     for group, metric, label, percent in CARD_METRICS:
-        values = [_value(metrics, m, group, metric) for m in models]
+        values = [metric_value(metrics, m, group, metric) for m in models]
         if all(math.isnan(v) for v in values):
             continue
         cells = ["" if math.isnan(v) else (f"{v:.1%}" if percent else f"{v:.3f}") for v in values]

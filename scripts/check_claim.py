@@ -6,16 +6,11 @@ import sys
 
 import pandas as pd
 
-from memprune.model_card import CARD_METRICS
+from memprune.model_card import CARD_METRICS, metric_value as value
 
 MODELS = ("unedited", "edited", "random_control")
 ROWS = CARD_METRICS  # the rows a pruned folder's model card shows: one table for both
 MARGIN = 0.2  # the edit must beat its random control by this much held-out memorization to count as located
-
-
-def value(metrics, model, group, metric):
-    row = metrics[(metrics.model == model) & (metrics.group == group) & (metrics.metric == metric)]
-    return float(row.value.iloc[0]) if len(row) else float("nan")
 
 
 def table(metrics) -> str:

@@ -63,7 +63,6 @@ Choices made where the paper (or its summary we work from) is silent — all are
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -79,6 +78,7 @@ import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..conditioning import frozen
 from ..errors import MemPruneError
 from . import MethodInfo
 from ..masks import Masks
@@ -374,20 +374,6 @@ def sample_trajectory(net: nn.Module, scheduler, latents: torch.Tensor, conditio
     return latents
 
 
-@contextlib.contextmanager
-def _frozen(modules: list[nn.Module]):
-    """requires_grad False on every parameter of `modules` while inside; the previous flags are restored."""
-    params = {id(p): p for m in modules for p in m.parameters()}
-    flags = {key: p.requires_grad for key, p in params.items()}
-    try:
-        for p in params.values():
-            p.requires_grad_(False)
-        yield
-    finally:
-        for key, p in params.items():
-            p.requires_grad_(flags[key])
-
-
 def _pipeline_modules(pipe) -> list[nn.Module]:
     return [m for m in getattr(pipe, "components", {}).values() if isinstance(m, nn.Module)]
 
@@ -478,7 +464,7 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
     bar = tqdm(range(settings.train_steps), desc=f"UniForget gates (beta={settings.beta:g})", disable=not settings.progress,
                leave=False)
     try:
-        with _frozen(_pipeline_modules(pipe) + [net]):
+        with frozen(*_pipeline_modules(pipe), net):
             for step in bar:
                 while len(queue) < settings.batch_size:
                     queue.extend(order.permutation(len(neutral_prompts)).tolist())
