@@ -62,6 +62,17 @@ def late12d() -> TestbedConfig:
     return _on_lookalike_free_data(late12())
 
 
+def late12d_eps() -> TestbedConfig:
+    """late12d with Stable Diffusion 1.x's parametrization: epsilon prediction, scaled-linear betas without
+    zero-terminal-SNR rescaling, "leading" timestep spacing (steps_offset 1). At t = T with zero terminal SNR the
+    v-model's implied noise equals x_T exactly, which makes first-step quantities (NeMo's noise difference, Wen's
+    noise norm) degenerate; SD 1.4/1.5, the model every paper here measures, has neither."""
+    config = late12d()
+    scheduler = dataclasses.replace(config.model.scheduler, rescale_betas_zero_snr=False, prediction_type="epsilon",
+                                    timestep_spacing="leading")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, scheduler=scheduler))
+
+
 def tiny() -> TestbedConfig:
     """A few steps on a few images: exercises every stage, memorizes nothing."""
     return TestbedConfig(
@@ -77,4 +88,5 @@ def tiny() -> TestbedConfig:
 
 
 PRESETS = {"full": full, "tiny": tiny, "v1": v1, "late60": late60, "late08": late08, "late12": late12, "late11": late11,
-           "late11d": late11d, "late12d": late12d}
+           "late11d": late11d, "late12d": late12d,
+           "late12d_eps": late12d_eps}
