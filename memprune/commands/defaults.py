@@ -1,0 +1,49 @@
+"""Defaults of the embedded testbed: the only place that names its caption files.
+
+A testbed (the embedded one, or one `memprune testbed train` wrote) knows its memorized captions, its same-style
+control, its held-out general captions and its training captions, so every prompt option defaults to them when the
+model is a testbed; off a testbed the option is required.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import MemPruneError
+from ..models import DEFAULT_MODEL
+
+CAPTION_FILES = {
+    "memorized": "memorized.csv",  # memorized captions with their training image
+    "control": "non_memorized_same_style.csv",  # same style, each image seen once in training
+    "general": "general_heldout.csv",  # general captions never seen in training (evaluate scores them)
+    "general_train": "general_train.csv",  # general training captions (reference statistics, retain data)
+}
+
+
+def model_or_default(model: str | None) -> str:
+    return model or DEFAULT_MODEL
+
+
+def testbed_captions(model: str | None) -> Path | None:
+    """The captions/ folder of a testbed model, else None."""
+    folder = Path(model_or_default(model)).expanduser() / "captions"
+    return folder if (folder / CAPTION_FILES["memorized"]).is_file() else None
+
+
+def testbed_file(model: str | None, role: str) -> str | None:
+    """The testbed's file for `role` (a key of CAPTION_FILES), or None when the model is not a testbed."""
+    captions = testbed_captions(model)
+    return None if captions is None else str(captions / CAPTION_FILES[role])
+
+
+def is_testbed(model: str | None) -> bool:
+    return testbed_captions(model) is not None
+
+
+def file_or_testbed_default(model: str | None, given: str | None, role: str, option: str) -> str:
+    """`given`, else the testbed's file for `role`; off a testbed the option is required."""
+    if given is not None:
+        return given
+    default = testbed_file(model, role)
+    if default is None:
+        raise MemPruneError(f"{option} is required when --model is not a memprune testbed.")
+    return default
