@@ -109,7 +109,7 @@ def run(command, env, log) -> float:
 
 def timing_prompts(args, work: Path) -> tuple[Path, Path]:
     """Small prompt files for the timing run: the first memorized captions and as many same-style controls."""
-    from memprune.models import testbed_captions
+    from memprune.commands.defaults import testbed_captions
 
     captions = testbed_captions(args.model)
     folder = work / "timing_prompts"

@@ -1,15 +1,14 @@
-"""memprune command line: thin wiring of files to the library (see DESIGN.md §3)."""
+"""memprune command line: click declarations only; each command body is one call into memprune.commands.<verb>."""
 from __future__ import annotations
 
 
 import click
 
-from .cli_common import (FriendlyGroup, default_testbed_file, device_option, dtype_option, model_option, out_option,
+from .cli_common import (FriendlyGroup, MethodChoice, device_option, dtype_option, model_option, out_option,
                          overwrite_option, torch_dtype)
-from .errors import MemPruneError
 from .generate import GenerationSettings
-from .methods.wanda import GRANULARITIES, NEURON_SCORES, SelectionSettings
-from .models import DEFAULT_MODEL, testbed_captions
+from .methods.wanda import GRANULARITIES, NEURON_SCORES
+from .models import DEFAULT_MODEL
 
 
 @click.group(cls=FriendlyGroup)
@@ -18,17 +17,11 @@ def main():
     """Locate and delete the neurons of a diffusion model that carry memorized training images."""
 
 
-def selection_settings(ratio, k_per_row, granularity, neuron_score) -> SelectionSettings:
-    """--ratio defaults to 0.01 unless --k-per-row is given (SelectionSettings refuses both)."""
-    if ratio is None and k_per_row is None:
-        ratio = 0.01
-    return SelectionSettings(ratio=ratio, k_per_row=k_per_row, granularity=granularity, neuron_score=neuron_score)
-
-
 @main.command()
 @model_option
-@click.option("--method", type=click.Choice(["wanda", "nemo"]), default="wanda", show_default=True,
-              help="wanda: Chavhan et al.'s FFN weight selection; nemo: Hintersdorf et al.'s cross-attention value neurons.")
+@click.option("--method", type=MethodChoice("weight_edit", "locate"), default="wanda", show_default=True,
+              help="A registered weight edit; wanda: Chavhan et al.'s FFN weight selection; nemo: Hintersdorf et al.'s "
+                   "cross-attention value neurons.")
 @click.option("--memorized", default=None, type=click.Path(), help="Memorized prompts (.txt/.csv/.jsonl).")
 @click.option("--label", "memorized_label", default=None, help="Keep only memorized prompts with this label (e.g. VM).")
 @click.option("--reference", default=None,
@@ -77,68 +70,21 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
            min_theta, theta_step, ssim_threshold, nemo_layers, nemo_unbroken, height, width, processes, resume,
            checkpoint_every, device, dtype, out, overwrite):
     """Record activations of memorized vs reference prompts and select the memorization weights (Wanda) or neurons (NeMo)."""
+    options = {**locals(), "dtype": torch_dtype(dtype)}  # before the imports below add names to locals()
+    from .commands import locate as command
     from .distributed import naming_this_rank
-    from .locate import LocateSettings, locate_to_folder
 
-    memorized = default_testbed_file(model, memorized, "memorized.csv", "--memorized")
-    if method == "nemo":
-        from .methods.nemo import NeMoLocateSettings, NeMoSettings, nemo_to_folder
-
-        if subsets:
-            raise MemPruneError("--subsets is an analysis of Wanda masks: run it with --method wanda.")
-        if processes > 1 or resume or height or width:
-            raise MemPruneError("--processes, --resume, --height and --width are not supported with --method nemo yet.")
-        if guidance_scale not in (None, 0.0, 1.0):
-            raise MemPruneError("NeMo's criterion runs without guidance (as theirs): drop --guidance-scale with --method nemo.")
-        reference = nemo_reference(model, reference)
-        nemo = NeMoSettings(theta=theta, min_theta=min_theta, theta_step=theta_step, ssim_threshold=ssim_threshold,
-                            seeds=10 if seeds is None else seeds, seed=seed, steps=steps, batch_size=batch_size,
-                            layers=nemo_layers, refine_unbroken=nemo_unbroken == "refine")
-        settings = NeMoLocateSettings(model=model or DEFAULT_MODEL, memorized=memorized, reference=reference, nemo=nemo,
-                                      memorized_label=memorized_label, num_prompts=num_prompts, sample_seed=sample_seed)
-        click.echo(nemo_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype)))
-        return
-    reference = "empty" if reference is None else reference
-    seeds = 1 if seeds is None else seeds
-    if subsets and control is None and testbed_captions(model) is not None:
-        control = str(testbed_captions(model) / "non_memorized_same_style.csv")
-    settings = LocateSettings(
-        model=model or DEFAULT_MODEL,
-        memorized=memorized,
-        memorized_label=memorized_label,
-        reference=reference,
-        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size,
-                                      height=height, width=width),
-        selection=selection_settings(ratio, k_per_row, granularity, neuron_score),
-        half=half,
-        num_prompts=num_prompts,
-        sample_seed=sample_seed,
-        subsets=subsets,
-        subset_size=subset_size,
-        control=control,
-    )
     with naming_this_rank():
-        summary = locate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype),
-                                   processes=processes, resume=resume, checkpoint_seconds=checkpoint_every)
+        summary = command.run(options)
     if summary:  # empty on the other processes of a launcher
         click.echo(summary)
 
 
-def nemo_reference(model: str | None, reference: str | None) -> str:
-    """NeMo's non-memorized prompts: the given file; on a testbed by default its general_train.csv (never the
-    held-out captions, which evaluate scores)."""
-    if reference is None and testbed_captions(model) is not None:
-        return str(testbed_captions(model) / "general_train.csv")
-    if reference is None or reference == "empty":
-        raise MemPruneError("NeMo needs non-memorized prompts for its statistics and SSIM threshold: give --reference FILE.")
-    return reference
-
-
 @main.command()
 @model_option
-@click.option("--method", type=click.Choice(["wanda", "uniforget"]), default="wanda", show_default=True,
-              help="wanda: apply --masks from `memprune locate`; uniforget: train gates on neutral prompts first "
-                   "(united with --masks when given).")
+@click.option("--method", type=MethodChoice("weight_edit"), default="wanda", show_default=True,
+              help="A registered weight edit; wanda (or another method `memprune locate` ran): apply --masks from "
+                   "`memprune locate`; uniforget: train gates on neutral prompts first (united with --masks when given).")
 @click.option("--masks", "masks_folder", default=None, type=click.Path(), help="Output folder of `memprune locate`.")
 @click.option("--timesteps", default=10, show_default=True, type=click.IntRange(min=1), help="τ: prune the union of the masks of steps 0..τ-1.")
 @click.option("--neutral", default=None, type=click.Path(), help="uniforget: neutral prompts (testbed default: general_train.csv, not the held-out captions evaluate scores).")
@@ -155,23 +101,10 @@ def nemo_reference(model: str | None, reference: str | None) -> str:
 def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr, sampling_steps, masks_out, device, out,
           overwrite):
     """Zero the located weights and save an edited pipeline that stock diffusers loads."""
-    from .prune import prune_to_folder
+    options = dict(locals())
+    from .commands import prune as command
 
-    model = model or DEFAULT_MODEL
-    if method == "uniforget":
-        from .runinfo import check_output_dir
-        from .methods.uniforget import UniForgetSettings, uniforget_to_folder
-
-        masks_out = masks_out or f"{str(out).rstrip('/')}-uniforget-masks"
-        check_output_dir(out, overwrite)  # fail before minutes of training, not after
-        settings = UniForgetSettings(beta=beta, train_steps=train_steps, lr=lr, sampling_steps=sampling_steps,
-                                     steps=max(timesteps, 1))
-        click.echo(uniforget_to_folder(model, neutral, masks_out, settings, wanda_masks=masks_folder,
-                                       overwrite=overwrite, device=device))
-        masks_folder = masks_out
-    elif masks_folder is None:
-        raise MemPruneError("--masks is required with --method wanda: give the output folder of `memprune locate`.")
-    click.echo(prune_to_folder(model, masks_folder, out, timesteps=timesteps, overwrite=overwrite, device=device))
+    command.run(options, echo=click.echo)
 
 
 @main.command()
@@ -203,7 +136,7 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr
               help="Beside each edited model, a random edit zeroing as many weights per tensor (the control).")
 @click.option("--random-control-seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the random control's choice of weights.")
-@click.option("--mitigation", type=click.Choice(["wen"]), default=None,
+@click.option("--mitigation", type=MethodChoice("mitigation"), default=None,
               help="Add a column: the unedited model with this generation-time mitigation (wen: Wen et al. 2024), same seeds.")
 @click.option("--wen-lr", default=0.05, show_default=True, type=click.FloatRange(min=0, min_open=True), help="wen: AdamW learning rate on the prompt embedding.")
 @click.option("--wen-iterations", default=10, show_default=True, type=click.IntRange(min=1), help="wen: at most this many optimisation steps per image.")
@@ -244,19 +177,16 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
 @click.option("--overwrite", is_flag=True, help="Replace an existing FILE.csv and FILE.json.")
 def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, device, dtype, out, overwrite):
     """Score prompts with Wen et al.'s text-conditional noise norm; ROC AUC and TPR at 1% FPR for labelled files."""
-    from .detect import DetectSettings, detect_to_file
+    options = {**locals(), "dtype": torch_dtype(dtype)}
+    from .commands import detect as command
 
-    settings = DetectSettings(
-        model=model or DEFAULT_MODEL, prompts=prompts,
-        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
-    )
-    click.echo(detect_to_file(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype)))
+    click.echo(command.run(options))
 
 
 @main.command()
 @model_option
-@click.option("--method", type=click.Choice(["gradproj", "doco", "plain"]), default="gradproj", show_default=True,
-              help="gradproj: project updates off the memorized captions' text subspace; doco: adversarial "
+@click.option("--method", type=MethodChoice("finetune"), default="gradproj", show_default=True,
+              help="A registered finetune method; gradproj: project updates off the memorized captions' text subspace; doco: adversarial "
                    "concept-domain correction with gradient surgery; plain: the step-matched control.")
 @click.option("--memorized", default=None, type=click.Path(), help="Memorized captions (testbed default: its memorized.csv).")
 @click.option("--retain", default=None, type=click.Path(),
@@ -281,24 +211,10 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
 def finetune(model, method, memorized, retain, retain_images, anchors, params, energy, steps, lr, batch_size,
              retain_prompts, sampling_steps, seed, device, out, overwrite):
     """Fine-tune the denoiser on retain data (gradient projection, DoCo, or the plain control) and save it."""
-    from .finetune import FinetuneInputs, FinetuneSettings, finetune_to_folder
-    from .methods import get
+    options = dict(locals())
+    from .commands import finetune as command
 
-    model = model or DEFAULT_MODEL
-    settings = FinetuneSettings(steps=steps, lr=lr, seed=seed, params=params, batch_size=batch_size,
-                                retain_prompts=retain_prompts or None, retain_images=retain_images,
-                                sampling_steps=sampling_steps)
-    method_settings = get(method, "finetune").default_settings()
-    if method == "gradproj":
-        from .methods.gradproj import GradProjSettings
-
-        method_settings = GradProjSettings(energy=energy)
-    if anchors is not None and method != "doco":
-        raise MemPruneError("--anchors is used by --method doco only.")
-    inputs = FinetuneInputs(memorized=memorized, retain=retain, anchors=anchors)
-    # float32 only (no --dtype): Adam on half-precision weights loses small updates.
-    click.echo(finetune_to_folder(model, method, out, settings, inputs, method_settings, overwrite=overwrite,
-                                  device=device))
+    click.echo(command.run(options))
 
 
 @main.command()
@@ -308,9 +224,9 @@ def finetune(model, method, memorized, retain, retain_images, anchors, params, e
 @click.option("--name", default=None, help="FOLDER's model column in that evaluation (default: found from its run.json).")
 def card(folder, evaluation, name):
     """Rewrite the README.md model card of an edited FOLDER with the numbers of an evaluation."""
-    from .model_card import card_from_evaluation
+    from .commands import card as command
 
-    click.echo(f"Model card: {card_from_evaluation(folder, evaluation, name)}")
+    click.echo(command.run(folder, evaluation, name))
 
 
 @main.command()

@@ -29,7 +29,6 @@ def silence_library_chatter() -> None:
 silence_library_chatter()
 
 from .errors import MemPruneError
-from .models import testbed_captions
 
 
 class FriendlyGroup(click.Group):
@@ -42,14 +41,23 @@ class FriendlyGroup(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
-def default_testbed_file(model: str | None, given: str | None, name: str, option: str) -> str:
-    """Prompt files default to the embedded testbed's captions when the testbed is the model."""
-    if given is not None:
-        return given
-    captions = testbed_captions(model)
-    if captions is not None:
-        return str(captions / name)
-    raise MemPruneError(f"{option} is required when --model is not a memprune testbed.")
+class MethodChoice(click.Choice):
+    """--method choices read from the method registry when used (--help, parsing), so a method registered after
+    the CLI module was imported is listed and accepted."""
+
+    def __init__(self, kind: str, stage: str | None = None):
+        self.kind, self.stage = kind, stage
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self):
+        from .methods import names
+
+        return tuple(names(self.kind, self.stage))
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns it; the registry is the source
+        pass
 
 
 def torch_dtype(name: str):

@@ -38,14 +38,12 @@ Choices (every one a field of `FinetuneSettings` or stated here):
   model is never written to.
 - **Result.** The loop returns the weight delta (trained minus original, per parameter name) and restores the
   original weights, so a method's `finetune()` never changes the pipeline it is given (the methods package
-  contract); `apply_delta` adds it, `finetune_to_folder` saves it with `memprune.json`.
+  contract); `apply_delta` adds it, `memprune.commands.finetune` saves it with `memprune.json`.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +58,6 @@ from .errors import MemPruneError
 from .models import denoiser
 
 PARAM_GROUPS = ("kv", "unet")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -218,96 +215,6 @@ class RetainData:
     @property
     def prompts(self) -> list[str]:
         return self.conditioning.prompts
-
-
-def sample_prompts(prompts: list[str], count: int | None, seed: int) -> list[str]:
-    """A seeded sample of `count` prompts (in file order), or all of them."""
-    if count is None or count >= len(prompts):
-        return list(prompts)
-    chosen = np.random.default_rng(seed).choice(len(prompts), size=count, replace=False)
-    return [prompts[i] for i in sorted(chosen.tolist())]
-
-
-def generated_retain_data(pipe, prompts: list[str], settings: FinetuneSettings) -> RetainData:
-    """Clean latents of the unedited model's generations for the retain prompts (one per prompt)."""
-    from .generate import GenerationSettings, generate
-
-    start = time.perf_counter()
-    prompts = sample_prompts(prompts, settings.retain_prompts, settings.seed)
-    generation = GenerationSettings(steps=settings.sampling_steps, seeds=1, seed=settings.seed,
-                                    guidance_scale=settings.guidance_scale, batch_size=8)
-    latents = [None] * len(prompts)
-    for index, _, latent in generate(pipe, prompts, generation, output_type="latent", progress=settings.progress,
-                                     desc="retain latents"):
-        latents[index] = latent.detach().float()
-    conditioning = encode_conditioning(pipe, prompts)
-    return RetainData(torch.stack(latents), conditioning, "generated", time.perf_counter() - start)
-
-
-def read_image_captions(folder: str | Path) -> tuple[list[Path], list[str]]:
-    """Image/caption pairs of a folder: a metadata.csv / captions.csv (caption + image/file_name columns), or
-    one same-named .txt caption beside each image."""
-    import csv
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MemPruneError(f"--retain-images '{folder}' is not a folder of image/caption pairs.")
-    for table in ("metadata.csv", "captions.csv"):
-        path = folder / table
-        if path.is_file():
-            with open(path, newline="", encoding="utf-8-sig") as handle:
-                rows = list(csv.DictReader(handle))
-            columns = rows[0].keys() if rows else []
-            image_column = next((c for c in ("file_name", "image", "file") if c in columns), None)
-            caption_column = next((c for c in ("caption", "text", "prompt", "Caption") if c in columns), None)
-            if image_column is None or caption_column is None:
-                raise MemPruneError(f"'{path}' needs an image column (file_name/image) and a caption column (caption/text).")
-            images = [folder / row[image_column] for row in rows]
-            missing = [p for p in images if not p.is_file()]
-            if missing:
-                raise MemPruneError(f"'{path}' names image '{missing[0]}', which does not exist.")
-            return images, [row[caption_column].strip() for row in rows]
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    pairs = [(p, p.with_suffix(".txt")) for p in images]
-    missing = [p for p, txt in pairs if not txt.is_file()]
-    if missing:
-        raise MemPruneError(f"Image '{missing[0]}' has no caption: add {missing[0].with_suffix('.txt').name} "
-                            "or a metadata.csv with file_name and caption columns.")
-    return [p for p, _ in pairs], [txt.read_text(encoding="utf-8").strip() for _, txt in pairs]
-
-
-def _image_tensor(path: Path, size: int) -> torch.Tensor:
-    from PIL import Image
-
-    image = Image.open(path).convert("RGB")
-    scale = size / min(image.size)
-    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                         Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)
-
-
-def image_retain_data(pipe, folder: str | Path, settings: FinetuneSettings) -> RetainData:
-    """VAE latents (posterior mean) of a folder's images, with their captions' conditioning."""
-    start = time.perf_counter()
-    images, captions = read_image_captions(folder)
-    if not images:
-        raise MemPruneError(f"--retain-images '{folder}' holds no images.")
-    net = denoiser(pipe)
-    vae = pipe.vae
-    size = int(net.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    scaling = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    latents = []
-    with torch.no_grad():
-        for start_index in range(0, len(images), 8):
-            pixels = torch.stack([_image_tensor(p, size) for p in images[start_index:start_index + 8]])
-            pixels = pixels.to(vae.device, vae.dtype)
-            latents.append(((vae.encode(pixels).latent_dist.mean - shift) * scaling).float())
-    conditioning = encode_conditioning(pipe, captions)
-    return RetainData(torch.cat(latents), conditioning, "images", time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -515,75 +422,6 @@ def run_finetune(pipe, settings: FinetuneSettings, retain: RetainData, hooks: Fi
     return delta, pd.DataFrame(loop.history)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Files (for the CLI)
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FinetuneInputs:
-    """The files of a `memprune finetune` run (testbed defaults filled in by `resolve_inputs`)."""
-
-    memorized: str | None = None
-    retain: str | None = None
-    anchors: str | None = None  # doco only (default: the retain prompts)
-
-
-def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None) -> FinetuneInputs:
-    from .models import TESTBED_CAPTION_FILES, testbed_captions
-
-    captions = testbed_captions(model)
-    memorized = inputs.memorized or (str(captions / TESTBED_CAPTION_FILES["memorized"]) if captions else None)
-    retain = inputs.retain
-    if retain is not None and retain_images is not None:
-        raise MemPruneError("Give --retain FILE or --retain-images DIR, not both: the images' captions are the retain prompts.")
-    if retain is None and retain_images is None:
-        # general_train, never general_heldout: evaluate measures utility on the held-out captions.
-        retain = str(captions / TESTBED_CAPTION_FILES["general_train"]) if captions else None
-        if retain is None:
-            raise MemPruneError("--retain FILE (or --retain-images DIR) is required when --model is not a memprune testbed.")
-    if memorized is None:
-        raise MemPruneError("--memorized FILE is required when --model is not a memprune testbed.")
-    return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors)
-
-
-def anchor_notes(model: str, anchors: str | None) -> list[str]:
-    """A warning when the anchors are the testbed's same-style control captions, which evaluate scores."""
-    from .models import TESTBED_CAPTION_FILES, testbed_captions
-
-    captions = testbed_captions(model)
-    if anchors is None or captions is None:
-        return []
-    control = captions / TESTBED_CAPTION_FILES["control"]
-    if control.is_file() and Path(anchors).resolve() == control.resolve():
-        return ["the anchors are the testbed's same-style control captions, which `memprune evaluate` scores as its "
-                "control group: that group is not held out from this fine-tune."]
-    return []
-
-
-def _file_record(path) -> dict | None:
-    from .masks import file_sha256
-
-    if path is None:
-        return None
-    path = Path(path)
-    return {"path": str(path.resolve()), "sha256": file_sha256(path)}
-
-
-def _folder_record(folder) -> dict | None:
-    """sha256 over the sorted (name, sha256) list of a folder's files."""
-    import hashlib
-
-    from .masks import file_sha256
-
-    if folder is None:
-        return None
-    folder = Path(folder)
-    listing = [f"{p.relative_to(folder)}:{file_sha256(p)}" for p in sorted(folder.rglob("*")) if p.is_file()]
-    return {"path": str(folder.resolve()), "sha256": hashlib.sha256("\n".join(listing).encode()).hexdigest(),
-            "files": len(listing)}
-
-
 def verify_saved(folder: str | Path, pipe) -> int:
     """Reload the saved pipeline with stock diffusers and check its denoiser equals `pipe`'s; the tensors checked."""
     from diffusers import DiffusionPipeline
@@ -594,92 +432,6 @@ def verify_saved(folder: str | Path, pipe) -> int:
         if name not in saved or not torch.equal(saved[name], value.detach().cpu()):
             raise MemPruneError(f"Verification failed: {name} differs after reloading the saved pipeline.")
     return len(saved)
-
-
-def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings | None = None,
-                       inputs: FinetuneInputs | None = None, method_settings=None, overwrite: bool = False,
-                       device: str = "auto", dtype=None, log=print) -> str:
-    """The `memprune finetune` command as a function: check inputs, fine-tune, save atomically, verify."""
-    from . import methods
-    from .models import load_pipeline, resolve_device
-    from .prompts import read_prompts, write_prompts
-    from .model_card import write_card
-    from .prune import PRUNE_INFO
-    from .runinfo import Timer, _jsonable, atomic_output_dir, check_output_dir, write_run_json
-
-    settings = settings or FinetuneSettings()
-    module = methods.get(method, "finetune")
-    protected = [model] if Path(model).exists() else []
-    check_output_dir(out, overwrite, protected)  # before minutes of work, not after
-    inputs = resolve_inputs(model, inputs or FinetuneInputs(), settings.retain_images)
-    memorized = read_prompts(inputs.memorized).prompts
-    if inputs.retain is not None:
-        retain_prompts = read_prompts(inputs.retain).prompts
-    else:
-        retain_prompts = read_image_captions(settings.retain_images)[1]
-    check_disjoint(memorized, retain_prompts)
-    anchors = read_prompts(inputs.anchors).prompts if inputs.anchors else None
-    notes = []
-    if anchors is not None:
-        check_disjoint(memorized, anchors, "anchor")
-        notes += anchor_notes(model, inputs.anchors)
-    timer = Timer()
-    with timer("load"):
-        pipe = load_pipeline(model, resolve_device(device), dtype)
-    trainable_parameters(denoiser(pipe), settings.params)  # fail now on --params naming nothing
-    with timer("retain_data"):
-        if settings.retain_images:
-            retain = image_retain_data(pipe, settings.retain_images, settings)
-        else:
-            retain = generated_retain_data(pipe, retain_prompts, settings)
-    method_settings = method_settings if method_settings is not None else module.default_settings()
-    with timer("finetune"):
-        result = module.train(pipe, settings, method_settings=method_settings, memorized_prompts=memorized,
-                              retain=retain, anchor_prompts=anchors)
-    delta, history, method_info = result.delta, result.history, result.info
-    net = denoiser(pipe)
-    params = dict(net.named_parameters())
-    changes = {name: relative_change(params[name].detach().cpu(), value) for name, value in delta.items()}
-    apply_delta(pipe, delta)
-    info = {
-        "source": str(model),
-        "method": method,
-        "kind": "finetune",
-        "reference": module.METHOD.reference,
-        "settings": _jsonable(settings),
-        "method_settings": _jsonable(method_settings),
-        "data": {"memorized": _file_record(inputs.memorized), "retain": _file_record(inputs.retain),
-                 "retain_images": _folder_record(settings.retain_images), "anchors": _file_record(inputs.anchors),
-                 "retain_source": retain.source, "retain_count": len(retain.prompts)},
-        "steps": settings.steps,
-        "seconds": {**timer.seconds},
-        "trained_parameters": settings.params,
-        "changed_parameters": {name: value for name, value in changes.items() if value > 0},
-        "relative_frobenius_change": changes,
-        "final_losses": {k: float(v) for k, v in history.iloc[-1].items() if k.endswith("_loss")},
-        "method_info": _jsonable(method_info),
-        "notes": notes,
-    }
-    with atomic_output_dir(out, overwrite, protected) as staging:
-        with timer("save"):
-            pipe.to("cpu").save_pretrained(str(staging), safe_serialization=True)
-            history.to_csv(staging / "loss.csv", index=False)
-            write_prompts(retain.prompts, staging / "retain_prompts_used.csv")
-        with timer("verify"):
-            verified = verify_saved(staging, pipe)
-        info["seconds"] = {**timer.seconds}
-        (staging / PRUNE_INFO).write_text(json.dumps(info, indent=1))
-        write_card(staging, info)
-        write_run_json(staging, {"model": model, "method": method, "settings": settings,
-                                 "method_settings": method_settings},
-                       {"memorized": inputs.memorized, "retain": inputs.retain, "anchors": inputs.anchors},
-                       timer.seconds)
-    changed = info["changed_parameters"]
-    largest = max(changes.values()) if changes else 0.0
-    return (f"{method}: {settings.steps} steps on {len(retain.prompts)} retain {retain.source} latents "
-            f"({timer.seconds['finetune']:.0f} s); changed {len(changed)} of {len(changes)} trained tensors "
-            f"(--params {settings.params}, largest relative change {largest:.3g}); verified {verified} tensors "
-            f"after reload.\n" + "".join(f"Note: {note}\n" for note in notes) + f"Fine-tuned pipeline: {out}")
 
 
 @dataclass

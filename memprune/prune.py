@@ -100,33 +100,3 @@ def verify_pruned(folder: str | Path, masks: Masks, timesteps: int) -> int:
             raise MemPruneError(f"Verification failed: {layer} still has non-zero masked weights after reload.")
         checked += indices.numel()
     return checked
-
-
-def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrite: bool = False, device: str = "auto") -> str:
-    """The `memprune prune` command as a function: load a fresh copy, zero, save atomically, reload and verify."""
-    from .models import load_pipeline, resolve_device
-    from .runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
-
-    source = model
-    protected = [source] if Path(source).exists() else []
-    check_output_dir(out, overwrite, protected)
-    masks = Masks.load(masks_folder)
-    timer = Timer()
-    with timer("load"):
-        pipe = load_pipeline(model, resolve_device(device))
-    with timer("prune"):
-        result = apply_masks(pipe, masks, timesteps)
-    with atomic_output_dir(out, overwrite, protected) as staging:
-        info = prune_info(model, masks_folder, result, masks)
-        with timer("save"):
-            save_pruned(pipe.to("cpu"), staging, info)
-        with timer("verify"):
-            verified = verify_pruned(staging, masks, timesteps)
-        write_run_json(staging, {"model": model, "masks": str(masks_folder), "timesteps": timesteps},
-                       {"masks": Path(masks_folder) / MASKS_FILE}, timer.seconds, zeroed_weights=result.zeroed)
-    total = sum(masks.shapes[layer][0] * masks.shapes[layer][1] for layer in result.zeroed)
-    return (
-        f"Zeroed {result.total_zeroed} weights ({result.total_zeroed / total:.3%} of the masked layers' weights) "
-        f"in {len(result.zeroed)} layers, steps 0..{timesteps - 1}; verified {verified} zeros after reload.\n"
-        f"Edited pipeline: {out}"
-    )

@@ -7,7 +7,8 @@ import torch
 from memprune.distributed import FAULT_ENV, Processes, _failure_message
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings, call_plan
-from memprune.locate import LocateSettings, locate_to_folder
+from memprune.commands.locate import locate_to_folder
+from memprune.locate import LocateSettings
 from memprune.masks import Masks
 from memprune.stats import FIELDS, NeuronStats
 

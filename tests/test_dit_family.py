@@ -11,11 +11,12 @@ from click.testing import CliRunner
 from memprune.cli import main
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings, guidance_distilled, uses_cfg
-from memprune.locate import LocateSettings, locate_to_folder, record_prompts
+from memprune.commands.locate import locate_to_folder
+from memprune.commands.prune import prune_to_folder
+from memprune.locate import LocateSettings, record_prompts
 from memprune.masks import Masks
 from memprune.methods.wanda import SelectionSettings
 from memprune.models import denoiser, find_feedforwards, output_linears
-from memprune.prune import prune_to_folder
 from tiny_dit_pipelines import DIT_BUILDERS, TINY_SIZE
 from tiny_pipelines import save_builders
 

@@ -12,8 +12,9 @@ from torch import nn
 
 from memprune.cli import main
 from memprune.errors import MemPruneError
-from memprune.finetune import (FinetuneSettings, apply_delta, check_disjoint, cross_attention_kv,
-                               generated_retain_data, run_finetune, trainable_parameters)
+from memprune.finetune import (FinetuneSettings, apply_delta, check_disjoint, cross_attention_kv, run_finetune,
+                               trainable_parameters)
+from memprune.retain import generated_retain_data
 from memprune.methods import doco, get, gradproj, names, plain
 from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 
@@ -288,7 +289,7 @@ def test_cli_nan_loss_keeps_nothing(prompt_files, tmp_path):
 def test_retain_images_are_vae_latents_of_the_pairs(tmp_path, layout):
     from PIL import Image
 
-    from memprune.finetune import image_retain_data, read_image_captions
+    from memprune.retain import image_retain_data, read_image_captions
 
     pipe = sd1_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -313,7 +314,7 @@ def test_retain_images_are_vae_latents_of_the_pairs(tmp_path, layout):
 def test_retain_images_without_captions_are_refused(tmp_path):
     from PIL import Image
 
-    from memprune.finetune import read_image_captions
+    from memprune.retain import read_image_captions
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     with pytest.raises(MemPruneError, match="has no caption"):

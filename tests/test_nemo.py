@@ -208,7 +208,7 @@ def test_locate_nemo_then_prune_zeroes_exactly_the_rows(saved_pipelines, tmp_pat
 
 
 def test_reference_defaults_to_the_testbed_training_captions():
-    from memprune.cli import nemo_reference
+    from memprune.commands.locate import nemo_reference
     from memprune.errors import MemPruneError
 
     assert nemo_reference(None, None).endswith("captions/general_train.csv")  # never general_heldout.csv

@@ -11,7 +11,8 @@ from memprune.cli import main
 from memprune.distributed import FAULT_ENV
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings
-from memprune.locate import LocateSettings, locate_to_folder
+from memprune.commands.locate import locate_to_folder
+from memprune.locate import LocateSettings
 from memprune.masks import Masks
 from memprune.stats import FIELDS, NeuronStats
 
@@ -67,7 +68,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(saved_pipelines, prompt
     with pytest.raises(MemPruneError, match="--processes 1, this run has --processes 2"):
         from memprune.checkpoint import open_partial
         from memprune.distributed import Processes
-        from memprune.locate import resume_fingerprint
+        from memprune.commands.locate import resume_fingerprint
 
         open_partial(tmp_path / "run", resume_fingerprint(settings, None, 2), True, False, Processes())
 

@@ -9,7 +9,9 @@ from diffusers import DDIMScheduler
 from memprune.errors import MemPruneError
 from memprune.masks import Masks
 from memprune.models import denoiser, layer_shapes, output_linears
-from memprune.prune import apply_masks, prune_to_folder
+from memprune.commands.prune import prune_to_folder
+from memprune.commands.uniforget import uniforget_to_folder
+from memprune.prune import apply_masks
 from memprune.methods.uniforget import (
     NeuronGates,
     capture_conditioning,
@@ -20,7 +22,6 @@ from memprune.methods.uniforget import (
     hard_concrete_sample,
     train_gates,
     uniforget_masks,
-    uniforget_to_folder,
     union_masks,
 )
 from tiny_pipelines import sd1_pipeline, sdxl_pipeline

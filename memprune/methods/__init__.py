@@ -1,30 +1,44 @@
-"""Editing methods: one module per method, sharing one small interface.
+"""Editing methods: one module per method, one registry, one small interface per kind.
 
-Every method module defines ``METHOD = MethodInfo(...)`` and, by its kind, one entry point:
+Every method module defines ``METHOD = MethodInfo(...)`` and, by its kind, the entry points the commands call
+(``ENTRY_POINTS``; ``register`` checks them, so the declared interface is the called one):
 
-- ``weight_edit``: ``edit(pipe, settings, **inputs) -> Masks``. A weight edit only *selects* weights; it never
-  changes the pipeline it is given. ``memprune.prune.apply_masks`` zeroes the selection and ``save_pruned``
-  writes the edited pipeline, the same for every weight edit (Wanda, NeMo, UniForget, a random control).
+- ``weight_edit``: ``edit(pipe, settings, **inputs) -> Masks`` and ``settings_from_options(options) -> settings``.
+  A weight edit only *selects* weights; it never changes the pipeline it is given. ``memprune.prune.apply_masks``
+  zeroes the selection and ``save_pruned`` writes the edited pipeline, the same for every weight edit (Wanda,
+  NeMo, UniForget, a random control). ``settings_from_options`` turns the command's options (a dict named like the
+  CLI options, underscores for dashes) into the method's settings; the method's own option checks live there.
+  ``METHOD.stage`` says which command runs the edit: ``locate`` (it writes a masks folder that ``prune --masks``
+  applies) or ``prune`` (it selects just before pruning, e.g. UniForget's gates). ``METHOD.needs`` says what
+  ``locate`` hands ``edit``: ``prompts`` (``memorized=``, ``reference=`` prompt lists and ``meta=``) or
+  ``statistics`` (``memorized_stats=``, ``reference_stats=`` recorded by ``memprune.locate``; Wanda).
 - ``mitigation``: ``wrap(pipe, settings) -> pipeline``. A generation-time mitigation changes no weight; it
   returns a callable with the diffusers pipeline call signature that ``memprune.generate`` uses in place of
   the pipeline (Wen et al.). Its cost is paid on every image, so evaluate times it beside the others.
-- ``finetune``: ``finetune(pipe, settings, **inputs) -> dict[str, Tensor]``, a weight delta per parameter name
-  that is added to the pipeline and saved (gradient projection, DoCo).
+- ``finetune``: ``settings_from_options(options) -> method settings`` and
+  ``train(pipe, settings, method_settings, **inputs) -> FinetuneResult`` (the weight delta per parameter name, its
+  loss history and what memprune.json records), run by the shared loop of ``memprune.finetune`` (gradient
+  projection, DoCo, the plain control).
 
-``available()`` discovers the modules of this package, so adding a method is one new module here plus its
-command-line option; nothing else needs to list it.
+The methods of this package are registered by module name (imported only when asked for); ``register`` adds one
+from anywhere else, after which it appears in every ``--method`` choice of its kind.
 """
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from dataclasses import dataclass
 from types import ModuleType
 
 from ..errors import MemPruneError
 
 KINDS = ("weight_edit", "mitigation", "finetune")
-ENTRY_POINTS = {"weight_edit": "edit", "mitigation": "wrap", "finetune": "finetune"}
+ENTRY_POINTS = {"weight_edit": ("edit", "settings_from_options"), "mitigation": ("wrap",),
+                "finetune": ("train", "settings_from_options")}
+STAGES = ("locate", "prune")
+NEEDS = ("prompts", "statistics")
+BUILTIN = ("wanda", "nemo", "uniforget", "wen", "gradproj", "doco", "plain")  # modules of this package
+
+_registered: dict[str, ModuleType] = {}
 
 
 @dataclass(frozen=True)
@@ -33,36 +47,52 @@ class MethodInfo:
     kind: str  # one of KINDS
     summary: str  # one line: the paper and what the method does
     reference: str = ""  # citation
+    stage: str = "locate"  # weight edits: the command that runs the edit (STAGES)
+    needs: str = "prompts"  # weight edits run by locate: what edit() is given (NEEDS)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"Method kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.stage not in STAGES or self.needs not in NEEDS:
+            raise ValueError(f"Method stage must be one of {STAGES} and needs one of {NEEDS}.")
+
+
+def register(module) -> None:
+    """Register a method module (or any object with METHOD and its kind's entry points) under METHOD.name."""
+    method = getattr(module, "METHOD", None)
+    if not isinstance(method, MethodInfo):
+        raise MemPruneError(f"'{getattr(module, '__name__', module)}' defines no METHOD = MethodInfo(...).")
+    missing = [entry for entry in ENTRY_POINTS[method.kind] if not callable(getattr(module, entry, None))]
+    if missing:
+        raise MemPruneError(f"Method module '{getattr(module, '__name__', module)}' defines no {missing[0]}() for its "
+                            f"kind {method.kind}.")
+    _registered[method.name] = module
+
+
+def _load_builtins() -> None:
+    for name in BUILTIN:
+        if name not in _registered:
+            register(importlib.import_module(f"{__name__}.{name}"))
 
 
 def available() -> dict[str, ModuleType]:
-    """Method name -> module, for every module of this package that defines METHOD."""
-    found = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        method = getattr(module, "METHOD", None)
-        if isinstance(method, MethodInfo):
-            found[method.name] = module
-    return found
+    """Method name -> module, for every registered method (this package's and those registered from outside)."""
+    _load_builtins()
+    return dict(_registered)
 
 
 def get(name: str, kind: str | None = None) -> ModuleType:
-    """The module of a method by name, checked to be of `kind` (when given) and to define its entry point."""
+    """The module of a method by name, checked to be of `kind` (when given)."""
     methods = available()
     if name not in methods:
         raise MemPruneError(f"Unknown method '{name}': use one of {', '.join(sorted(methods))}.")
     module = methods[name]
     if kind is not None and module.METHOD.kind != kind:
         raise MemPruneError(f"Method '{name}' is a {module.METHOD.kind.replace('_', ' ')}, not a {kind.replace('_', ' ')}.")
-    entry = ENTRY_POINTS[module.METHOD.kind]
-    if not callable(getattr(module, entry, None)):
-        raise MemPruneError(f"Method module '{module.__name__}' defines no {entry}() for its kind {module.METHOD.kind}.")
     return module
 
 
-def names(kind: str) -> list[str]:
-    return sorted(name for name, module in available().items() if module.METHOD.kind == kind)
+def names(kind: str, stage: str | None = None) -> list[str]:
+    """The registered methods of `kind` (and, for weight edits, of `stage`), sorted."""
+    return sorted(name for name, module in available().items()
+                  if module.METHOD.kind == kind and (stage is None or module.METHOD.stage == stage))

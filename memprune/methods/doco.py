@@ -57,7 +57,8 @@ from torch import nn
 
 from ..errors import MemPruneError
 from ..finetune import (FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, encode_conditioning,
-                        predicted_x0, run_finetune, sample_prompts)
+                        predicted_x0, run_finetune)
+from ..retain import sample_prompts
 from . import MethodInfo
 
 METHOD = MethodInfo(
@@ -91,6 +92,11 @@ class DoCoSettings:
 
 def default_settings() -> DoCoSettings:
     return DoCoSettings()
+
+
+def settings_from_options(options: dict) -> DoCoSettings:
+    """DoCo's settings for `memprune finetune` (its anchors are an input, not a setting)."""
+    return default_settings()
 
 
 def surgery(g_unlearn: torch.Tensor, g_retain: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,13 @@ def default_settings() -> GradProjSettings:
     return GradProjSettings()
 
 
+def settings_from_options(options: dict) -> GradProjSettings:
+    """GradProjSettings from `memprune finetune`'s options (--energy); refuses --anchors, which only DoCo uses."""
+    if options.get("anchors") is not None:
+        raise MemPruneError("--anchors is used by --method doco only.")
+    return GradProjSettings(energy=options.get("energy", GradProjSettings.energy))
+
+
 def subspace(vectors: torch.Tensor, energy: float = 0.97, center: bool = False) -> tuple[torch.Tensor, float]:
     """Orthonormal basis U (d x k) of the top right singular vectors of `vectors` (N x d) holding `energy` of the
     squared singular values; and the share they hold."""

@@ -50,7 +50,7 @@ Choices their paper/code leaves open or that we made differently (all in `NeMoSe
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -100,6 +100,31 @@ class NeMoSettings:
         if self.theta_step <= 0 or self.min_theta > self.theta:
             raise MemPruneError(f"NeMo's θ search needs theta_step > 0 and min_theta <= theta, got "
                                 f"{self.theta_step} and {self.min_theta} > {self.theta}.")
+
+
+def check_reference(reference: str | None) -> str:
+    """NeMo's non-memorized prompts must be a file (statistics and SSIM threshold), never the empty prompt."""
+    if reference is None or reference == "empty":
+        raise MemPruneError("NeMo needs non-memorized prompts for its statistics and SSIM threshold: give --reference FILE.")
+    return reference
+
+
+def settings_from_options(options: dict) -> NeMoSettings:
+    """NeMoSettings from `memprune locate`'s options, refusing the options NeMo does not use."""
+    if options.get("subsets"):
+        raise MemPruneError("--subsets is an analysis of Wanda masks: run it with --method wanda.")
+    if options.get("processes", 1) > 1 or options.get("resume") or options.get("height") or options.get("width"):
+        raise MemPruneError("--processes, --resume, --height and --width are not supported with --method nemo yet.")
+    if options.get("guidance_scale") not in (None, 0.0, 1.0):
+        raise MemPruneError("NeMo's criterion runs without guidance (as theirs): drop --guidance-scale with --method nemo.")
+    check_reference(options.get("reference"))
+    seeds = options.get("seeds")
+    return NeMoSettings(theta=options.get("theta", 5.0), min_theta=options.get("min_theta", 1.0),
+                        theta_step=options.get("theta_step", 0.25), ssim_threshold=options.get("ssim_threshold"),
+                        seeds=10 if seeds is None else seeds, seed=options.get("seed", 0),
+                        steps=options.get("steps", 50), batch_size=options.get("batch_size", 8),
+                        layers=options.get("nemo_layers", "down_mid"),
+                        refine_unbroken=options.get("nemo_unbroken", "refine") == "refine")
 
 
 # ------------------------------------------------------------------------------------------------- pure parts
@@ -480,68 +505,31 @@ def edit(pipe, settings: NeMoSettings, memorized: list[str], reference: list[str
     return neuron_masks(neurons, shapes, settings.steps, {"selection": selection, **(meta or {}), "nemo": nemo_meta})
 
 
-# ------------------------------------------------------------------------------------------------- command
-
-@dataclass
-class NeMoLocateSettings:
-    model: str
-    memorized: str
-    reference: str  # file of non-memorized prompts
-    nemo: NeMoSettings = field(default_factory=NeMoSettings)
-    memorized_label: str | None = None
-    num_prompts: int | None = None
-    sample_seed: int = 0
-    reference_prompts: int | None = None  # None: all of the file (seeded order)
-
-
-def nemo_to_folder(settings: NeMoLocateSettings, out, overwrite: bool = False, device: str = "auto", dtype=None) -> str:
-    """`memprune locate --method nemo` as a function: the same kind of folder as locate (masks, prompts_used.csv,
-    run.json) plus nemo_prompts.csv (per prompt: θ, neuron counts, similarities)."""
-    from pathlib import Path
-
-    import numpy as np
+def tables(masks: Masks) -> dict:
+    """nemo_prompts.csv for locate's folder: per memorized prompt θ, neuron counts and similarities."""
     import pandas as pd
 
-    from ..models import denoiser, load_pipeline, model_identity, prunable_layer_shapes, resolve_device
-    from ..prompts import read_prompts, seeded_subsets, write_prompts
-    from ..runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
+    rows = [{key: value for key, value in result.items() if key != "neurons"}
+            | {"neurons": ";".join(f"{layer}:{row}" for layer, rows in result["neurons"].items() for row in rows)}
+            for result in masks.meta["nemo"]["prompts"]]
+    return {"nemo_prompts.csv": pd.DataFrame(rows)}
 
-    protected = [settings.model] if Path(settings.model).exists() else []
-    check_output_dir(out, overwrite, protected)
-    memorized = read_prompts(settings.memorized, label=settings.memorized_label)
-    if settings.num_prompts is not None:
-        memorized = memorized.subset(seeded_subsets(len(memorized), 1, settings.num_prompts, settings.sample_seed)[0])
-    captions = read_prompts(settings.reference).prompts
-    order = np.random.default_rng(settings.sample_seed).permutation(len(captions))
-    reference = [captions[i] for i in order[: settings.reference_prompts]]
-    timer = Timer()
-    with timer("load"):
-        pipe = load_pipeline(settings.model, resolve_device(device), dtype)
-    identity = model_identity(settings.model, pipe)
-    identity["layer_shapes"] = prunable_layer_shapes(denoiser(pipe))
-    meta = {"model": identity, "prompts": memorized.prompts,
-            "settings": {"reference": settings.reference, "reference_prompts": len(reference)}}
-    with timer("locate"):
-        masks = edit(pipe, settings.nemo, memorized.prompts, reference, meta=meta)
-    with atomic_output_dir(out, overwrite, protected) as staging:
-        masks.save(staging)
-        write_prompts(memorized.prompts, Path(staging) / "prompts_used.csv")
-        rows = [{key: value for key, value in result.items() if key != "neurons"}
-                | {"neurons": ";".join(f"{layer}:{row}" for layer, rows in result["neurons"].items() for row in rows)}
-                for result in masks.meta["nemo"]["prompts"]]
-        pd.DataFrame(rows).to_csv(Path(staging) / "nemo_prompts.csv", index=False)
-        inputs = {"memorized": settings.memorized, "reference": settings.reference}
-        write_run_json(staging, settings, inputs, timer.seconds, model=identity)
+
+def summary(masks: Masks, prompt_count: int, seconds: float, out) -> str:
+    """What `memprune locate --method nemo` prints."""
+    from pathlib import Path
+
     nemo = masks.meta["nemo"]
     neurons = count(nemo["neurons"])
     located = sum(1 for result in nemo["prompts"] if result["neurons"])
     detected = sum(1 for result in nemo["prompts"] if result["memorized_seeds"])
     broken = sum(1 for result in nemo["prompts"] if result["broken"])
+    steps = masks.meta["selection"]["steps"]
     return (
         f"NeMo selected {neurons} value neurons in {sum(1 for v in nemo['neurons'].values() if v)} of "
-        f"{len(masks.layers)} cross-attention layers from {len(memorized)} memorized prompts ({detected} memorized by "
+        f"{len(masks.layers)} cross-attention layers from {prompt_count} memorized prompts ({detected} memorized by "
         f"the criterion, {broken} broken by deactivation, {located} with neurons; "
         f"SSIM threshold {nemo['ssim_threshold']:.3f}; {nemo['criterion_calls']} criterion calls, "
-        f"{timer.seconds.get('locate', 0):.0f} s).\n"
-        f"Masks: {Path(out) / 'masks.safetensors'} (step-independent: prune with any --timesteps <= {settings.nemo.steps})"
+        f"{seconds:.0f} s).\n"
+        f"Masks: {Path(out) / 'masks.safetensors'} (step-independent: prune with any --timesteps <= {steps})"
     )

@@ -32,6 +32,13 @@ def default_settings() -> PlainSettings:
     return PlainSettings()
 
 
+def settings_from_options(options: dict) -> PlainSettings:
+    """Plain fine-tuning takes no option of its own; refuses --anchors, which only DoCo uses."""
+    if options.get("anchors") is not None:
+        raise MemPruneError("--anchors is used by --method doco only.")
+    return default_settings()
+
+
 def train(pipe, settings: FinetuneSettings, method_settings: PlainSettings | None = None,
           retain: RetainData | None = None, **_) -> FinetuneResult:
     if retain is None:

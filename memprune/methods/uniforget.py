@@ -92,6 +92,7 @@ METHOD = MethodInfo(
     name="uniforget", kind="weight_edit",
     summary="Hard-concrete gates per FeedForward neuron trained on neutral prompts only; closed gates are pruned.",
     reference="Jin et al. 2025, UniForget, arXiv 2512.09687",
+    stage="prune",
 )
 
 
@@ -525,32 +526,6 @@ def _settings_dict(settings: UniForgetSettings) -> dict:
     return values
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Files (for the CLI)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _testbed_file(model: str, role: str) -> Path | None:
-    from ..models import TESTBED_CAPTION_FILES, testbed_captions
-
-    captions = testbed_captions(model)
-    path = captions / TESTBED_CAPTION_FILES[role] if captions is not None else None
-    return path if path is not None and path.is_file() else None
-
-
-def testbed_memorized_file(model: str) -> Path | None:
-    """The testbed's memorized captions, when `model` is a testbed folder."""
-    return _testbed_file(model, "memorized")
-
-
-def testbed_neutral_file(model: str) -> Path | None:
-    """The testbed's general training captions (never memorized), when `model` is a testbed folder.
-
-    Not the held-out general captions: `memprune evaluate` measures utility on those, and gates trained to
-    preserve exactly them would flatter UniForget's utility."""
-    return _testbed_file(model, "general_train")
-
-
 def save_gate_result(result: GateResult, folder: str | Path) -> None:
     """masks.safetensors + masks.json (for `memprune prune --masks`), gates.safetensors, loss.csv, pruned_share.csv."""
     from safetensors.torch import save_file
@@ -564,65 +539,11 @@ def save_gate_result(result: GateResult, folder: str | Path) -> None:
     write_prompts(result.prompts, folder / "prompts_used.csv")
 
 
-def uniforget_to_folder(model: str, neutral: str | None, out, settings: UniForgetSettings | None = None,
-                        memorized: str | None = None, wanda_masks: str | None = None, overwrite: bool = False,
-                        device: str = "auto", dtype=None) -> str:
-    """Train gates on a neutral prompt file and write a masks folder that `memprune prune --masks` applies.
-
-    `neutral`: a prompt file of non-memorized captions (default on the testbed: its general_train.csv).
-    `memorized`: memorized prompts that must not be among the neutral ones (default on the testbed: its
-    memorized.csv); when the memorized prompts are also the testbed's, the defaults can never overlap. `wanda_masks`: a `memprune locate` folder whose masks are united with the UniForget mask.
-    Returns a summary.
-    """
-    from ..masks import MASKS_FILE
-    from ..models import load_pipeline, model_identity, resolve_device
-    from ..prompts import read_prompts
-    from ..runinfo import Timer, atomic_output_dir, check_output_dir, write_run_json
-
-    settings = settings or UniForgetSettings()
-    protected = [model] if Path(model).exists() else []
-    check_output_dir(out, overwrite, protected)
-    neutral = neutral or testbed_neutral_file(model)
-    if neutral is None:
-        raise MemPruneError("UniForget needs neutral (non-memorized) prompts: give --neutral FILE.")
-    neutral_prompts = read_prompts(neutral).prompts
-    memorized = memorized or testbed_memorized_file(model)
-    memorized_prompts = read_prompts(memorized).prompts if memorized else None
-    check_neutral(neutral_prompts, memorized_prompts)
-    wanda = Masks.load(wanda_masks) if wanda_masks else None
-    timer = Timer()
-    with timer("load"):
-        pipe = load_pipeline(model, resolve_device(device), dtype)
-    net = denoiser(pipe)
-    identity = model_identity(model, pipe)
-    identity["layer_shapes"] = layer_shapes(net)
-    if wanda is not None:
-        wanda.check_compatible(layer_shapes(net))
-        if len(wanda.steps) != settings.steps:
-            settings = UniForgetSettings(**{**asdict(settings), "steps": len(wanda.steps)})
-    with timer("train"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the unchecked-prompts warning: the summary says it instead
-        result = train_gates(pipe, neutral_prompts, settings, memorized_prompts, meta={"model": identity})
-    if wanda is not None:
-        result.masks = union_masks(result.masks, wanda)
-        result.masks.meta["model"] = identity
-    with atomic_output_dir(out, overwrite, protected) as staging:
-        save_gate_result(result, staging)
-        write_run_json(staging, settings, {"neutral": neutral, "memorized": memorized,
-                                           "wanda_masks": Path(wanda_masks) / MASKS_FILE if wanda_masks else None},
-                       timer.seconds, model=identity, pruned_share=result.pruned_share)
-    final = result.history.iloc[-1]
-    lines = [
-        f"UniForget (beta={settings.beta:g}, {settings.train_steps} steps, {len(neutral_prompts)} neutral prompts): "
-        f"pruned {int(result.pruned['pruned'].sum())} of {int(result.pruned['hidden'].sum())} FeedForward neurons "
-        f"({result.pruned_share:.2%}); final latent MSE {final['mse']:.4g}, expected L0 {final['expected_l0']:.3f}.",
-        "Neutral prompts checked against " + (f"{len(memorized_prompts)} memorized prompts ({memorized})."
-                                               if memorized_prompts else "no memorized prompts (none given)."),
-    ]
-    if wanda is not None:
-        lines.append(f"United with the Wanda masks of {wanda_masks}.")
-    lines.append(f"Masks: {Path(out) / 'masks.safetensors'} (apply with `memprune prune --masks {out}`)")
-    return "\n".join(lines)
+def settings_from_options(options: dict) -> UniForgetSettings:
+    """UniForgetSettings from `memprune prune`'s options (--timesteps sets the steps the mask is stored at)."""
+    return UniForgetSettings(beta=options.get("beta", 1.0), train_steps=options.get("train_steps", 100),
+                             lr=options.get("lr", 0.5), sampling_steps=options.get("sampling_steps", 10),
+                             steps=max(options.get("timesteps", 50), 1))
 
 
 def edit(pipe, settings: UniForgetSettings, neutral_prompts: list[str], memorized_prompts: list[str] | None = None,

@@ -19,6 +19,7 @@ METHOD = MethodInfo(
     name="wanda", kind="weight_edit",
     summary="Wanda scores |W|·a_mem of memorized vs reference prompts; per output row the top-k columns (k = ratio·H).",
     reference="Chavhan et al. 2024, Memorized Images in Diffusion Models share a Subspace that can be Located and Deleted",
+    needs="statistics",
 )
 
 GRANULARITIES = ("weight", "neuron")
@@ -57,6 +58,15 @@ class SelectionSettings:
             raise MemPruneError(f"--k-per-row {self.k_per_row} is larger than the width {width} of {layer}: "
                                 f"use at most {width}.")
         return int(self.k_per_row)
+
+
+def settings_from_options(options: dict) -> SelectionSettings:
+    """--ratio defaults to 0.01 unless --k-per-row is given (SelectionSettings refuses both)."""
+    ratio, k_per_row = options.get("ratio"), options.get("k_per_row")
+    if ratio is None and k_per_row is None:
+        ratio = 0.01
+    return SelectionSettings(ratio=ratio, k_per_row=k_per_row, granularity=options.get("granularity", "weight"),
+                             neuron_score=options.get("neuron_score", "zscore"))
 
 
 def keep_count(ratio: float, width: int) -> int:

@@ -1,0 +1,167 @@
+"""`memprune finetune`: fine-tune the denoiser on retain data with a registered finetune method, save it atomically
+with memprune.json, a model card and run.json, and verify the saved weights."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import methods
+from ..errors import MemPruneError
+from ..finetune import (FinetuneSettings, apply_delta, check_disjoint, relative_change, trainable_parameters,
+                        verify_saved)
+from ..masks import file_sha256
+from ..model_card import write_card
+from ..models import denoiser, load_pipeline, resolve_device
+from ..prompts import read_prompts, write_prompts
+from ..prune import PRUNE_INFO
+from ..retain import generated_retain_data, image_retain_data, read_image_captions
+from ..runinfo import _jsonable
+from .defaults import model_or_default, testbed_file
+from .output import Timer, atomic_output_dir, refuse_output, write_run_json
+
+
+def run(options: dict[str, Any]) -> str:
+    """`memprune finetune` with the CLI's options."""
+    model = model_or_default(options["model"])
+    settings = FinetuneSettings(steps=options["steps"], lr=options["lr"], seed=options["seed"], params=options["params"],
+                                batch_size=options["batch_size"], retain_prompts=options["retain_prompts"] or None,
+                                retain_images=options["retain_images"], sampling_steps=options["sampling_steps"])
+    method_settings = methods.get(options["method"], "finetune").settings_from_options(options)
+    inputs = FinetuneInputs(memorized=options["memorized"], retain=options["retain"], anchors=options["anchors"])
+    # float32 only (no --dtype): Adam on half-precision weights loses small updates.
+    return finetune_to_folder(model, options["method"], options["out"], settings, inputs, method_settings,
+                              overwrite=options["overwrite"], device=options["device"])
+
+
+@dataclass
+class FinetuneInputs:
+    """The files of a `memprune finetune` run (testbed defaults filled in by `resolve_inputs`)."""
+
+    memorized: str | None = None
+    retain: str | None = None
+    anchors: str | None = None  # doco only (default: the retain prompts)
+
+
+def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None) -> FinetuneInputs:
+    memorized = inputs.memorized or testbed_file(model, "memorized")
+    retain = inputs.retain
+    if retain is not None and retain_images is not None:
+        raise MemPruneError("Give --retain FILE or --retain-images DIR, not both: the images' captions are the retain prompts.")
+    if retain is None and retain_images is None:
+        # general_train, never general_heldout: evaluate measures utility on the held-out captions.
+        retain = testbed_file(model, "general_train")
+        if retain is None:
+            raise MemPruneError("--retain FILE (or --retain-images DIR) is required when --model is not a memprune testbed.")
+    if memorized is None:
+        raise MemPruneError("--memorized FILE is required when --model is not a memprune testbed.")
+    return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors)
+
+
+def anchor_notes(model: str, anchors: str | None) -> list[str]:
+    """A warning when the anchors are the testbed's same-style control captions, which evaluate scores."""
+    control = testbed_file(model, "control")
+    if anchors is None or control is None:
+        return []
+    control = Path(control)
+    if control.is_file() and Path(anchors).resolve() == control.resolve():
+        return ["the anchors are the testbed's same-style control captions, which `memprune evaluate` scores as its "
+                "control group: that group is not held out from this fine-tune."]
+    return []
+
+
+def _file_record(path) -> dict | None:
+    if path is None:
+        return None
+    path = Path(path)
+    return {"path": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+def _folder_record(folder) -> dict | None:
+    """sha256 over the sorted (name, sha256) list of a folder's files."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    listing = [f"{p.relative_to(folder)}:{file_sha256(p)}" for p in sorted(folder.rglob("*")) if p.is_file()]
+    return {"path": str(folder.resolve()), "sha256": hashlib.sha256("\n".join(listing).encode()).hexdigest(),
+            "files": len(listing)}
+
+
+def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings | None = None,
+                       inputs: FinetuneInputs | None = None, method_settings=None, overwrite: bool = False,
+                       device: str = "auto", dtype=None, log=print) -> str:
+    """The `memprune finetune` command as a function: check inputs, fine-tune, save atomically, verify."""
+    settings = settings or FinetuneSettings()
+    module = methods.get(method, "finetune")
+    protected = refuse_output(out, overwrite, model)  # before minutes of work, not after
+    inputs = resolve_inputs(model, inputs or FinetuneInputs(), settings.retain_images)
+    memorized = read_prompts(inputs.memorized).prompts
+    if inputs.retain is not None:
+        retain_prompts = read_prompts(inputs.retain).prompts
+    else:
+        retain_prompts = read_image_captions(settings.retain_images)[1]
+    check_disjoint(memorized, retain_prompts)
+    anchors = read_prompts(inputs.anchors).prompts if inputs.anchors else None
+    notes = []
+    if anchors is not None:
+        check_disjoint(memorized, anchors, "anchor")
+        notes += anchor_notes(model, inputs.anchors)
+    timer = Timer()
+    with timer("load"):
+        pipe = load_pipeline(model, resolve_device(device), dtype)
+    trainable_parameters(denoiser(pipe), settings.params)  # fail now on --params naming nothing
+    with timer("retain_data"):
+        if settings.retain_images:
+            retain = image_retain_data(pipe, settings.retain_images, settings)
+        else:
+            retain = generated_retain_data(pipe, retain_prompts, settings)
+    method_settings = method_settings if method_settings is not None else module.settings_from_options({})
+    with timer("finetune"):
+        result = module.train(pipe, settings, method_settings=method_settings, memorized_prompts=memorized,
+                              retain=retain, anchor_prompts=anchors)
+    delta, history, method_info = result.delta, result.history, result.info
+    net = denoiser(pipe)
+    params = dict(net.named_parameters())
+    changes = {name: relative_change(params[name].detach().cpu(), value) for name, value in delta.items()}
+    apply_delta(pipe, delta)
+    info = {
+        "source": str(model),
+        "method": method,
+        "kind": "finetune",
+        "reference": module.METHOD.reference,
+        "settings": _jsonable(settings),
+        "method_settings": _jsonable(method_settings),
+        "data": {"memorized": _file_record(inputs.memorized), "retain": _file_record(inputs.retain),
+                 "retain_images": _folder_record(settings.retain_images), "anchors": _file_record(inputs.anchors),
+                 "retain_source": retain.source, "retain_count": len(retain.prompts)},
+        "steps": settings.steps,
+        "seconds": {**timer.seconds},
+        "trained_parameters": settings.params,
+        "changed_parameters": {name: value for name, value in changes.items() if value > 0},
+        "relative_frobenius_change": changes,
+        "final_losses": {k: float(v) for k, v in history.iloc[-1].items() if k.endswith("_loss")},
+        "method_info": _jsonable(method_info),
+        "notes": notes,
+    }
+    with atomic_output_dir(out, overwrite, protected) as staging:
+        with timer("save"):
+            pipe.to("cpu").save_pretrained(str(staging), safe_serialization=True)
+            history.to_csv(staging / "loss.csv", index=False)
+            write_prompts(retain.prompts, staging / "retain_prompts_used.csv")
+        with timer("verify"):
+            verified = verify_saved(staging, pipe)
+        info["seconds"] = {**timer.seconds}
+        (staging / PRUNE_INFO).write_text(json.dumps(info, indent=1))
+        write_card(staging, info)
+        write_run_json(staging, {"model": model, "method": method, "settings": settings,
+                                 "method_settings": method_settings},
+                       {"memorized": inputs.memorized, "retain": inputs.retain, "anchors": inputs.anchors},
+                       timer.seconds)
+    changed = info["changed_parameters"]
+    largest = max(changes.values()) if changes else 0.0
+    return (f"{method}: {settings.steps} steps on {len(retain.prompts)} retain {retain.source} latents "
+            f"({timer.seconds['finetune']:.0f} s); changed {len(changed)} of {len(changes)} trained tensors "
+            f"(--params {settings.params}, largest relative change {largest:.3g}); verified {verified} tensors "
+            f"after reload.\n" + "".join(f"Note: {note}\n" for note in notes) + f"Fine-tuned pipeline: {out}")

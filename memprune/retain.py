@@ -1,0 +1,105 @@
+"""Retain data of the fine-tuning methods: the unedited model's generations for retain captions, or the VAE latents
+of a folder of image/caption pairs (see memprune.finetune for the choices)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import MemPruneError
+from .finetune import FinetuneSettings, RetainData, encode_conditioning
+from .models import denoiser
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def sample_prompts(prompts: list[str], count: int | None, seed: int) -> list[str]:
+    """A seeded sample of `count` prompts (in file order), or all of them."""
+    if count is None or count >= len(prompts):
+        return list(prompts)
+    chosen = np.random.default_rng(seed).choice(len(prompts), size=count, replace=False)
+    return [prompts[i] for i in sorted(chosen.tolist())]
+
+
+def generated_retain_data(pipe, prompts: list[str], settings: FinetuneSettings) -> RetainData:
+    """Clean latents of the unedited model's generations for the retain prompts (one per prompt)."""
+    from .generate import GenerationSettings, generate
+
+    start = time.perf_counter()
+    prompts = sample_prompts(prompts, settings.retain_prompts, settings.seed)
+    generation = GenerationSettings(steps=settings.sampling_steps, seeds=1, seed=settings.seed,
+                                    guidance_scale=settings.guidance_scale, batch_size=8)
+    latents = [None] * len(prompts)
+    for index, _, latent in generate(pipe, prompts, generation, output_type="latent", progress=settings.progress,
+                                     desc="retain latents"):
+        latents[index] = latent.detach().float()
+    conditioning = encode_conditioning(pipe, prompts)
+    return RetainData(torch.stack(latents), conditioning, "generated", time.perf_counter() - start)
+
+
+def read_image_captions(folder: str | Path) -> tuple[list[Path], list[str]]:
+    """Image/caption pairs of a folder: a metadata.csv / captions.csv (caption + image/file_name columns), or
+    one same-named .txt caption beside each image."""
+    import csv
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MemPruneError(f"--retain-images '{folder}' is not a folder of image/caption pairs.")
+    for table in ("metadata.csv", "captions.csv"):
+        path = folder / table
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8-sig") as handle:
+                rows = list(csv.DictReader(handle))
+            columns = rows[0].keys() if rows else []
+            image_column = next((c for c in ("file_name", "image", "file") if c in columns), None)
+            caption_column = next((c for c in ("caption", "text", "prompt", "Caption") if c in columns), None)
+            if image_column is None or caption_column is None:
+                raise MemPruneError(f"'{path}' needs an image column (file_name/image) and a caption column (caption/text).")
+            images = [folder / row[image_column] for row in rows]
+            missing = [p for p in images if not p.is_file()]
+            if missing:
+                raise MemPruneError(f"'{path}' names image '{missing[0]}', which does not exist.")
+            return images, [row[caption_column].strip() for row in rows]
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    pairs = [(p, p.with_suffix(".txt")) for p in images]
+    missing = [p for p, txt in pairs if not txt.is_file()]
+    if missing:
+        raise MemPruneError(f"Image '{missing[0]}' has no caption: add {missing[0].with_suffix('.txt').name} "
+                            "or a metadata.csv with file_name and caption columns.")
+    return [p for p, _ in pairs], [txt.read_text(encoding="utf-8").strip() for _, txt in pairs]
+
+
+def _image_tensor(path: Path, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    scale = size / min(image.size)
+    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                         Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def image_retain_data(pipe, folder: str | Path, settings: FinetuneSettings) -> RetainData:
+    """VAE latents (posterior mean) of a folder's images, with their captions' conditioning."""
+    start = time.perf_counter()
+    images, captions = read_image_captions(folder)
+    if not images:
+        raise MemPruneError(f"--retain-images '{folder}' holds no images.")
+    net = denoiser(pipe)
+    vae = pipe.vae
+    size = int(net.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    scaling = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    latents = []
+    with torch.no_grad():
+        for start_index in range(0, len(images), 8):
+            pixels = torch.stack([_image_tensor(p, size) for p in images[start_index:start_index + 8]])
+            pixels = pixels.to(vae.device, vae.dtype)
+            latents.append(((vae.encode(pixels).latent_dist.mean - shift) * scaling).float())
+    conditioning = encode_conditioning(pipe, captions)
+    return RetainData(torch.cat(latents), conditioning, "images", time.perf_counter() - start)
