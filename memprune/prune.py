@@ -78,13 +78,10 @@ def prune_info(source: str, masks_folder: str | Path, result: PruneResult, masks
 
 
 def save_pruned(pipe, folder: str | Path, info: dict) -> None:
-    """A complete diffusers pipeline folder (safetensors) that stock diffusers loads, plus memprune.json and a
-    README.md model card (memprune.model_card)."""
-    from .model_card import write_card
-
+    """A complete diffusers pipeline folder (safetensors) that stock diffusers loads, plus memprune.json (the
+    `memprune prune` command adds the README.md model card, memprune.model_card)."""
     pipe.save_pretrained(str(folder), safe_serialization=True)
     (Path(folder) / PRUNE_INFO).write_text(json.dumps(info, indent=1))
-    write_card(folder, info)
 
 
 def verify_pruned(folder: str | Path, masks: Masks, timesteps: int) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 from .. import methods
 from ..errors import MemPruneError
 from ..masks import MASKS_FILE, Masks
+from ..model_card import write_card
 from ..models import load_pipeline, resolve_device
 from ..prune import apply_masks, prune_info, save_pruned, verify_pruned
 from .defaults import model_or_default
@@ -54,6 +55,7 @@ def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrit
         info = prune_info(model, masks_folder, result, masks)
         with timer("save"):
             save_pruned(pipe.to("cpu"), staging, info)
+            write_card(staging, info)
         with timer("verify"):
             verified = verify_pruned(staging, masks, timesteps)
         write_run_json(staging, {"model": model, "masks": str(masks_folder), "timesteps": timesteps},

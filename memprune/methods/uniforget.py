@@ -53,7 +53,7 @@ Choices made where the paper (or its summary we work from) is silent — all are
   (no gate can close before step 11); lr 0.1 for 100 steps prunes 67 % at β = 1. Pruned share is set mostly
   by lr × train_steps; sweep those as well as β.
 - **Neutral prompts only.** `train_gates` refuses to train when a neutral prompt is one of the given
-  memorized prompts (compared after collapsing whitespace and case-folding); `uniforget_to_folder` uses the
+  memorized prompts (compared after collapsing whitespace and case-folding); `memprune prune --method uniforget` uses the
   testbed's memorized.csv automatically when the model is the embedded testbed.
 - **Masks.** The closed-gate mask is step-independent; it is stored for steps 0..`steps`-1 (default 50, as
   `memprune locate`) so `apply_masks(..., timesteps=τ)` and `union_masks` with a Wanda mask work unchanged.
