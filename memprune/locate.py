@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .errors import MemPruneError
 from .checkpoint import PartialStats, prompts_key

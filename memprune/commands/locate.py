@@ -7,7 +7,7 @@ prompt lists and writes masks, prompts_used.csv, its own tables and run.json.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
