@@ -6,7 +6,7 @@ selects first, into its own masks folder, which is then applied the same way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import methods
 from ..errors import MemPruneError
@@ -22,7 +22,7 @@ from .uniforget import uniforget_to_folder
 PRUNE_STAGES = {"uniforget": uniforget_to_folder}
 
 
-def run(options: dict[str, Any], echo=print) -> None:
+def run(options: dict[str, Any], echo: Callable[[str], Any] = print) -> None:
     """`memprune prune` with the CLI's options; `echo` prints each summary as it is ready."""
     model = model_or_default(options["model"])
     out, overwrite, masks_folder = options["out"], options["overwrite"], options["masks_folder"]
