@@ -48,7 +48,6 @@ from ..similarity import load_image, make_backend
 from .embedding import AttackSettings, attack_prompt, generate_from_embeddings
 from .text_side import check_same_text_side, text_fingerprint, text_side
 
-
 GENERATION_SEED = 1000  # first fresh generation seed: far from the attack's seed and from evaluate's 0..seeds-1
 NO_THRESHOLD = ("Give --threshold, --threshold-from (an evaluate folder) or --control (non-memorized prompts with "
                 "training images) to set the copy threshold.")

@@ -20,7 +20,6 @@ from ..prompts import PromptList, read_prompts
 from ..prune import PRUNE_INFO
 from .settings import PROMPT_ROLES, EvaluateSettings
 
-
 # --------------------------------------------------------------------------------------------- edited model
 
 def same_model(a: str, b: str) -> bool:

@@ -29,7 +29,8 @@ def sort_metrics(metrics: pd.DataFrame, models: list[str]) -> pd.DataFrame:
     """Rows by model (in `models` order), then GROUPS order, then METRICS order; ties keep their order."""
     order = {name: i for i, name in enumerate(METRICS)}
     return metrics.assign(
-        _m=metrics.model.map({m: i for i, m in enumerate(models)}), _g=metrics.group.map({g: i for i, g in enumerate(GROUPS)}),
+        _m=metrics.model.map({m: i for i, m in enumerate(models)}),
+        _g=metrics.group.map({g: i for i, g in enumerate(GROUPS)}),
         _k=metrics.metric.map(order),
     ).sort_values(["_m", "_g", "_k"], kind="stable").drop(columns=["_m", "_g", "_k"]).reset_index(drop=True)
 

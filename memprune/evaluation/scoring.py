@@ -31,8 +31,14 @@ from ..prompts import PromptList
 from ..similarity import SimilarityBackend, load_image
 from .classifier import AttributeClassifier
 from .inputs import Group, calibration_group
-from .metrics import (attribute_accuracy, attribute_predictions, calibrate_threshold, diversity, memorization_rate,
-                      strict_threshold)
+from .metrics import (
+    attribute_accuracy,
+    attribute_predictions,
+    calibrate_threshold,
+    diversity,
+    memorization_rate,
+    strict_threshold,
+)
 from .schema import COLUMNS, NON_MEMORIZED_GROUPS, sort_metrics
 
 Key = tuple[str, str]  # (model, source)
@@ -112,7 +118,8 @@ def score(settings, backend: SimilarityBackend, sources: dict[str, PromptList], 
     return Scores(metrics, generations, threshold, training.images)
 
 
-def read_training_images(backend: SimilarityBackend, sources: dict[str, PromptList], size: tuple[int, int]) -> TrainingImages:
+def read_training_images(backend: SimilarityBackend, sources: dict[str, PromptList],
+                         size: tuple[int, int]) -> TrainingImages:
     training = TrainingImages({}, {})
     pool_paths = set()
     for source, prompts in sources.items():
@@ -226,7 +233,8 @@ def generation_table(first_seed: int, sources: dict[str, PromptList], generated:
                     "model": model, "source": source, "prompt_index": i, "caption": prompts.prompts[i],
                     "seed": first_seed + s,
                     "copy_similarity": similarities.copy[model, source][i, s],
-                    "similarity_to_unedited": similarities.to_unedited[model, source][i, s] if model != "unedited" else np.nan,
+                    "similarity_to_unedited": (similarities.to_unedited[model, source][i, s]
+                                               if model != "unedited" else np.nan),
                     "nearest_training_similarity": near[s] if near is not None and model == "unedited" else np.nan,
                     "copy_reference_similarity": value,
                     "is_copy": value > threshold.value if np.isfinite(value) else np.nan,
@@ -265,7 +273,8 @@ def group_rows(model: str, name: str, group: Group, seeds: int, backend: Similar
     if model != "unedited":
         add("similarity_to_unedited", _pick(similarities.to_unedited, model, group.members).mean())
     if seeds > 1:
-        add("diversity", diversity(backend, torch.stack([similarities.features[model, s][i] for s, i in group.members])))
+        features = torch.stack([similarities.features[model, s][i] for s, i in group.members])
+        add("diversity", diversity(backend, features))
     if name == "general" and model in attributes and math.isfinite(attributes[model]):
         add("attribute_accuracy", attributes[model])
     if cfg:
