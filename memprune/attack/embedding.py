@@ -55,7 +55,6 @@ class AttackSettings:
             raise MemPruneError(f"--noise-samples must be at least 1, got {self.noise_samples}.")
 
 
-
 def encode_image(pipe, image: torch.Tensor) -> torch.Tensor:
     """x_0 of a (3, H, W) image in [0, 1]: the VAE encoder's mean, shifted and scaled as the pipeline decodes it."""
     vae = pipe.vae

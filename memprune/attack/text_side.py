@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
 from pathlib import Path
 
 from ..errors import MemPruneError
@@ -39,11 +40,9 @@ def text_fingerprint(pipe) -> dict[str, str]:
 TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
 
 
-def text_side(source: str):
+def text_side(source: str) -> types.SimpleNamespace | None:
     """Only the tokenizers and text encoders of a local pipeline folder (for checking before the long work), or None
     for a hub id (then the check runs when the model is loaded)."""
-    import types
-
     import transformers
 
     index_path = Path(source).expanduser() / "model_index.json"

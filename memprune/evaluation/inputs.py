@@ -111,7 +111,8 @@ def build_groups(settings: EvaluateSettings, sources: dict[str, PromptList],
     if "reference" in roles:
         groups["non_memorized"] = Group("non_memorized", members("reference"))
     else:
-        groups["non_memorized"] = Group("non_memorized", [m for role in ("control", "general") if role in roles for m in members(role)])
+        pooled = [m for role in ("control", "general") if role in roles for m in members(role)]
+        groups["non_memorized"] = Group("non_memorized", pooled)
     if "control" in roles:
         groups["same_style_control"] = Group("same_style_control", members("control"))
     if "general" in roles:

@@ -172,7 +172,8 @@ def _generate_all(pipes: dict, mitigated: dict, sources: dict[str, PromptList], 
     return generated, records
 
 
-def generate_images(pipe, prompts: list[str], generation: GenerationSettings, desc: str, progress: bool):
+def generate_images(pipe, prompts: list[str], generation: GenerationSettings, desc: str,
+                    progress: bool) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Images (P, S, 3, H, W), per-generation Wen scores (P, S) mean and first step (NaN without CFG)."""
     n, seeds = len(prompts), generation.seeds
     images: list[list[torch.Tensor | None]] = [[None] * seeds for _ in range(n)]
