@@ -150,7 +150,8 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
              batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes, random_control, random_control_seed,
              mitigation, wen_lr, wen_iterations, wen_target, device, dtype, out, overwrite):
     """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
-    from .evaluate import EvaluateSettings, evaluate_to_folder
+    from .commands.evaluate import evaluate_to_folder
+    from .evaluation.settings import EvaluateSettings
 
     settings = EvaluateSettings(
         model=model or DEFAULT_MODEL, edited=edited, compare=tuple(compare), memorized=memorized, reference=reference, control=control,
@@ -264,7 +265,9 @@ def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, s
            similarity, sscd, device, dtype, out, overwrite):
     """DoRI-style robustness check: optimise a bounded prompt-embedding perturbation toward each memorized training
     image, then count copies on fresh seeds (memorization_rate_attacked) for the unedited and every edited model."""
-    from .attack import AttackRunSettings, AttackSettings, attack_to_folder
+    from .attack.embedding import AttackSettings
+    from .attack.run import AttackRunSettings
+    from .commands.attack import attack_to_folder
 
     settings = AttackRunSettings(
         model=model or DEFAULT_MODEL, edited=tuple(edited), prompts=prompts, exclude_prompts=exclude_prompts,

@@ -70,7 +70,7 @@ def _evaluation_section(metrics: pd.DataFrame | None, edited: str, source: str |
     if metrics is None:
         return ["## Evaluation", "", "Not evaluated yet: run `memprune evaluate --edited THIS_FOLDER ...`, then "
                 "`memprune card THIS_FOLDER --evaluation EVAL_FOLDER` to put the numbers here.", ""]
-    from .evaluate import random_control_name
+    from .evaluation.schema import random_control_name
 
     control = random_control_name(edited)
     models = [m for m in ("unedited", edited, control) if m in set(metrics.model)]

@@ -15,7 +15,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .evaluate import AttributeClassifier, _attribute_predictions, attribute_accuracy, generate_images, memorization_rate
+from .evaluation.classifier import AttributeClassifier
+from .evaluation.metrics import attribute_accuracy, attribute_predictions, memorization_rate
+from .evaluation.run import generate_images
 from .generate import GenerationSettings
 from .masks import Masks, random_masks_like
 from .prompts import PromptList
@@ -60,7 +62,7 @@ class Scorer:
                   "copy_similarity": float(np.mean(similarity))}
         if self.general is not None and self.classifier is not None:
             general, _, _ = generate_images(pipe, self.general.prompts, self.generation, "general", False)
-            predictions = _attribute_predictions(self.classifier, general.flatten(0, 1))
+            predictions = attribute_predictions(self.classifier, general.flatten(0, 1))
             expected = [{k: self.general.extra[k][i] for k in self.general.extra}
                         for i in range(len(self.general)) for _ in range(general.shape[1])]
             scores["attribute_accuracy"] = attribute_accuracy(predictions, expected)

@@ -54,7 +54,11 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from memprune.evaluate import EvaluateSettings, evaluate, load_testbed_classifier, metrics_markdown
+from memprune.commands.evaluate import with_testbed_defaults
+from memprune.evaluation.classifier import load_testbed_classifier
+from memprune.evaluation.report import metrics_markdown
+from memprune.evaluation.run import evaluate
+from memprune.evaluation.settings import EvaluateSettings
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
 from memprune.models import DEFAULT_MODEL, load_pipeline
@@ -100,8 +104,9 @@ pd.DataFrame({"caption": located.prompts}).to_csv(used, index=False)
 classifier = load_testbed_classifier(DEFAULT_MODEL)
 general_file = used.parent / "general.csv"  # the first GENERAL_PROMPTS held-out general captions keep this quick
 pd.read_csv(captions / "general_heldout.csv").head(GENERAL_PROMPTS).to_csv(general_file, index=False)
-eval_settings = EvaluateSettings(exclude_prompts=str(used), general=str(general_file),
-                                 generation=GenerationSettings(steps=EVAL_STEPS, seeds=EVAL_SEEDS, batch_size=16))
+eval_settings = with_testbed_defaults(EvaluateSettings(
+    exclude_prompts=str(used), general=str(general_file),
+    generation=GenerationSettings(steps=EVAL_STEPS, seeds=EVAL_SEEDS, batch_size=16)))
 evaluation = evaluate(eval_settings, pipe=pipe, edited_pipe=edited, attribute_classifier=classifier, progress=False)
 display(Markdown(metrics_markdown(evaluation, eval_settings)))
 

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-from memprune.evaluate import EvaluateSettings, evaluate, load_testbed_classifier
+from memprune.commands.evaluate import with_testbed_defaults
+from memprune.evaluation.classifier import load_testbed_classifier
+from memprune.evaluation.run import evaluate
+from memprune.evaluation.settings import EvaluateSettings
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator, subset_masks
 from memprune.masks import subset_overlap, summarize_overlap
@@ -56,7 +59,8 @@ def main():
     pipe = load_pipeline(args.model, resolve_device(args.device))
     classifier = load_testbed_classifier(args.model)
     generation = GenerationSettings(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
-    baseline = evaluate(EvaluateSettings(model=args.model, exclude_prompts=str(used), generation=generation), pipe=pipe,
+    baseline_settings = with_testbed_defaults(EvaluateSettings(model=args.model, exclude_prompts=str(used), generation=generation))
+    baseline = evaluate(baseline_settings, pipe=pipe,
                         attribute_classifier=classifier, progress=True)
     baseline.metrics.to_csv(args.out / "baseline_metrics.csv", index=False)
     print(f"threshold {baseline.threshold:.3f} ({baseline.threshold_info['description']})", flush=True)

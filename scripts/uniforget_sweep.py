@@ -20,7 +20,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from memprune.evaluate import EvaluateSettings, evaluate, load_testbed_classifier
+from memprune.commands.evaluate import with_testbed_defaults
+from memprune.evaluation.classifier import load_testbed_classifier
+from memprune.evaluation.run import evaluate
+from memprune.evaluation.settings import EvaluateSettings
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
 from memprune.masks import Masks
@@ -76,7 +79,8 @@ def main():
     pipe = load_pipeline(args.model)
     classifier = load_testbed_classifier(args.model)
     generation = GenerationSettings(steps=50, seeds=args.seeds, batch_size=16)
-    baseline = evaluate(EvaluateSettings(model=args.model, exclude_prompts=str(used), generation=generation), pipe=pipe,
+    baseline_settings = with_testbed_defaults(EvaluateSettings(model=args.model, exclude_prompts=str(used), generation=generation))
+    baseline = evaluate(baseline_settings, pipe=pipe,
                         attribute_classifier=classifier, progress=False)
     scorer = Scorer(held_out=held_out, threshold=baseline.threshold, backend=make_backend("ssim"),
                     generation=generation, general=general, classifier=classifier)

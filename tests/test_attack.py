@@ -10,8 +10,9 @@ from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from memprune.attack import (AttackRunSettings, AttackSettings, attack_prompt, denoising_loss, encode_image,
-                             generate_from_embeddings, noise_draws, project)
+from memprune.attack.embedding import (AttackSettings, attack_prompt, denoising_loss, encode_image,
+                                       generate_from_embeddings, noise_draws, project)
+from memprune.attack.run import AttackRunSettings
 from memprune.cli import main
 from memprune.conditioning import default_size, encode
 from memprune.errors import MemPruneError
@@ -92,7 +93,7 @@ def test_attack_is_deterministic_for_a_seed():
 
 
 def test_nan_names_the_prompt(monkeypatch):
-    import memprune.attack as attack_module
+    import memprune.attack.embedding as attack_module
 
     real = attack_module.predict_noise
     monkeypatch.setattr(attack_module, "predict_noise", lambda *a, **k: real(*a, **k) * float("nan"))

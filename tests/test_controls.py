@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 from memprune.cli import main
 from memprune.control import random_control_of, random_zero_indices, zeroed_counts
 from memprune.errors import MemPruneError
-from memprune.evaluate import calibrate_threshold, memorization_rate, strict_threshold
+from memprune.evaluation.metrics import calibrate_threshold, memorization_rate, strict_threshold
 from memprune.methods.wanda import SelectionSettings, keep_count, ratio_for, select, wanda_mask
 from memprune.model_card import render_card
 from memprune.models import output_linears

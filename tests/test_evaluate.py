@@ -13,10 +13,11 @@ from PIL import Image
 
 from memprune.cli import main
 from memprune.errors import MemPruneError
-from memprune.evaluate import (
-    GROUPS, METRICS, EvaluateSettings, attribute_accuracy, calibrate_threshold, diversity,
-    evaluate, memorization_rate,
-)
+from memprune.commands.evaluate import with_testbed_defaults
+from memprune.evaluation.metrics import attribute_accuracy, calibrate_threshold, diversity, memorization_rate
+from memprune.evaluation.run import evaluate
+from memprune.evaluation.schema import GROUPS, METRICS
+from memprune.evaluation.settings import EvaluateSettings
 from memprune.generate import GenerationSettings, generate
 from memprune.models import DEFAULT_MODEL, load_pipeline, output_linears
 from memprune.similarity import (
@@ -145,7 +146,7 @@ def test_testbed_classifier_adapter(monkeypatch):
     import types
 
     import memprune.testbed
-    from memprune.evaluate import load_testbed_classifier
+    from memprune.evaluation.classifier import load_testbed_classifier
 
     seen = {}
 
@@ -337,7 +338,9 @@ def test_compare_several_edited_models(no_truth, saved_pipelines):
 def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, monkeypatch):
     """A testbed-like folder (captions/ with training images): default files, the pooled non_memorized group, copy
     similarity to the training image, the threshold from the same-style control and attribute accuracy."""
-    import memprune.evaluate as evaluate_module
+    import memprune.commands.defaults as defaults_module
+    import memprune.commands.evaluate as evaluate_command
+    import memprune.evaluation.run as evaluate_module
 
     model = saved_pipelines["sd1"]
     pipe = load_pipeline(str(model))
@@ -354,11 +357,11 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
     (captions / "non_memorized_same_style.csv").write_text(
         "caption,image\nthe green dog,images/dog.png\na blue square,images/square.png\n")
     (captions / "general_heldout.csv").write_text("caption,image,colour,shape\na red circle,,red,circle\nthe blue square,,blue,square\n")
-    monkeypatch.setattr(evaluate_module, "testbed_captions", lambda model: captions)
+    monkeypatch.setattr(defaults_module, "testbed_captions", lambda model: captions)
     monkeypatch.setattr(evaluate_module, "load_testbed_classifier",
                         lambda folder, log=None: lambda batch: [{"colour": "red", "shape": "circle"}] * len(batch))
     settings = EvaluateSettings(model=str(model), generation=GENERATION)
-    result = evaluate(settings, pipe=pipe, progress=False)
+    result = evaluate_command.run_evaluation(settings, pipe=pipe, progress=False)
     check_schema(result.metrics)
     assert set(result.metrics.model) == {"unedited"}
     assert set(result.metrics.group) == {"memorized", "non_memorized", "same_style_control", "general"}
@@ -397,8 +400,8 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
         assert (result.metrics.query(f"group == '{group}'").metric == "detection_auc").any()
     # The folder: a grid with the training image column for the memorized group.
     out = tmp_path / "out"
-    monkeypatch.setattr(evaluate_module, "evaluate", lambda settings, **kwargs: result)
-    summary = evaluate_module.evaluate_to_folder(settings, out, progress=False)
+    monkeypatch.setattr(evaluate_command, "evaluate", lambda settings, **kwargs: result)
+    summary = evaluate_command.evaluate_to_folder(settings, out, progress=False)
     assert "Similarity backend: SSIM" in summary
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["general.png", "memorized.png", "same_style_control.png"]
     assert (out / "copy_similarity_ecdf.png").is_file()
@@ -416,14 +419,14 @@ def test_testbed_defaults_and_required_files(saved_pipelines, tmp_path):
     captions = tmp_path / "captions"  # any folder with captions/memorized.csv is a testbed (memprune testbed train)
     captions.mkdir()
     (captions / "memorized.csv").write_text("caption\na red circle\n")
-    settings = EvaluateSettings(model=str(tmp_path)).with_defaults()
+    settings = with_testbed_defaults(EvaluateSettings(model=str(tmp_path)))
     assert settings.reference is None
     assert Path(settings.memorized) == captions / "memorized.csv"
     assert Path(settings.control) == captions / "non_memorized_same_style.csv"
     assert Path(settings.general) == captions / "general_heldout.csv"
-    assert EvaluateSettings(model=str(tmp_path), general="none").with_defaults().with_defaults().prompt_file("general") is None
+    assert with_testbed_defaults(with_testbed_defaults(EvaluateSettings(model=str(tmp_path), general="none"))).prompt_file("general") is None
     with pytest.raises(MemPruneError, match="--reference is required"):
-        EvaluateSettings(model=str(saved_pipelines["sd1"]), memorized="m.txt").with_defaults()
+        with_testbed_defaults(EvaluateSettings(model=str(saved_pipelines["sd1"]), memorized="m.txt"))
 
 
 def assert_refused(result, message):

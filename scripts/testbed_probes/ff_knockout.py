@@ -13,7 +13,7 @@ from memprune.prompts import read_prompts
 from memprune.generate import GenerationSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer
-from memprune.evaluate import load_testbed_classifier
+from memprune.evaluation.classifier import load_testbed_classifier
 model = sys.argv[1] if len(sys.argv) > 1 else "data/testbed"
 pipe = load_pipeline(model)
 cap = Path(model) / "captions"

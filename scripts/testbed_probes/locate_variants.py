@@ -11,7 +11,7 @@ from memprune.prompts import read_prompts
 from memprune.generate import GenerationSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer
-from memprune.evaluate import load_testbed_classifier
+from memprune.evaluation.classifier import load_testbed_classifier
 from memprune.locate import LocateSettings, Locator
 from memprune.methods.wanda import SelectionSettings
 from memprune.prune import apply_masks, undo

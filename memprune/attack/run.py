@@ -1,0 +1,303 @@
+"""The attack over models: every memorized prompt attacked on the unedited model and on every edited model, the
+attacked and baseline generations scored as evaluate scores copies.
+
+For every memorized prompt with a known training image (minus ``exclude_prompts``, the first ``num_prompts``), on
+each model, memprune.attack.embedding optimises δ; generations from e + δ and from e use FRESH seeds (``seed`` ..
+``seed + seeds − 1``, default from 1000, never the attack's seed; ``seeds`` 2, ``steps`` 50); the copy similarity of
+every generation to its training image comes from evaluate's similarity backend, and a copy is counted when it is
+strictly above the copy threshold (evaluate's ``memorization_rate``).
+
+Copy threshold — the same as evaluate's, by one of (first that applies): ``threshold`` (a number, e.g. from an
+evaluate run's metrics.csv); ``threshold_from`` (an evaluate output folder: its ``copy_threshold`` row, refused when
+its similarity backend differs); otherwise calibrated in this run exactly as evaluate calibrates it (the
+``threshold_percentile``, 95, of the similarity of the unedited model's generations of the non-memorized ``control``
+prompts — testbed default: its same-style captions — to their nearest known training image of the memorized and
+control files), with this run's fresh seeds and steps.
+
+Models are named as evaluate names them (so rows join in memprune.compare): ``unedited``; one ``--edited`` folder is
+``edited``; several are named by folder (memprune.evaluation.settings.edited_model_names). An edited model whose
+tokenizer or text encoder differ from the base model's is refused (memprune.attack.text_side).
+
+Metrics (tidy model, group, metric, value; group ``memorized_held_out`` with ``exclude_prompts``, else
+``memorized``): memorization_rate, copy_similarity (baseline, same fresh seeds), memorization_rate_attacked,
+copy_similarity_attacked, denoising_loss(_attacked) (the objective on the attack's draws, before and after),
+perturbation_norm_relative, attack_seconds_per_prompt, n_prompts, n_generations, and copy_threshold (unedited).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..conditioning import default_size, encode
+from ..errors import MemPruneError
+from ..evaluation.inputs import check_edited
+from ..evaluation.metrics import calibrate_threshold, memorization_rate
+from ..evaluation.settings import edited_model_names
+from ..generate import GenerationSettings, generate, uses_cfg
+from ..models import DEFAULT_MODEL, load_pipeline, resolve_device
+from ..prompts import PromptList, read_prompts
+from ..similarity import load_image, make_backend
+from .embedding import AttackSettings, attack_prompt, generate_from_embeddings
+from .text_side import check_same_text_side, text_fingerprint, text_side
+
+GENERATION_SEED = 1000  # first fresh generation seed: far from the attack's seed and from evaluate's 0..seeds-1
+NO_THRESHOLD = ("Give --threshold, --threshold-from (an evaluate folder) or --control (non-memorized prompts with "
+                "training images) to set the copy threshold.")
+
+@dataclass
+class AttackRunSettings:
+    model: str = DEFAULT_MODEL
+    edited: tuple[str, ...] = ()
+    prompts: str | None = None  # memorized prompts with an image column (testbed default: its memorized.csv)
+    exclude_prompts: str | None = None  # locate's prompts_used.csv: attack only the held-out prompts
+    num_prompts: int | None = None  # the first N (file order) of the attacked prompts
+    control: str | None = None  # non-memorized prompts that calibrate the threshold (testbed: same-style captions)
+    threshold: float | None = None
+    threshold_from: str | None = None  # an evaluate output folder
+    threshold_percentile: float = 95.0
+    similarity: str = "ssim"
+    sscd: str | None = None
+    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(steps=50, seeds=2,
+                                                                                       seed=GENERATION_SEED))
+    attack: AttackSettings = field(default_factory=AttackSettings)
+
+    def __post_init__(self):
+        self.model = self.model or DEFAULT_MODEL
+        if self.generation.steps < 1 or self.generation.seeds < 1:
+            raise MemPruneError("--steps and --seeds must be at least 1.")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise MemPruneError(f"--num-prompts must be at least 1, got {self.num_prompts}.")
+        if self.threshold is not None and self.threshold_from is not None:
+            raise MemPruneError("Give either --threshold or --threshold-from, not both.")
+        if not 0 < self.threshold_percentile <= 100:
+            raise MemPruneError(f"--threshold-percentile must be in (0, 100], got {self.threshold_percentile}.")
+        if self.sscd is None and self.similarity not in ("ssim", "l2"):
+            raise MemPruneError(f"Unknown similarity '{self.similarity}': use ssim or l2, or give --sscd FILE.")
+        seeds = range(self.generation.seed, self.generation.seed + self.generation.seeds)
+        if self.attack.attack_seed in seeds:
+            raise MemPruneError(f"--attack-seed {self.attack.attack_seed} is one of the generation seeds "
+                                f"{seeds.start}..{seeds.stop - 1}: the attack must be scored on fresh seeds.")
+
+    def check_inputs(self) -> None:
+        """Refuse settings without memorized prompts or without a way to set the copy threshold."""
+        if self.prompts is None:
+            raise MemPruneError("--prompts is required: the attack needs the memorized prompts.")
+        if self.control is None and self.threshold is None and self.threshold_from is None:
+            raise MemPruneError(NO_THRESHOLD)
+
+    def edited_models(self) -> dict[str, str]:
+        """The names evaluate gives these folders (one --edited: "edited"; several: by folder, as --compare)."""
+        return edited_model_names(list(self.edited), by_folder=len(self.edited) > 1)
+
+    @property
+    def group(self) -> str:
+        return "memorized_held_out" if self.exclude_prompts is not None else "memorized"
+
+
+# --------------------------------------------------------------------------------------------- threshold
+
+def read_threshold(folder: str | Path, settings: AttackRunSettings) -> tuple[float, dict]:
+    """The copy threshold of an evaluate output folder, refused when its similarity backend is not this run's."""
+    folder = Path(folder)
+    metrics_path = folder / "metrics.csv"
+    if not metrics_path.is_file():
+        raise MemPruneError(f"--threshold-from '{folder}' has no metrics.csv: give an output folder of memprune evaluate.")
+    metrics = pd.read_csv(metrics_path)
+    rows = metrics[metrics.metric == "copy_threshold"] if "metric" in metrics else metrics.iloc[0:0]
+    if rows.empty:
+        raise MemPruneError(f"'{metrics_path}' has no copy_threshold row: give an output folder of memprune evaluate.")
+    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    theirs = run.get("settings", {})
+    if theirs and (theirs.get("sscd") is not None) != (settings.sscd is not None) or (
+            theirs and settings.sscd is None and theirs.get("similarity") != settings.similarity):
+        raise MemPruneError(f"The evaluate run in '{folder}' used another similarity backend "
+                            f"({theirs.get('sscd') or theirs.get('similarity')}): use the same --similarity/--sscd.")
+    value = float(rows.value.iloc[0])
+    return value, {"value": value, "source": str(metrics_path), "description": f"copy_threshold of '{metrics_path}'"}
+
+
+def calibrate(pipe, backend, control: PromptList, pool: torch.Tensor, settings: AttackRunSettings, size,
+              progress: bool) -> tuple[float, dict]:
+    """evaluate's threshold: percentile of the unedited control generations' similarity to their nearest training image."""
+    images = [image.detach().to("cpu", torch.float32).clamp(0, 1) for _, _, image in generate(
+        pipe, control.prompts, settings.generation, output_type="pt", progress=progress, desc="calibration")]
+    nearest = backend.matrix(backend.features(torch.stack(images)), backend.features(pool)).max(dim=1).values.numpy()
+    value = calibrate_threshold(nearest, settings.threshold_percentile)
+    return value, {
+        "value": value, "percentile": settings.threshold_percentile, "generations": len(nearest),
+        "description": f"{settings.threshold_percentile:g}th percentile of the similarity of {len(nearest)} unedited "
+                       f"generations of '{control.source}' to their nearest of {len(pool)} known training images "
+                       f"(seeds {settings.generation.seed}..{settings.generation.seed + settings.generation.seeds - 1}, "
+                       f"{settings.generation.steps} steps); backend {backend.name}",
+    }
+
+
+# --------------------------------------------------------------------------------------------- run
+
+@dataclass
+class AttackRun:
+    metrics: pd.DataFrame
+    per_prompt: pd.DataFrame
+    generations: pd.DataFrame
+    threshold: float
+    threshold_info: dict
+    backend: str
+    notes: list[str]
+    timings: dict[str, float]
+
+
+def select_prompts(settings: AttackRunSettings) -> PromptList:
+    """The memorized prompts to attack: those with a training image, minus --exclude-prompts, the first --num-prompts."""
+    prompts = read_prompts(settings.prompts)
+    if not prompts.images or not any(prompts.images):
+        raise MemPruneError(f"Prompt file '{settings.prompts}' has no image column: the attack needs each memorized "
+                            "prompt's training image.")
+    keep = [i for i, image in enumerate(prompts.images) if image]
+    if settings.exclude_prompts is not None:
+        used = set(read_prompts(settings.exclude_prompts).prompts)
+        held_out = [i for i in keep if prompts.prompts[i] not in used]
+        if len(held_out) == len(keep) and not used & set(prompts.prompts):
+            raise MemPruneError(f"None of the captions in '{settings.exclude_prompts}' is a prompt of '{settings.prompts}': "
+                                "was it written by locate on another memorized file?")
+        keep = held_out
+    if not keep:
+        raise MemPruneError(f"No prompt of '{settings.prompts}' is left to attack (all excluded or without an image).")
+    keep = keep[: settings.num_prompts] if settings.num_prompts else keep
+    for i in keep:
+        if not Path(prompts.images[i]).is_file():
+            raise MemPruneError(f"Prompt file '{settings.prompts}' row {i + 1}: training image '{prompts.images[i]}' "
+                                "does not exist.")
+    return prompts.subset(keep)
+
+
+def attack_model(name: str, pipe, prompts: PromptList, training: list[torch.Tensor], train_features, backend,
+                 threshold: float, settings: AttackRunSettings, size, progress: bool) -> tuple[list[dict], list[dict]]:
+    """Attack every prompt on one model; its per-prompt rows and its per-generation rows (baseline and attacked)."""
+    per_prompt, generations = [], []
+    seeds = list(range(settings.generation.seed, settings.generation.seed + settings.generation.seeds))
+    for i in tqdm(range(len(prompts)), desc=f"attack {name}", disable=not progress, leave=False):
+        prompt = prompts.prompts[i]
+        with torch.no_grad():
+            conditioning = encode(pipe, [prompt], None, size)
+        result = attack_prompt(pipe, prompt, training[i], settings.attack, conditioning)
+        row = {"model": name, "prompt_index": i, "caption": prompt, "image": prompts.images[i],
+               "denoising_loss": result.loss_before, "denoising_loss_attacked": result.loss_after,
+               "perturbation_norm_relative": result.relative_norm, "attack_seconds": result.seconds}
+        for attacked, cond in ((False, conditioning.cond), (True, conditioning.cond + result.delta.to(conditioning.cond))):
+            images = generate_from_embeddings(pipe, conditioning, cond, settings.generation, size)
+            feats = backend.features(images)
+            similarity = backend.paired(feats, train_features[i][None].expand_as(feats)).double().numpy()
+            suffix = "_attacked" if attacked else ""
+            row[f"copy_similarity{suffix}"] = float(similarity.mean())
+            row[f"memorization_rate{suffix}"] = memorization_rate(similarity, threshold)
+            for seed, value in zip(seeds, similarity):
+                generations.append({"model": name, "prompt_index": i, "caption": prompt, "seed": seed,
+                                    "attacked": attacked, "copy_similarity": float(value),
+                                    "is_copy": bool(value > threshold)})
+        per_prompt.append(row)
+    return per_prompt, generations
+
+
+def attack_metrics(per_prompt: pd.DataFrame, generations: pd.DataFrame, settings: AttackRunSettings, threshold: float,
+                   models: list[str], calibrated_on: str) -> pd.DataFrame:
+    rows = [("unedited", calibrated_on, "copy_threshold", threshold)]
+    group = settings.group
+    for model in models:
+        prompts = per_prompt[per_prompt.model == model]
+        gens = generations[generations.model == model]
+        add = lambda metric, value: rows.append((model, group, metric, float(value)))  # noqa: E731
+        add("n_prompts", len(prompts))
+        add("n_generations", len(gens) // 2)
+        for attacked, suffix in ((False, ""), (True, "_attacked")):
+            values = gens[gens.attacked == attacked].copy_similarity.to_numpy()
+            add(f"memorization_rate{suffix}", memorization_rate(values, threshold))
+            add(f"copy_similarity{suffix}", values.mean())
+        add("denoising_loss", prompts.denoising_loss.mean())
+        add("denoising_loss_attacked", prompts.denoising_loss_attacked.mean())
+        add("perturbation_norm_relative", prompts.perturbation_norm_relative.mean())
+        add("attack_seconds_per_prompt", prompts.attack_seconds.mean())
+    return pd.DataFrame(rows, columns=["model", "group", "metric", "value"])
+
+
+def copy_threshold(settings: AttackRunSettings, pipe, backend, size, progress: bool,
+                   timings: dict[str, float]) -> tuple[float, dict]:
+    """The threshold of the module docstring and its description; a given one is filed under the attacked group."""
+    calibrated_on = settings.group
+    if settings.threshold is not None:
+        threshold, info = settings.threshold, {"value": settings.threshold, "description": "given with --threshold"}
+    elif settings.threshold_from is not None:
+        threshold, info = read_threshold(settings.threshold_from, settings)
+    else:
+        control = read_prompts(settings.control)
+        pool_paths = list(dict.fromkeys(p for p in (read_prompts(settings.prompts).images or []) + (control.images or []) if p))
+        if not pool_paths:
+            raise MemPruneError(f"No training images in '{settings.prompts}' or '{settings.control}' to calibrate the "
+                                "copy threshold on: give --threshold.")
+        pool = torch.stack([load_image(path, size) for path in pool_paths])
+        tic = time.perf_counter()
+        threshold, info = calibrate(pipe, backend, control, pool, settings, size, progress)
+        timings["calibration"] = round(time.perf_counter() - tic, 3)
+        calibrated_on = "same_style_control"  # --control is the same-style role of evaluate
+    info["calibrated_on"] = calibrated_on
+    return threshold, info
+
+
+def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progress: bool = True,
+           log: Callable[[str], None] | None = None) -> AttackRun:
+    """Attack the unedited model and every edited model (module docstring); models are loaded one at a time."""
+    log = log or (lambda message: None)
+    settings.check_inputs()
+    notes, timings = [], {}
+    edited = settings.edited_models()
+    for folder in edited.values():
+        notes.append(check_edited(settings.model, folder))
+    prompts = select_prompts(settings)
+    backend = make_backend(settings.similarity, settings.sscd)
+    log(f"Similarity backend: {backend.description}")
+    target = resolve_device(device)
+
+    tic = time.perf_counter()
+    pipe = load_pipeline(settings.model, target, dtype)
+    if not uses_cfg(pipe, settings.generation):
+        notes.append("No classifier-free guidance (guidance scale <= 1): generations use the conditional branch only.")
+    size = default_size(pipe)
+    training = [load_image(path, size) for path in prompts.images]
+    train_features = backend.features(torch.stack(training))
+    base_print = text_fingerprint(pipe)
+    for folder in edited.values():  # refuse a foreign text side before minutes of attacking
+        components = text_side(folder)
+        if components is not None:
+            check_same_text_side(base_print, text_fingerprint(components), folder)
+    timings["load_unedited"] = round(time.perf_counter() - tic, 3)
+
+    threshold, info = copy_threshold(settings, pipe, backend, size, progress, timings)
+    log(f"Copy threshold: {threshold:.4f} ({info['description']}).")
+
+    per_prompt, generations = [], []
+    for name in ["unedited", *edited]:
+        if name != "unedited":
+            tic = time.perf_counter()
+            del pipe
+            pipe = load_pipeline(edited[name], target, dtype)
+            check_same_text_side(base_print, text_fingerprint(pipe), edited[name])
+            timings[f"load_{name}"] = round(time.perf_counter() - tic, 3)
+        tic = time.perf_counter()
+        rows, gens = attack_model(name, pipe, prompts, training, train_features, backend, threshold, settings, size,
+                                  progress)
+        timings[f"attack_{name}"] = round(time.perf_counter() - tic, 3)
+        per_prompt += rows
+        generations += gens
+        log(f"{name}: memorization {np.mean([r['memorization_rate'] for r in rows]):.1%} -> "
+            f"{np.mean([r['memorization_rate_attacked'] for r in rows]):.1%} under attack "
+            f"({timings[f'attack_{name}']:.0f} s).")
+    per_prompt, generations = pd.DataFrame(per_prompt), pd.DataFrame(generations)
+    metrics = attack_metrics(per_prompt, generations, settings, threshold, ["unedited", *edited], info["calibrated_on"])
+    return AttackRun(metrics, per_prompt, generations, threshold, info, backend.description, notes, timings)

@@ -1,0 +1,61 @@
+"""`memprune attack`: the DoRI-style robustness check of memprune.attack on the unedited and every edited model.
+
+Writes metrics.csv (tidy model, group, metric, value), per_prompt.csv, generations.csv and run.json, atomically.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from ..attack.run import NO_THRESHOLD, AttackRun, AttackRunSettings, attack
+from ..errors import MemPruneError
+from ..runinfo import atomic_output_dir, check_output_dir, write_run_json
+from . import defaults
+
+SUMMARY_METRICS = ["memorization_rate", "memorization_rate_attacked", "copy_similarity", "copy_similarity_attacked"]
+
+
+def with_testbed_defaults(settings: AttackRunSettings) -> AttackRunSettings:
+    """The testbed's memorized captions as --prompts and, unless a threshold is given, its same-style captions as
+    --control; off a testbed both must be given."""
+    values = {}
+    testbed = defaults.is_testbed(settings.model)
+    if settings.prompts is None:
+        if not testbed:
+            raise MemPruneError("--prompts is required when --model is not the embedded testbed.")
+        values["prompts"] = defaults.testbed_file(settings.model, "memorized")
+    if settings.control is None and settings.threshold is None and settings.threshold_from is None:
+        if not testbed:
+            raise MemPruneError(NO_THRESHOLD)
+        values["control"] = defaults.testbed_file(settings.model, "control")
+    return replace(settings, **values)
+
+
+def attack_to_folder(settings: AttackRunSettings, out, overwrite: bool = False, device: str = "auto", dtype=None,
+                     progress: bool = True, log: Callable[[str], None] | None = None) -> str:
+    """The `memprune attack` command as a function: writes the folder, returns the summary to print."""
+    settings = with_testbed_defaults(settings)
+    protected = [p for p in (settings.model, *settings.edited) if p and Path(p).exists()]
+    check_output_dir(out, overwrite, protected)
+    result = attack(settings, device=device, dtype=dtype, progress=progress, log=log)
+    with atomic_output_dir(out, overwrite, protected) as staging:
+        result.metrics.to_csv(staging / "metrics.csv", index=False)
+        result.per_prompt.to_csv(staging / "per_prompt.csv", index=False)
+        result.generations.to_csv(staging / "generations.csv", index=False)
+        inputs = {"prompts": settings.prompts, "exclude_prompts": settings.exclude_prompts, "control": settings.control,
+                  "sscd": settings.sscd}
+        write_run_json(staging, settings, inputs, result.timings, similarity_backend=result.backend,
+                       copy_threshold=result.threshold_info, notes=result.notes,
+                       models={"unedited": settings.model, **settings.edited_models()})
+    return summary(result, out)
+
+
+def summary(result: AttackRun, out) -> str:
+    table = result.metrics[result.metrics.metric.isin(SUMMARY_METRICS)]
+    lines = [f"Similarity backend: {result.backend}",
+             f"Copy threshold: {result.threshold:.4f} ({result.threshold_info['description']}).",
+             *[f"Note: {note}" for note in result.notes],
+             table.pivot_table(index="model", columns="metric", values="value", sort=False).round(4).to_string(),
+             f"Metrics: {Path(out) / 'metrics.csv'}; per prompt: {Path(out) / 'per_prompt.csv'}"]
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""`memprune evaluate`: generate with fixed seeds from the unedited and edited models and measure memorization,
+diversity, utility, detection and cost (memprune.evaluation). `--compare DIR` (repeatable) adds more edited models
+as further columns, all from the same seeds; with it every edited model is named by its folder.
+
+Writes metrics.csv (tidy: model, group, metric, value), generations.csv, metrics.md, grids/ (one image grid per
+group), copy_similarity_ecdf.png (when training images are known) and run.json, atomically.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from ..errors import MemPruneError
+from ..evaluation.report import metrics_markdown, summary_table, threshold_lines
+from ..evaluation.run import EvaluationResult, evaluate
+from ..evaluation.settings import PROMPT_ROLES, EvaluateSettings
+from ..prune import PRUNE_INFO
+from ..runinfo import atomic_output_dir, check_output_dir, write_run_json
+from . import defaults
+
+TESTBED_ROLES = ("memorized", "control", "general")  # the prompt roles a testbed fills when not given
+
+
+def with_testbed_defaults(settings: EvaluateSettings) -> EvaluateSettings:
+    """Fill the testbed's caption files where none were given; require --memorized/--reference otherwise.
+
+    Idempotent; "none" stays in the settings (as given) and means "no such group".
+    """
+    values = {}
+    if defaults.is_testbed(settings.model):
+        for role in TESTBED_ROLES:
+            if getattr(settings, role) is None:
+                values[role] = defaults.testbed_file(settings.model, role)
+    else:
+        for role in ("memorized", "reference"):
+            if getattr(settings, role) is None:
+                raise MemPruneError(f"--{role} is required when --model is not the embedded testbed.")
+    settings = replace(settings, **values)
+    settings.check_prompt_files()
+    return settings
+
+
+def run_evaluation(settings: EvaluateSettings, pipe=None, edited_pipe=None, device: str = "auto", dtype=None,
+                   progress: bool = True, log: Callable[[str], None] | None = None) -> EvaluationResult:
+    """memprune.evaluation.run.evaluate with the command's inputs: the testbed's default prompt files and, on a
+    testbed, its attribute classifier."""
+    settings = with_testbed_defaults(settings)
+    classifier = "testbed" if defaults.is_testbed(settings.model) else None
+    return evaluate(settings, pipe=pipe, edited_pipe=edited_pipe, attribute_classifier=classifier, device=device,
+                    dtype=dtype, progress=progress, log=log)
+
+
+def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False, device: str = "auto", dtype=None,
+                       progress: bool = True, log: Callable[[str], None] | None = None) -> str:
+    """The `memprune evaluate` command as a function: writes the folder, returns the summary to print."""
+    settings = with_testbed_defaults(settings)
+    protected = [p for p in (settings.model, *settings.edited_models().values()) if p and Path(p).exists()]
+    check_output_dir(out, overwrite, protected)
+    result = run_evaluation(settings, device=device, dtype=dtype, progress=progress, log=log)
+    with atomic_output_dir(out, overwrite, protected) as staging:
+        result.metrics.to_csv(staging / "metrics.csv", index=False)
+        result.generations.to_csv(staging / "generations.csv", index=False)
+        grids = write_grids(result, staging, settings.grid_prompts)
+        (staging / "metrics.md").write_text(metrics_markdown(result, settings, grids))
+        write_run_json(staging, settings, _inputs(settings), result.timings, similarity_backend=result.backend,
+                       copy_threshold=result.threshold_info, notes=result.notes, random_controls=result.random_controls,
+                       groups={name: len(group.members) for name, group in result.groups.items()})
+    return summary(result, out)
+
+
+def write_grids(result: EvaluationResult, folder: Path, grid_prompts: int) -> list[str]:
+    """grids/<group>.png (one per group that is not a pool of files nor a copy of another) and the copy-similarity
+    ECDF when training images are known; returns their paths relative to `folder`."""
+    from ..plots import copy_similarity_ecdf, image_grid, save_figure  # matplotlib loads only when a folder is written
+
+    written = []
+    if grid_prompts:
+        (folder / "grids").mkdir()
+        seen = []
+        for name, group in result.groups.items():
+            pooled = len({source for source, _ in group.members}) > 1
+            if pooled or group.members in seen:
+                continue
+            seen.append(group.members)
+            image_grid(result, name, grid_prompts).save(folder / "grids" / f"{name}.png")
+            written.append(f"grids/{name}.png")
+    if result.generations.copy_similarity.notna().any():
+        save_figure(copy_similarity_ecdf(result), folder / "copy_similarity_ecdf.png")
+        written.append("copy_similarity_ecdf.png")
+    return written
+
+
+def _inputs(settings: EvaluateSettings) -> dict[str, str | None]:
+    """The input files run.json records (with their hashes): prompt files by role, SSCD, each edit's memprune.json."""
+    inputs = {role: settings.prompt_file(role) for role in PROMPT_ROLES}
+    inputs["exclude_prompts"] = settings.exclude_prompts
+    inputs["sscd"] = settings.sscd
+    for name, folder in settings.edited_models().items():
+        inputs[f"{name}_memprune_json"] = str(Path(folder) / PRUNE_INFO)
+    return inputs
+
+
+def summary(result: EvaluationResult, out) -> str:
+    lines = [f"Similarity backend: {result.backend}", *threshold_lines(result)]
+    lines += [f"Note: {note}" for note in result.notes]
+    lines.append(summary_table(result))
+    lines.append(f"Metrics: {Path(out) / 'metrics.csv'} and {Path(out) / 'metrics.md'}")
+    return "\n".join(lines)
