@@ -14,17 +14,6 @@ from .errors import MemPruneError
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "data" / "testbed")
 
 
-TESTBED_CAPTION_FILES = {"memorized": "memorized.csv", "control": "non_memorized_same_style.csv",
-                         "general": "general_heldout.csv", "general_train": "general_train.csv"}
-
-
-def testbed_captions(model: str | None) -> Path | None:
-    """The captions/ folder of a testbed model (the embedded one, or one `memprune testbed train` wrote), else None.
-
-    A testbed knows its memorized captions, so prompt files default to them."""
-    folder = Path(model or DEFAULT_MODEL).expanduser() / "captions"
-    return folder if (folder / TESTBED_CAPTION_FILES["memorized"]).is_file() else None
-
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":

@@ -184,12 +184,3 @@ def write_prompts(prompts: list[str], path: str | Path) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["caption"])
         writer.writerows([prompt] for prompt in prompts)
-
-
-def split_testbed_memorized(model: str | Path, out: str | Path, size: int = 10,
-                            seed: int = 0) -> tuple[PromptList, PromptList]:
-    """A testbed's memorized captions split by split_located; the located part goes to out/prompts_used.csv,
-    so that `evaluate --exclude-prompts` scores the same held-out rest."""
-    located, held_out = split_located(read_prompts(Path(model) / "captions" / "memorized.csv"), size, seed=seed)
-    write_prompts(located.prompts, Path(out) / "prompts_used.csv")
-    return located, held_out

@@ -27,7 +27,8 @@ from memprune.locate import LocateSettings, Locator, subset_masks
 from memprune.masks import subset_overlap, summarize_overlap
 from memprune.models import DEFAULT_MODEL, load_pipeline, resolve_device
 from memprune.plots import iou_by_layer, save_figure, sweep_curves
-from memprune.prompts import read_prompts, split_testbed_memorized
+from memprune.commands.defaults import split_testbed_memorized
+from memprune.prompts import read_prompts
 from memprune.methods.wanda import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep

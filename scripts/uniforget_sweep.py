@@ -28,7 +28,8 @@ from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
 from memprune.masks import Masks
 from memprune.models import DEFAULT_MODEL, load_pipeline
-from memprune.prompts import read_prompts, split_testbed_memorized
+from memprune.commands.defaults import split_testbed_memorized
+from memprune.prompts import read_prompts
 from memprune.prune import apply_masks, undo
 from memprune.methods.wanda import SelectionSettings
 from memprune.similarity import make_backend

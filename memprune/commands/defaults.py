@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import MemPruneError
 from ..models import DEFAULT_MODEL
+from ..prompts import PromptList, read_prompts, split_located, write_prompts
 
 CAPTION_FILES = {
     "memorized": "memorized.csv",  # memorized captions with their training image
@@ -47,3 +48,13 @@ def file_or_testbed_default(model: str | None, given: str | None, role: str, opt
     if default is None:
         raise MemPruneError(f"{option} is required when --model is not a memprune testbed.")
     return default
+
+
+def split_testbed_memorized(model: str | Path, out: str | Path, size: int = 10,
+                            seed: int = 0) -> tuple[PromptList, PromptList]:
+    """A testbed's memorized captions split by split_located; the located part goes to out/prompts_used.csv,
+    so that `evaluate --exclude-prompts` scores the same held-out rest (the scripts' sweeps use it)."""
+    located, held_out = split_located(read_prompts(Path(model) / "captions" / CAPTION_FILES["memorized"]), size,
+                                      seed=seed)
+    write_prompts(located.prompts, Path(out) / "prompts_used.csv")
+    return located, held_out
