@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from .errors import MemPruneError
+from .models import denoiser
+from .trace import Trace
 
 
 @dataclass
@@ -110,3 +112,24 @@ def check_finite(tensor: torch.Tensor, prompts: list[str], what: str) -> None:
         index = int(bad.nonzero()[0])
         raise MemPruneError(f"The {what} of prompt '{prompts[index]}' became NaN or inf: lower the learning rate "
                             "or check the model.")
+
+
+def capture_conditioning(pipe, prompts: list[str], guidance_scale: float) -> tuple[tuple, dict]:
+    """The (sample, timestep) and keyword arguments of the pipeline's first denoiser call for `prompts`.
+
+    The pipeline is called and stopped at its first denoiser call, so its own prompt encoding (CFG layout
+    [uncond, cond], SDXL pooled embeddings and time ids, a DiT's attention masks or pooled projections) is reused
+    without per-architecture code.
+    """
+    progress_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        with Trace(denoiser(pipe), retain_input=True, stop=True, detach=False) as trace:
+            pipe(prompt=list(prompts), num_inference_steps=1, guidance_scale=guidance_scale, output_type="latent",
+                 generator=torch.Generator("cpu").manual_seed(0))
+    finally:
+        pipe._progress_bar_config = progress_config
+    if "" not in trace.input:
+        raise MemPruneError("The pipeline finished without calling its denoiser: cannot capture its conditioning.")
+    args, kwargs = trace.input[""]
+    return args, {k: v for k, v in kwargs.items() if k not in ("sample", "timestep", "return_dict")}

@@ -195,7 +195,7 @@ class Conditioning:
 
 def encode_conditioning(pipe, prompts: list[str], batch_size: int = 16) -> Conditioning:
     """The pipeline's own conditioning of `prompts` (captured at its first denoiser call, guidance off)."""
-    from .methods.uniforget import capture_conditioning
+    from .conditioning import capture_conditioning
 
     parts = []
     with torch.no_grad():

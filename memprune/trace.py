@@ -6,8 +6,9 @@ dict). Per module it can
 - retain the latest input (`retain_input`: positional and keyword arguments) and/or output (`retain_output`),
 - read or edit the input (`edit_input(inputs, name)`) and the output (`edit_output(output, name)`): a function that
   returns None leaves the value as it is, so an observer (a recorder) is an edit that returns None,
-- stop the forward pass after the first traced call (`stop=True`): it raises `StopForward` once that call's input
-  and output are retained and edited, and the `with` block swallows it (only its own), so
+- stop the forward pass at the first traced call (`stop=True`): it raises `StopForward` as soon as that call has
+  given what the trace asks for (before the module runs unless its output is retained or edited, after it
+  otherwise), and the `with` block swallows it (only its own), so
   ``with Trace(net, stop=True, retain_output=True) as t: pipe(...)`` runs the pipeline up to its first denoiser call.
 
 On exit it removes exactly the hooks it added (also after an exception); other hooks on the same modules stay.
@@ -79,6 +80,10 @@ class Trace:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
+    def _needs_output(self) -> bool:
+        return self.retain_output or self.edit_output is not None
+
+    @property
     def module_names(self) -> list[str]:
         return list(self.modules)
 
@@ -94,6 +99,8 @@ class Trace:
                     args, kwargs = result
             if self.retain_input:
                 self.input[name] = Inputs(self._keep(args), self._keep(kwargs))
+            if self.stop and not self._needs_output:
+                raise StopForward(self)
             return None if result is None else (args, kwargs)
         return hook
 
@@ -114,9 +121,9 @@ class Trace:
     def __enter__(self) -> "Trace":
         try:
             for name, module in self.modules.items():
-                if self.edit_input is not None or self.retain_input:
+                if self.edit_input is not None or self.retain_input or (self.stop and not self._needs_output):
                     self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
-                if self.edit_output is not None or self.retain_output or self.stop:
+                if self._needs_output:
                     self._handles.append(module.register_forward_hook(self._post_hook(name)))
         except BaseException:
             self.remove()

@@ -10,18 +10,20 @@ from memprune.errors import MemPruneError
 from memprune.masks import Masks
 from memprune.models import denoiser, layer_shapes, output_linears
 from memprune.prune import apply_masks, prune_to_folder
+from memprune.conditioning import capture_conditioning
 from memprune.methods.uniforget import (
-    NeuronGates,
-    capture_conditioning,
     sample_trajectory,
     UniForgetSettings,
+    train_gates,
+    uniforget_to_folder,
+    union_masks,
+)
+from memprune.methods.uniforget_gates import (
+    NeuronGates,
     expected_l0,
     hard_concrete_deterministic,
     hard_concrete_sample,
-    train_gates,
     uniforget_masks,
-    uniforget_to_folder,
-    union_masks,
 )
 from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 
