@@ -63,6 +63,7 @@ from .conditioning import (Conditioning, check_finite, default_size, encode, fro
                            pipeline_kwargs, predict_noise)
 from .errors import MemPruneError
 from .generate import GenerationSettings, guidance_scale, uses_cfg
+from .latents import prediction_kind, prediction_target, vae_encode
 from .models import DEFAULT_MODEL, TESTBED_CAPTION_FILES, testbed_captions
 from .prompts import PromptList, read_prompts
 
@@ -156,11 +157,7 @@ class AttackRunSettings:
 def encode_image(pipe, image: torch.Tensor) -> torch.Tensor:
     """x_0 of a (3, H, W) image in [0, 1]: the VAE encoder's mean, shifted and scaled as the pipeline decodes it."""
     vae = pipe.vae
-    with torch.no_grad():
-        pixels = (image[None].to(vae.device, vae.dtype) * 2 - 1)
-        latents = vae.encode(pixels).latent_dist.mean
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return vae_encode(pipe, image[None].to(vae.device, vae.dtype) * 2 - 1)
 
 
 def noise_draws(pipe, settings: AttackSettings, shape) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -183,14 +180,11 @@ def denoising_loss(pipe, x0: torch.Tensor, cond: torch.Tensor, conditioning: Con
     t, noise = t.to(device), noise.to(device, dtype)
     x0 = x0.expand(len(t), *x0.shape[1:])
     noisy = scheduler.add_noise(x0, noise, t)
-    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(x0, noise, t)
-    else:
+    prediction_type = prediction_kind(scheduler)
+    if prediction_type not in ("epsilon", "v_prediction"):
         raise MemPruneError(f"The scheduler's prediction type '{prediction_type}' is not supported by the attack "
                             "(epsilon or v_prediction).")
+    target = prediction_target(scheduler, x0, noise, t)
     pooled = None if conditioning.pooled is None else conditioning.pooled.expand(len(t), -1)
     prediction = predict_noise(pipe, noisy, t, cond.expand(len(t), -1, -1), pooled, conditioning.time_ids)
     return torch.nn.functional.mse_loss(prediction.float(), target.float())

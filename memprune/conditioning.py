@@ -75,6 +75,13 @@ def predict_noise(pipe, latents: torch.Tensor, timestep, embeds: torch.Tensor, p
     return output[0]
 
 
+def text_noise_norm(eps: torch.Tensor) -> torch.Tensor:
+    """‖ε(x, c) − ε(x, ∅)‖₂ per sample (norm over C, H, W) of a classifier-free-guidance prediction batched as
+    [unconditional, conditional]: Wen et al.'s detection score and the quantity their mitigation lowers."""
+    uncond, cond = eps.float().chunk(2)
+    return (cond - uncond).flatten(1).norm(dim=1)
+
+
 def pipeline_kwargs(conditioning: Conditioning, cond: torch.Tensor | None = None) -> dict:
     """The keyword arguments that make the pipeline use these embeddings (optionally replacing the prompt's)."""
     kwargs = {"prompt_embeds": conditioning.cond if cond is None else cond,

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .conditioning import text_noise_norm
 from .errors import MemPruneError
 from .generate import GenerationSettings, batches, generate, uses_cfg
 from .prompts import PromptList
@@ -66,8 +67,7 @@ class NoiseNormRecorder(Trace):
                 f"The denoiser was called with a batch of {batch} for {self.expected} prompts: the detection score needs "
                 "the classifier-free guidance batch [unconditional, conditional] in one call."
             )
-        uncond, cond = eps.detach().float().chunk(2)
-        self._steps.append((cond - uncond).flatten(1).norm(dim=1).cpu())
+        self._steps.append(text_noise_norm(eps.detach()).cpu())
 
     def scores(self) -> torch.Tensor:
         if not self._steps:

@@ -57,6 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import MemPruneError
+from .latents import prediction_target, vae_encode
 from .models import denoiser
 
 PARAM_GROUPS = ("kv", "unet")
@@ -140,16 +141,13 @@ def relative_change(original: torch.Tensor, delta: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def normalise_caption(prompt: str) -> str:
-    return " ".join(prompt.split()).casefold()
-
-
 def check_disjoint(memorized: list[str], retain: list[str], what: str = "retain") -> None:
     """Refuse retain (or anchor) prompts that repeat memorized ones: fine-tuning on them would relearn them."""
     if not retain:
         raise MemPruneError(f"The {what} set is empty: give at least one {what} caption.")
-    memorized_set = {normalise_caption(p) for p in memorized}
-    overlap = list(dict.fromkeys(p for p in retain if normalise_caption(p) in memorized_set))
+    from .prompts import overlapping_captions
+
+    overlap = list(dict.fromkeys(retain[i] for i in overlapping_captions(retain, memorized)))
     if overlap:
         named = "; ".join(f"'{p}'" for p in overlap[:3])
         more = f" and {len(overlap) - 3} more" if len(overlap) > 3 else ""
@@ -296,16 +294,11 @@ def image_retain_data(pipe, folder: str | Path, settings: FinetuneSettings) -> R
     if not images:
         raise MemPruneError(f"--retain-images '{folder}' holds no images.")
     net = denoiser(pipe)
-    vae = pipe.vae
     size = int(net.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    scaling = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     latents = []
-    with torch.no_grad():
-        for start_index in range(0, len(images), 8):
-            pixels = torch.stack([_image_tensor(p, size) for p in images[start_index:start_index + 8]])
-            pixels = pixels.to(vae.device, vae.dtype)
-            latents.append(((vae.encode(pixels).latent_dist.mean - shift) * scaling).float())
+    for start_index in range(0, len(images), 8):
+        pixels = torch.stack([_image_tensor(p, size) for p in images[start_index:start_index + 8]])
+        latents.append(vae_encode(pipe, pixels).float())
     conditioning = encode_conditioning(pipe, captions)
     return RetainData(torch.cat(latents), conditioning, "images", time.perf_counter() - start)
 
@@ -397,14 +390,7 @@ class FinetuneLoop:
         return self.scheduler.add_noise(x0, noise, t.to(x0.device))
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        kind = self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, t.to(x0.device))
-        if kind == "sample":
-            return x0
-        raise MemPruneError(f"Unsupported prediction type '{kind}' of the pipeline's scheduler.")
+        return prediction_target(self.scheduler, x0, noise, t)
 
     # -- models ---------------------------------------------------------------------------------------------
 

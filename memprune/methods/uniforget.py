@@ -81,7 +81,7 @@ from ..conditioning import capture_conditioning, frozen
 from ..errors import MemPruneError
 from ..masks import Masks
 from ..models import denoiser, layer_shapes
-from ..prompts import write_prompts
+from ..prompts import overlapping_captions, write_prompts
 from . import MethodInfo
 from .uniforget_gates import GAMMA, TEMPERATURE, ZETA, NeuronGates, uniforget_masks
 
@@ -153,23 +153,19 @@ class GateResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _normalise(prompt: str) -> str:
-    return " ".join(prompt.split()).casefold()
-
-
 def check_neutral(neutral_prompts: list[str], memorized_prompts: list[str] | None) -> None:
     """Refuse a training set that holds a memorized prompt (UniForget must never see one)."""
     if not neutral_prompts:
         raise MemPruneError("UniForget needs at least one neutral (non-memorized) prompt to train on.")
     if memorized_prompts is None:
         return
-    memorized = {_normalise(p) for p in memorized_prompts}
-    for index, prompt in enumerate(neutral_prompts):
-        if _normalise(prompt) in memorized:
-            raise MemPruneError(
-                f"Neutral prompt {index + 1} ('{prompt}') is one of the memorized prompts: UniForget trains on "
-                "non-memorized captions only, remove it from the neutral prompts."
-            )
+    overlap = overlapping_captions(neutral_prompts, memorized_prompts)
+    if overlap:
+        index = overlap[0]
+        raise MemPruneError(
+            f"Neutral prompt {index + 1} ('{neutral_prompts[index]}') is one of the memorized prompts: UniForget "
+            "trains on non-memorized captions only, remove it from the neutral prompts."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..conditioning import (Conditioning, check_finite, default_size, encode, frozen, gradients_enabled, pipeline_kwargs,
-                            predict_noise)
+                            predict_noise, text_noise_norm)
 from ..errors import MemPruneError
 from . import MethodInfo
 
@@ -83,9 +83,8 @@ def _noise_norms(pipe, model_input, t, cond, conditioning: Conditioning, rows) -
     if conditioning.pooled is not None:
         pooled = torch.cat([conditioning.uncond_pooled[rows], conditioning.pooled[rows]])
     x = model_input[rows]
-    eps = predict_noise(pipe, torch.cat([x, x]), t, torch.cat([uncond, cond]), pooled, conditioning.time_ids)
-    eps_uncond, eps_cond = eps.float().chunk(2)
-    return (eps_cond - eps_uncond).flatten(1).norm(dim=1)
+    return text_noise_norm(predict_noise(pipe, torch.cat([x, x]), t, torch.cat([uncond, cond]), pooled,
+                                         conditioning.time_ids))
 
 
 
