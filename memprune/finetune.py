@@ -56,9 +56,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .conditioning import Conditioning, encode_conditioning
 from .errors import MemPruneError
 from .latents import prediction_target, vae_encode
-from .models import denoiser
+from .models import denoiser, pipeline_modules
 
 PARAM_GROUPS = ("kv", "unet")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -153,57 +154,6 @@ def check_disjoint(memorized: list[str], retain: list[str], what: str = "retain"
         more = f" and {len(overlap) - 3} more" if len(overlap) > 3 else ""
         raise MemPruneError(f"{len(overlap)} {what} captions are also memorized captions ({named}{more}): "
                             f"remove them from the {what} file.")
-
-
-def _index(value, idx: torch.Tensor, n: int):
-    """Rows `idx` of every tensor with n rows inside a (nested) conditioning value."""
-    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
-        return value[idx.to(value.device)]
-    if isinstance(value, dict):
-        return {k: _index(v, idx, n) for k, v in value.items()}
-    return value
-
-
-def _cat(values: list):
-    first = values[0]
-    if torch.is_tensor(first):
-        return torch.cat(values)
-    if isinstance(first, dict):
-        return {k: _cat([v[k] for v in values]) for k in first}
-    return first
-
-
-@dataclass
-class Conditioning:
-    """The denoiser keyword arguments of a list of prompts (no CFG), batched along dim 0."""
-
-    prompts: list[str]
-    kwargs: dict
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def select(self, idx: torch.Tensor) -> dict:
-        return _index(self.kwargs, idx, len(self.prompts))
-
-    @property
-    def encoder_hidden_states(self) -> torch.Tensor:
-        return self.kwargs["encoder_hidden_states"]
-
-
-def encode_conditioning(pipe, prompts: list[str], batch_size: int = 16) -> Conditioning:
-    """The pipeline's own conditioning of `prompts` (captured at its first denoiser call, guidance off)."""
-    from .conditioning import capture_conditioning
-
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            batch = list(prompts[start:start + batch_size])
-            _, kwargs = capture_conditioning(pipe, batch, guidance_scale=1.0)
-            if "encoder_hidden_states" not in kwargs:
-                raise MemPruneError("The pipeline's denoiser call has no encoder_hidden_states: cannot fine-tune it.")
-            parts.append({k: v for k, v in kwargs.items() if v is not None})
-    return Conditioning(prompts=list(prompts), kwargs=_cat(parts))
 
 
 @dataclass
@@ -441,7 +391,7 @@ def _only_trainable(pipe, params: dict[str, nn.Parameter]):
     """requires_grad True on `params` only (every other pipeline parameter False); previous flags restored."""
     from .conditioning import frozen
 
-    modules = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, nn.Module)] + [denoiser(pipe)]
+    modules = pipeline_modules(pipe) + [denoiser(pipe)]
     with frozen(*modules):  # restores every flag, the trained parameters' included
         for p in params.values():
             p.requires_grad_(True)

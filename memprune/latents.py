@@ -1,7 +1,7 @@
 """Latents for the diffusion loss: images into the denoiser's latent space and the denoiser's training target.
 
 Shared by the fine-tuning loop (memprune.finetune) and the DoRI-style attack (memprune.attack), which both train on
-x_t = add_noise(x_0, ε, t) against what the denoiser was trained to predict.
+x_t = add_noise(x_0, ε, t) (or flow matching's straight path) against what the denoiser was trained to predict.
 """
 from __future__ import annotations
 
@@ -21,12 +21,26 @@ def vae_encode(pipe, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def prediction_kind(scheduler) -> str:
-    """The scheduler's prediction type (epsilon when its config does not say)."""
+    """The scheduler's prediction type: "flow" for a flow-matching scheduler (SD3, Flux: the denoiser predicts the
+    velocity ε − x_0), else its config's prediction_type (epsilon when the config does not say)."""
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return "flow"
     return getattr(scheduler.config, "prediction_type", "epsilon")
 
 
+def noised(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t for integer training timesteps t: the scheduler's add_noise, or for flow matching the straight path
+    (1 − σ)·x_0 + σ·ε with σ = t / num_train_timesteps (the timestep the denoiser is given is σ·T = t, as in the
+    pipeline; σ is not shifted: training draws it uniformly)."""
+    if prediction_kind(scheduler) != "flow":
+        return scheduler.add_noise(x0, noise, t)
+    sigma = (t.to(x0.device, torch.float32) / scheduler.config.num_train_timesteps).view(-1, *([1] * (x0.dim() - 1)))
+    return ((1 - sigma) * x0 + sigma * noise).to(x0.dtype)
+
+
 def prediction_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser predicts at x_t = add_noise(x_0, noise, t): ε, v (get_velocity) or x_0, by prediction type."""
+    """What the denoiser predicts at x_t = noised(x_0, noise, t): ε, v (get_velocity), x_0 or the flow velocity
+    ε − x_0, by prediction type."""
     kind = prediction_kind(scheduler)
     if kind == "epsilon":
         return noise
@@ -34,4 +48,6 @@ def prediction_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch
         return scheduler.get_velocity(x0, noise, t.to(x0.device))
     if kind == "sample":
         return x0
+    if kind == "flow":
+        return noise - x0
     raise MemPruneError(f"Unsupported prediction type '{kind}' of the pipeline's scheduler.")

@@ -80,7 +80,7 @@ from tqdm.auto import tqdm
 from ..conditioning import capture_conditioning, frozen
 from ..errors import MemPruneError
 from ..masks import Masks
-from ..models import denoiser, layer_shapes
+from ..models import denoiser, layer_shapes, pipeline_modules
 from ..prompts import overlapping_captions, write_prompts
 from . import MethodInfo
 from .uniforget_gates import GAMMA, TEMPERATURE, ZETA, NeuronGates, uniforget_masks
@@ -195,10 +195,6 @@ def sample_trajectory(net: nn.Module, scheduler, latents: torch.Tensor, conditio
     return latents
 
 
-def _pipeline_modules(pipe) -> list[nn.Module]:
-    return [m for m in getattr(pipe, "components", {}).values() if isinstance(m, nn.Module)]
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Training and masks
 # --------------------------------------------------------------------------------------------------------------
@@ -268,7 +264,7 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
     bar = tqdm(range(settings.train_steps), desc=f"UniForget gates (beta={settings.beta:g})", disable=not settings.progress,
                leave=False)
     try:
-        with frozen(*_pipeline_modules(pipe), net):
+        with frozen(*pipeline_modules(pipe), net):
             for step in bar:
                 while len(queue) < settings.batch_size:
                     queue.extend(order.permutation(len(neutral_prompts)).tolist())
