@@ -28,6 +28,7 @@ from .models import denoiser
 from .trace import Trace
 
 STATES = "encoder_hidden_states"
+INPUT_KEYWORDS = ("sample", "hidden_states", "timestep", "return_dict")  # a denoiser call's own inputs, not conditioning
 # Denoiser keyword (a path into its kwargs) -> the pipeline's keywords for the prompt and the negative prompt.
 PIPELINE_KEYWORDS = {
     (STATES,): ("prompt_embeds", "negative_prompt_embeds"),
@@ -143,7 +144,7 @@ def capture_conditioning(pipe, prompts: list[str], guidance_scale: float, **call
     if "" not in trace.input:
         raise MemPruneError("The pipeline finished without calling its denoiser: cannot capture its conditioning.")
     args, kwargs = trace.input[""]
-    return args, {k: v for k, v in kwargs.items() if k not in ("sample", "timestep", "return_dict")}
+    return args, {k: v for k, v in kwargs.items() if k not in INPUT_KEYWORDS}
 
 
 def _call_kwargs(pipe, size: tuple[int, int] | None) -> dict:
@@ -184,8 +185,8 @@ def encode(pipe, prompts: list[str], negative_prompt=None, size: tuple[int, int]
     (with classifier-free guidance, at `size`, default the pipeline's)."""
     require_cfg_pipeline(pipe, "Encoding a prompt and its negative prompt")
     with torch.no_grad():
-        _, kwargs = capture_conditioning(pipe, prompts, 2.0, negative_prompt=negative_prompt,
-                                         **_call_kwargs(pipe, size or default_size(pipe)))
+        negative = {} if negative_prompt is None else {"negative_prompt": negative_prompt}  # PixArt's default is ""
+        _, kwargs = capture_conditioning(pipe, prompts, 2.0, **negative, **_call_kwargs(pipe, size or default_size(pipe)))
     n = 2 * len(prompts)
     if kwargs.get(STATES) is None or kwargs[STATES].shape[0] != n:
         raise MemPruneError("The pipeline's denoiser call holds no [negative, prompt] batch of encoder_hidden_states: "
@@ -197,7 +198,8 @@ def encode(pipe, prompts: list[str], negative_prompt=None, size: tuple[int, int]
 
 def default_size(pipe) -> tuple[int, int]:
     """The pipeline's default (height, width) in pixels: the denoiser's sample size times the VAE scale factor."""
-    size = denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+    size = getattr(denoiser(pipe).config, "sample_size", None) or pipe.default_sample_size
+    size = size * pipe.vae_scale_factor
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
@@ -207,7 +209,7 @@ def predict_noise(pipe, latents: torch.Tensor, timestep, kwargs: dict) -> torch.
     net = denoiser(pipe)
     if torch.is_tensor(timestep) and timestep.dim() == 0:
         timestep = timestep.expand(len(latents))
-    output = net.forward(latents, timestep, **kwargs, return_dict=False)[0]
+    output = net.forward(latents, timestep=timestep, **kwargs, return_dict=False)[0]  # DiTs take t as a keyword
     if output.shape[1] == 2 * latents.shape[1]:
         output = output.chunk(2, dim=1)[0]
     return output
@@ -238,6 +240,8 @@ def pipeline_kwargs(conditioning: Conditioning, cond: torch.Tensor | None = None
                 kwargs[name] = value
     if cond is not None:
         kwargs["prompt_embeds"] = cond
+    if "negative_prompt_embeds" in kwargs:
+        kwargs["negative_prompt"] = None  # PixArt's default "" would clash with the embeddings
     return kwargs
 
 

@@ -2,7 +2,9 @@
 
 Per generation (per prompt and seed) and before sampling:
 
-1. encode the prompt and the negative (empty) prompt as the pipeline would (``pipe.encode_prompt``);
+1. encode the prompt and the negative (empty) prompt as the pipeline does (memprune.conditioning.encode: the
+   keyword arguments of its own first denoiser call, so UNets and CFG DiTs such as PixArt and SD3 alike; a
+   guidance-distilled pipeline such as Flux has no unconditional prediction and is refused);
 2. draw the initial latent x_T from the generation's own generator (its state is restored afterwards, so the
    pipeline then draws the same x_T), take the first timestep t_0 of the schedule;
 3. at most ``max_iterations`` times: compute the text-conditional noise norm
@@ -11,7 +13,9 @@ Per generation (per prompt and seed) and before sampling:
    weight decay 0.01) on the prompt's token embeddings e_p with ``lr``. As in Wen et al.'s code the first (BOS)
    token gets no gradient, the unconditional embedding stays fixed, and the check comes before the step, so at most
    ``max_iterations`` denoiser passes (batch [e_∅, e_p]) are added per image;
-4. generate with the stock pipeline from ``prompt_embeds = e_p*`` and ``negative_prompt_embeds = e_∅``.
+4. generate with the stock pipeline from ``prompt_embeds = e_p*`` and ``negative_prompt_embeds = e_∅`` (plus the
+   family's pooled embeddings or attention masks as encoded). On flow-matching models (SD3) ε is the predicted
+   velocity.
 
 Prompts of one pipeline call are optimised independently (one optimizer and one stop per prompt; the denoiser treats
 samples independently) in one batched denoiser pass per iteration. On SDXL the token embeddings (concatenated from
@@ -214,6 +218,7 @@ def first_step_norms(pipe, prompts: list[str], steps: int, seeds: list[int], gui
     """(prompts, seeds) first-step text-conditional noise norms, x_T drawn as memprune.generate draws it per seed."""
     if guidance_scale <= 1.0:
         raise MemPruneError("Wen's mitigation needs classifier-free guidance: use a guidance scale above 1.")
+    require_cfg_pipeline(pipe, "Wen's mitigation")
     values = np.zeros((len(prompts), len(seeds)))
     size = default_size(pipe)
     with torch.no_grad():
