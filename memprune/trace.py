@@ -83,10 +83,6 @@ class Trace:
     def _needs_output(self) -> bool:
         return self.retain_output or self.edit_output is not None
 
-    @property
-    def module_names(self) -> list[str]:
-        return list(self.modules)
-
     def _keep(self, value):
         return _detached(value) if self.detach else value
 
