@@ -3,7 +3,8 @@
 An edit that zeroes weights is only evidence when a random edit of the same size does not do the same. For any
 edited pipeline (a Wanda or NeMo prune, a UniForget gate, a hand edit) `zeroed_counts` counts, per denoiser tensor,
 the weights that are zero in the edit but not in the base model; `random_control` zeroes the same number of
-randomly chosen non-zero weights of the same tensors of a copy of the base model (seeded, so it can be rebuilt).
+randomly chosen non-zero weights of the same tensors of a copy of the base model (seeded, so it can be rebuilt;
+the draw is masks.random_weight_indices among the non-zero entries).
 It needs no masks file, so it works for every weight edit alike. Fine-tunes, which zero nothing, get no control
 here (their control is a step-matched fine-tune without the method's objective).
 """
@@ -15,6 +16,7 @@ import hashlib
 import torch
 
 from .errors import MemPruneError
+from .masks import random_weight_indices
 from .models import denoiser
 
 
@@ -33,18 +35,9 @@ def zeroed_counts(base: torch.nn.Module, edited: torch.nn.Module) -> dict[str, i
     return counts
 
 
-def _tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed: the same tensor gets the same random choice whatever else is in the model."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
-
-
-def random_zero_indices(weight: torch.Tensor, count: int, seed: int, name: str) -> torch.Tensor:
-    """`count` flat indices drawn uniformly without replacement among the non-zero entries of `weight`."""
-    nonzero = weight.detach().flatten().nonzero().squeeze(1).cpu()
-    if count > nonzero.numel():
-        raise MemPruneError(f"Cannot zero {count} random weights of '{name}': it has only {nonzero.numel()} non-zero.")
-    generator = torch.Generator().manual_seed(_tensor_seed(seed, name))
-    return nonzero[torch.randperm(nonzero.numel(), generator=generator)[:count]].sort().values
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A per-tensor generator: the same tensor gets the same random choice whatever else is in the model."""
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little"))
 
 
 def random_control(pipe, counts: dict[str, int], seed: int = 0):
@@ -54,7 +47,8 @@ def random_control(pipe, counts: dict[str, int], seed: int = 0):
     with torch.no_grad():
         for name, count in counts.items():
             flat = params[name].view(-1)
-            flat[random_zero_indices(flat, count, seed, name).to(flat.device)] = 0
+            chosen = random_weight_indices(flat, count, tensor_generator(seed, name), among="nonzero", name=name)
+            flat[chosen.to(flat.device)] = 0
     return control
 
 

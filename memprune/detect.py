@@ -22,9 +22,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .conditioning import text_noise_norm
 from .errors import MemPruneError
 from .generate import GenerationSettings, batches, generate, uses_cfg
 from .prompts import PromptList
+from .trace import Trace
 
 POSITIVE_LABELS = {"memorized", "memorised", "mem", "m", "vm", "tm", "1", "true", "yes", "y", "positive"}
 NEGATIVE_LABELS = {"non_memorized", "nonmemorized", "non_memorised", "not_memorized", "not_memorised", "unmemorized",
@@ -32,24 +34,24 @@ NEGATIVE_LABELS = {"non_memorized", "nonmemorized", "non_memorised", "not_memori
 LABEL_EXTRA_COLUMNS = ("memorized", "is_memorized", "memorised")
 
 
-class NoiseNormRecorder:
-    """Context manager: a forward hook on the denoiser collects ‖ε_cond − ε_uncond‖₂ per sample and step.
+class NoiseNormRecorder(Trace):
+    """Trace: a forward hook on the denoiser collects ‖ε_cond − ε_uncond‖₂ per sample and step.
 
     Call `new_generation(batch_size)` before each pipeline call; `scores()` then returns a (steps, batch)
     tensor for that call. It removes exactly its own hook on exit, also after an exception.
     """
 
     def __init__(self, denoiser: nn.Module):
+        super().__init__(denoiser, edit_output=self._record)
         self.denoiser = denoiser
         self.expected: int | None = None
         self._steps: list[torch.Tensor] = []
-        self._handle = None
 
     def new_generation(self, batch_size: int | None = None) -> None:
         self.expected = batch_size
         self._steps = []
 
-    def _hook(self, module, args, output):
+    def _record(self, output, name: str) -> None:
         eps = output
         if hasattr(output, "sample"):
             eps = output.sample
@@ -61,22 +63,12 @@ class NoiseNormRecorder:
                 f"The denoiser was called with a batch of {batch} for {self.expected} prompts: the detection score needs "
                 "the classifier-free guidance batch [unconditional, conditional] in one call."
             )
-        uncond, cond = eps.detach().float().chunk(2)
-        self._steps.append((cond - uncond).flatten(1).norm(dim=1).cpu())
+        self._steps.append(text_noise_norm(eps.detach()).cpu())
 
     def scores(self) -> torch.Tensor:
         if not self._steps:
             return torch.zeros(0, self.expected or 0)
         return torch.stack(self._steps)
-
-    def __enter__(self) -> "NoiseNormRecorder":
-        self._handle = self.denoiser.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
 
 def require_cfg(pipe, settings: GenerationSettings) -> None:

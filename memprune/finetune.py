@@ -54,8 +54,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .conditioning import Conditioning
 from .errors import MemPruneError
-from .models import denoiser
+from .latents import prediction_target
+from .models import denoiser, pipeline_modules
 
 PARAM_GROUPS = ("kv", "unet")
 
@@ -137,72 +139,18 @@ def relative_change(original: torch.Tensor, delta: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def normalise_caption(prompt: str) -> str:
-    return " ".join(prompt.split()).casefold()
-
-
 def check_disjoint(memorized: list[str], retain: list[str], what: str = "retain") -> None:
     """Refuse retain (or anchor) prompts that repeat memorized ones: fine-tuning on them would relearn them."""
     if not retain:
         raise MemPruneError(f"The {what} set is empty: give at least one {what} caption.")
-    memorized_set = {normalise_caption(p) for p in memorized}
-    overlap = list(dict.fromkeys(p for p in retain if normalise_caption(p) in memorized_set))
+    from .prompts import overlapping_captions
+
+    overlap = list(dict.fromkeys(retain[i] for i in overlapping_captions(retain, memorized)))
     if overlap:
         named = "; ".join(f"'{p}'" for p in overlap[:3])
         more = f" and {len(overlap) - 3} more" if len(overlap) > 3 else ""
         raise MemPruneError(f"{len(overlap)} {what} captions are also memorized captions ({named}{more}): "
                             f"remove them from the {what} file.")
-
-
-def _index(value, idx: torch.Tensor, n: int):
-    """Rows `idx` of every tensor with n rows inside a (nested) conditioning value."""
-    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
-        return value[idx.to(value.device)]
-    if isinstance(value, dict):
-        return {k: _index(v, idx, n) for k, v in value.items()}
-    return value
-
-
-def _cat(values: list):
-    first = values[0]
-    if torch.is_tensor(first):
-        return torch.cat(values)
-    if isinstance(first, dict):
-        return {k: _cat([v[k] for v in values]) for k in first}
-    return first
-
-
-@dataclass
-class Conditioning:
-    """The denoiser keyword arguments of a list of prompts (no CFG), batched along dim 0."""
-
-    prompts: list[str]
-    kwargs: dict
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def select(self, idx: torch.Tensor) -> dict:
-        return _index(self.kwargs, idx, len(self.prompts))
-
-    @property
-    def encoder_hidden_states(self) -> torch.Tensor:
-        return self.kwargs["encoder_hidden_states"]
-
-
-def encode_conditioning(pipe, prompts: list[str], batch_size: int = 16) -> Conditioning:
-    """The pipeline's own conditioning of `prompts` (captured at its first denoiser call, guidance off)."""
-    from .methods.uniforget import capture_conditioning
-
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            batch = list(prompts[start:start + batch_size])
-            _, kwargs = capture_conditioning(pipe, batch, guidance_scale=1.0)
-            if "encoder_hidden_states" not in kwargs:
-                raise MemPruneError("The pipeline's denoiser call has no encoder_hidden_states: cannot fine-tune it.")
-            parts.append({k: v for k, v in kwargs.items() if v is not None})
-    return Conditioning(prompts=list(prompts), kwargs=_cat(parts))
 
 
 @dataclass
@@ -304,14 +252,7 @@ class FinetuneLoop:
         return self.scheduler.add_noise(x0, noise, t.to(x0.device))
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        kind = self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, t.to(x0.device))
-        if kind == "sample":
-            return x0
-        raise MemPruneError(f"Unsupported prediction type '{kind}' of the pipeline's scheduler.")
+        return prediction_target(self.scheduler, x0, noise, t)
 
     # -- models ---------------------------------------------------------------------------------------------
 
@@ -362,7 +303,7 @@ def _only_trainable(pipe, params: dict[str, nn.Parameter]):
     """requires_grad True on `params` only (every other pipeline parameter False); previous flags restored."""
     from .conditioning import frozen
 
-    modules = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, nn.Module)] + [denoiser(pipe)]
+    modules = pipeline_modules(pipe) + [denoiser(pipe)]
     with frozen(*modules):  # restores every flag, the trained parameters' included
         for p in params.values():
             p.requires_grad_(True)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from itertools import combinations, product
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 import numpy as np
 import pandas as pd
@@ -195,14 +195,35 @@ def summarize_overlap(overlap: pd.DataFrame) -> pd.DataFrame:
     ).rename_axis("comparison")
 
 
+def random_weight_indices(weight: torch.Tensor | tuple[int, ...], count: int, generator: torch.Generator,
+                          among: Literal["all", "nonzero"] = "all", name: str = "weight") -> torch.Tensor:
+    """`count` sorted flat indices of one weight tensor, drawn uniformly without replacement by `generator`.
+
+    The one random draw behind both controls; `among` says which entries may be drawn:
+    - "all": any entry, zero or not (`weight` may be just its shape): a random mask of the size of a located one;
+    - "nonzero": only entries that are not zero yet, so zeroing them changes exactly `count` weights (the random
+      control of any weight edit, memprune.control).
+    """
+    if among == "all":
+        shape = tuple(weight.shape) if torch.is_tensor(weight) else tuple(weight)
+        return torch.randperm(int(np.prod(shape)), generator=generator)[:count].sort().values
+    if among != "nonzero" or not torch.is_tensor(weight):
+        raise MemPruneError(f"random_weight_indices draws among 'all' entries or the 'nonzero' entries of a weight "
+                            f"tensor, got among={among!r}.")
+    nonzero = weight.detach().flatten().nonzero().squeeze(1).cpu()
+    if count > nonzero.numel():
+        raise MemPruneError(f"Cannot zero {count} random weights of '{name}': it has only {nonzero.numel()} non-zero.")
+    return nonzero[torch.randperm(nonzero.numel(), generator=generator)[:count]].sort().values
+
+
 def random_masks_like(masks: Masks, timesteps: int, seed: int = 0) -> Masks:
-    """The control of the pruning claim: per layer, as many uniformly random weights as the union of
-    `masks` over steps 0..timesteps-1 selects, repeated at each of those steps (so its union is that set)."""
+    """The control of the pruning claim: per layer, as many uniformly random weights (any entry of the weight) as
+    the union of `masks` over steps 0..timesteps-1 selects, repeated at each of those steps (so its union is that
+    set). One generator seeded with `seed` draws the layers in order."""
     generator = torch.Generator().manual_seed(seed)
     indices = {}
     for layer, selected in masks.union_indices(timesteps).items():
-        rows, columns = masks.shapes[layer]
-        chosen = torch.randperm(rows * columns, generator=generator)[: selected.numel()].sort().values
+        chosen = random_weight_indices(tuple(masks.shapes[layer]), selected.numel(), generator, among="all")
         indices.update({(layer, step): chosen for step in range(timesteps)})
     meta = {**masks.meta, "selection": {"method": "random", "seed": seed, "matched_to": masks.meta.get("selection")}}
     return Masks(indices=indices, shapes=dict(masks.shapes), meta=meta)

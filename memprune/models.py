@@ -80,6 +80,11 @@ def denoiser(pipe) -> nn.Module:
     raise MemPruneError("The pipeline has neither a unet nor a transformer: it is not a text-to-image diffusion pipeline.")
 
 
+def pipeline_modules(pipe) -> list[nn.Module]:
+    """Every torch module of a pipeline (its components: denoiser, text encoders, VAE, ...)."""
+    return [m for m in getattr(pipe, "components", {}).values() if isinstance(m, nn.Module)]
+
+
 def find_feedforwards(model: nn.Module) -> dict[str, nn.Module]:
     """All diffusers FeedForward modules by dotted name, in module order (found by type, never by name)."""
     from diffusers.models.attention import FeedForward

@@ -163,6 +163,17 @@ def read_prompts(path: str | Path, label: str | None = None) -> PromptList:
     return prompts
 
 
+def normalise_caption(prompt: str) -> str:
+    """A caption as captions are compared for overlap: whitespace collapsed, case-folded."""
+    return " ".join(prompt.split()).casefold()
+
+
+def overlapping_captions(captions: list[str], others: list[str]) -> list[int]:
+    """Positions in `captions` of the captions that repeat one of `others` (after normalise_caption)."""
+    normalised = {normalise_caption(p) for p in others}
+    return [index for index, prompt in enumerate(captions) if normalise_caption(prompt) in normalised]
+
+
 def seeded_subsets(n_items: int, n_subsets: int, size: int, seed: int = 0) -> list[list[int]]:
     """N random subsets of `size` indices, drawn without replacement inside each subset; same seed, same subsets."""
     if size > n_items:

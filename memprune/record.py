@@ -9,6 +9,7 @@ from torch import nn
 from .errors import MemPruneError
 from .models import output_linears
 from .stats import NeuronStats
+from .trace import Inputs, Trace
 
 Half = Literal["both", "cond", "uncond"]
 HALVES = ("both", "cond", "uncond")
@@ -41,16 +42,17 @@ class ActivationRecorder:
         linears = output_linears(denoiser)
         self.linears = {name: m for name, m in linears.items() if layer_filter is None or layer_filter(name)}
         self.step = -1
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._traces = [Trace(denoiser, edit_input=self._on_denoiser_call),
+                        Trace(self.linears, edit_input=self._on_feedforward_input)]
         self._timesteps: dict[int, torch.Tensor | float] = {}  # read lazily: float() of a GPU tensor is a sync
 
     def new_generation(self) -> None:
         """Call before each pipeline call: the next denoiser call is step 0."""
         self.step = -1
 
-    def _on_denoiser_call(self, module, args, kwargs):
+    def _on_denoiser_call(self, inputs: Inputs, name: str) -> None:
         self.step += 1
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        timestep = inputs.args[1] if len(inputs.args) > 1 else inputs.kwargs.get("timestep")
         if timestep is not None and self.step not in self.stats.timesteps and self.step not in self._timesteps:
             self._timesteps[self.step] = timestep.flatten()[0].detach().clone() if torch.is_tensor(timestep) else timestep
 
@@ -75,19 +77,15 @@ class ActivationRecorder:
         half_size = x.shape[0] // 2
         return x[:half_size] if self.half == "uncond" else x[half_size:]
 
-    def _hook_for(self, layer: str):
-        def hook(module, args):
-            if self.step < 0:
-                raise MemPruneError("ActivationRecorder saw a FeedForward call before any denoiser call.")
-            self.stats.update(layer, self.step, self._select_half(args[0].detach()))
-
-        return hook
+    def _on_feedforward_input(self, inputs: Inputs, layer: str) -> None:
+        if self.step < 0:
+            raise MemPruneError("ActivationRecorder saw a FeedForward call before any denoiser call.")
+        self.stats.update(layer, self.step, self._select_half(inputs.args[0].detach()))
 
     def __enter__(self) -> "ActivationRecorder":
         try:
-            self._handles.append(self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True))
-            for layer, linear in self.linears.items():
-                self._handles.append(linear.register_forward_pre_hook(self._hook_for(layer)))
+            for trace in self._traces:
+                trace.__enter__()
         except BaseException:
             self.remove()
             raise
@@ -95,9 +93,8 @@ class ActivationRecorder:
 
     def remove(self) -> None:
         self._settle_timesteps()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for trace in self._traces:
+            trace.remove()
 
     def __exit__(self, *exc_info) -> None:
         self.remove()

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from .errors import MemPruneError
-from .finetune import FinetuneSettings, RetainData, encode_conditioning
+from .conditioning import encode_conditioning
+from .finetune import FinetuneSettings, RetainData
+from .latents import vae_encode
 from .models import denoiser
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -91,15 +93,10 @@ def image_retain_data(pipe, folder: str | Path, settings: FinetuneSettings) -> R
     if not images:
         raise MemPruneError(f"--retain-images '{folder}' holds no images.")
     net = denoiser(pipe)
-    vae = pipe.vae
     size = int(net.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    scaling = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     latents = []
-    with torch.no_grad():
-        for start_index in range(0, len(images), 8):
-            pixels = torch.stack([_image_tensor(p, size) for p in images[start_index:start_index + 8]])
-            pixels = pixels.to(vae.device, vae.dtype)
-            latents.append(((vae.encode(pixels).latent_dist.mean - shift) * scaling).float())
+    for start_index in range(0, len(images), 8):
+        pixels = torch.stack([_image_tensor(p, size) for p in images[start_index:start_index + 8]])
+        latents.append(vae_encode(pipe, pixels).float())
     conditioning = encode_conditioning(pipe, captions)
     return RetainData(torch.cat(latents), conditioning, "images", time.perf_counter() - start)

@@ -22,6 +22,42 @@ Key = tuple[str, int]
 FIELDS = ("sumsq_normed", "mean", "m2")
 
 
+def merge_moments(count_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b: int, mean_b: torch.Tensor,
+                  m2_b: torch.Tensor) -> int:
+    """Chan et al.'s parallel update, in place on (mean_a, m2_a): the moments of both samples together (m2: sum of
+    squared deviations from the mean). Returns the joint count."""
+    total = count_a + count_b
+    delta = mean_b - mean_a
+    mean_a.add_(delta, alpha=count_b / total)
+    m2_a.add_(m2_b).addcmul_(delta, delta, value=count_a * count_b / total)
+    return total
+
+
+@dataclass
+class Moments:
+    """Float64 per-column mean and M2 of (samples, H) rows added batch by batch (NeMo's reference statistics)."""
+
+    count: int = 0
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        n, batch_mean = rows.shape[0], rows.mean(0)
+        batch_m2 = (rows - batch_mean).square().sum(0)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, batch_mean, batch_m2
+            return
+        self.count = merge_moments(self.count, self.mean, self.m2, n, batch_mean, batch_m2)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Sample standard deviation (M2 / (count - 1); 0 with fewer than 2 samples)."""
+        if self.m2 is None:
+            raise ValueError("No rows were added.")
+        return (self.m2 / max(self.count - 1, 1)).sqrt()
+
+
 @dataclass
 class Accumulator:
     """Statistics of one layer at one step."""
@@ -59,19 +95,11 @@ class Accumulator:
         samples, tokens, _ = x.shape
         return cls(*batch_statistics(x), count=samples, tokens=samples * tokens)
 
-    def _merge_moments(self, count_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, batch_scale: float = 1.0) -> None:
-        """Chan et al.'s parallel update; `m2_b * batch_scale` is the second batch's sum of squared deviations."""
-        count_a = self.count
-        total = count_a + count_b
-        delta = mean_b - self.mean
-        self.mean.add_(delta, alpha=count_b / total)
-        self.m2.add_(m2_b, alpha=batch_scale).addcmul_(delta, delta, value=count_a * count_b / total)
-        self.count = total
-
     def merge(self, other: "Accumulator") -> None:
         self.sumsq_normed += other.sumsq_normed.to(self.sumsq_normed)
         if other.count:
-            self._merge_moments(other.count, other.mean.to(self.mean), other.m2.to(self.m2))
+            self.count = merge_moments(self.count, self.mean, self.m2, other.count, other.mean.to(self.mean),
+                                       other.m2.to(self.m2))
         self.tokens += other.tokens
 
     @property

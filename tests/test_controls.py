@@ -14,9 +14,10 @@ from click.testing import CliRunner
 from diffusers import DiffusionPipeline
 
 from memprune.cli import main
-from memprune.control import random_control_of, random_zero_indices, zeroed_counts
+from memprune.control import random_control_of, tensor_generator, zeroed_counts
 from memprune.errors import MemPruneError
 from memprune.evaluation.metrics import calibrate_threshold, memorization_rate, strict_threshold
+from memprune.masks import random_weight_indices
 from memprune.methods.wanda import SelectionSettings, keep_count, ratio_for, select, wanda_mask
 from memprune.model_card import render_card
 from memprune.models import output_linears
@@ -59,9 +60,9 @@ def test_random_control_zeroes_the_same_count_per_tensor():
     # Seeded: the same seed picks the same weights, another seed others; the base model is untouched.
     name = f"{layers[0]}.net.2.weight"
     weight = before[name]
-    first = random_zero_indices(weight, 7, 5, name)
-    assert torch.equal(first, random_zero_indices(weight, 7, 5, name))
-    assert not torch.equal(first, random_zero_indices(weight, 7, 6, name))
+    first = random_weight_indices(weight, 7, tensor_generator(5, name), "nonzero", name)
+    assert torch.equal(first, random_weight_indices(weight, 7, tensor_generator(5, name), "nonzero", name))
+    assert not torch.equal(first, random_weight_indices(weight, 7, tensor_generator(6, name), "nonzero", name))
     assert torch.equal((after[name].view(-1) == 0).nonzero().squeeze(1), first)
     assert int((weight == 0).sum()) == 0
 
@@ -71,7 +72,7 @@ def test_no_control_for_an_edit_that_zeroes_nothing():
     control, counts = random_control_of(pipe, sd1_pipeline())
     assert control is None and counts == {}
     with pytest.raises(MemPruneError, match="only"):
-        random_zero_indices(torch.tensor([1.0, 0.0, 2.0]), 3, 0, "w")
+        random_weight_indices(torch.tensor([1.0, 0.0, 2.0]), 3, tensor_generator(0, "w"), "nonzero", "w")
 
 
 # --------------------------------------------------------------------------------------------- strict threshold

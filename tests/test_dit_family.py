@@ -147,3 +147,49 @@ def test_cli_locates_a_dit_at_a_given_size_and_flux_refuses_a_cfg_half(dit_folde
                                         "--out", str(tmp_path / "flux")])
     assert refused.exit_code == 1 and "guidance-distilled" in refused.output and "Traceback" not in refused.output
     assert not (tmp_path / "flux").exists() and not (tmp_path / "flux.partial").exists()
+
+
+# --------------------------------------------------------------------------------------------- Wen and the attack
+
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_wen_and_the_attack_run_on_cfg_dits(family):
+    """One Conditioning for every denoiser: Wen's mitigation and the attack optimise a DiT's prompt embedding."""
+    from memprune.attack import AttackSettings, attack_prompt, generate_from_embeddings
+    from memprune.conditioning import encode
+    from memprune.detect import detection_scores
+    from memprune.generate import generate
+    from memprune.methods.wen import WenSettings, first_step_norms, wrap
+
+    pipe = DIT_BUILDERS[family]()
+    prompt = "a red circle"
+    settings = GenerationSettings(steps=3, seeds=1, seed=0, height=TINY_SIZE, width=TINY_SIZE, guidance_scale=4.0)
+    norms = first_step_norms(pipe, [prompt], 3, [0], 4.0)
+    assert norms.shape == (1, 1) and np.isfinite(norms).all() and norms[0, 0] > 0
+    if family == "sd3":  # the pipeline's own first denoiser call gives the same norm (PixArt's output adds variances)
+        scores = detection_scores(pipe, [prompt], settings, progress=False)
+        assert scores.loc[0, "detection_score_first_step"] == pytest.approx(norms[0, 0], rel=1e-4)
+    mitigated = wrap(pipe, WenSettings(target=0.0, max_iterations=3))
+    [(_, _, latent)] = generate(mitigated, [prompt], settings, output_type="latent", progress=False)
+    record = mitigated.records[0]
+    assert torch.isfinite(latent).all()
+    assert record.iterations == 3 and record.last_norm < record.initial_norm
+
+    image = torch.rand(3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(0))
+    result = attack_prompt(pipe, prompt, image, AttackSettings(attack_steps=3, noise_samples=2))
+    assert np.isfinite(result.losses).all() and 0 < result.relative_norm <= AttackSettings().bound + 1e-6
+    if family == "pixart":  # the tiny SD3 VAE has no shift_factor, so its pipeline cannot decode images
+        conditioning = encode(pipe, [prompt], None, (TINY_SIZE, TINY_SIZE))
+        images = generate_from_embeddings(pipe, conditioning, conditioning.cond + result.delta,
+                                          GenerationSettings(steps=2, seeds=2), (TINY_SIZE, TINY_SIZE))
+        assert images.shape == (2, 3, TINY_SIZE, TINY_SIZE)
+
+
+def test_wen_and_the_attack_refuse_guidance_distilled_flux():
+    from memprune.attack import AttackSettings, attack_prompt
+    from memprune.methods.wen import WenSettings, wrap
+
+    pipe = DIT_BUILDERS["flux"]()
+    with pytest.raises(MemPruneError, match="guidance-distilled.*no unconditional prediction"):
+        wrap(pipe, WenSettings(target=1.0))
+    with pytest.raises(MemPruneError, match="guidance-distilled"):
+        attack_prompt(pipe, "a red circle", torch.rand(3, TINY_SIZE, TINY_SIZE), AttackSettings(attack_steps=1))

@@ -13,8 +13,10 @@ from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 from memprune.cli import main
 from memprune.masks import Masks
 from memprune.methods import get
-from memprune.methods.nemo import (Deactivated, Moments, NeMoSettings, ValueRecorder, first_step, initial_candidates,
-                                   nemo_layers, neuron_masks, refine, search_theta, theta_schedule, zscores)
+from memprune.methods.nemo_criterion import Deactivated, ValueRecorder, first_step, nemo_layers
+from memprune.methods.nemo_search import (NeMoSettings, initial_candidates, neuron_masks, refine, search_theta,
+                                          theta_schedule, zscores)
+from memprune.stats import Moments
 from memprune.models import value_linears
 
 

@@ -11,18 +11,20 @@ from memprune.masks import Masks
 from memprune.models import denoiser, layer_shapes, output_linears
 from memprune.commands.prune import prune_to_folder
 from memprune.commands.uniforget import uniforget_to_folder
+from memprune.conditioning import capture_conditioning
 from memprune.prune import apply_masks
 from memprune.methods.uniforget import (
-    NeuronGates,
-    capture_conditioning,
     sample_trajectory,
     UniForgetSettings,
+    train_gates,
+    union_masks,
+)
+from memprune.methods.uniforget_gates import (
+    NeuronGates,
     expected_l0,
     hard_concrete_deterministic,
     hard_concrete_sample,
-    train_gates,
     uniforget_masks,
-    union_masks,
 )
 from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 

@@ -31,9 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..conditioning import Conditioning, check_finite, encode, frozen, gradients_enabled, pipeline_kwargs, predict_noise
+from ..conditioning import (Conditioning, check_finite, encode, expand_rows, frozen, gradients_enabled, pipeline_kwargs,
+                            predict_noise)
 from ..errors import MemPruneError
-from ..generate import GenerationSettings, guidance_scale
+from ..generate import GenerationSettings, guidance_scale, pipeline_call_kwargs
+from ..latents import noised, prediction_kind, prediction_target, vae_encode
+from ..models import pipeline_modules
 
 
 @dataclass
@@ -58,11 +61,7 @@ class AttackSettings:
 def encode_image(pipe, image: torch.Tensor) -> torch.Tensor:
     """x_0 of a (3, H, W) image in [0, 1]: the VAE encoder's mean, shifted and scaled as the pipeline decodes it."""
     vae = pipe.vae
-    with torch.no_grad():
-        pixels = (image[None].to(vae.device, vae.dtype) * 2 - 1)
-        latents = vae.encode(pixels).latent_dist.mean
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return vae_encode(pipe, image[None].to(vae.device, vae.dtype) * 2 - 1)
 
 
 def noise_draws(pipe, settings: AttackSettings, shape) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -84,17 +83,13 @@ def denoising_loss(pipe, x0: torch.Tensor, cond: torch.Tensor, conditioning: Con
     device, dtype = x0.device, x0.dtype
     t, noise = t.to(device), noise.to(device, dtype)
     x0 = x0.expand(len(t), *x0.shape[1:])
-    noisy = scheduler.add_noise(x0, noise, t)
-    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(x0, noise, t)
-    else:
+    prediction_type = prediction_kind(scheduler)
+    if prediction_type not in ("epsilon", "v_prediction", "flow"):
         raise MemPruneError(f"The scheduler's prediction type '{prediction_type}' is not supported by the attack "
-                            "(epsilon or v_prediction).")
-    pooled = None if conditioning.pooled is None else conditioning.pooled.expand(len(t), -1)
-    prediction = predict_noise(pipe, noisy, t, cond.expand(len(t), -1, -1), pooled, conditioning.time_ids)
+                            "(epsilon, v_prediction or flow matching).")
+    noisy = noised(scheduler, x0, noise, t)
+    target = prediction_target(scheduler, x0, noise, t)
+    prediction = predict_noise(pipe, noisy, t, expand_rows(conditioning.with_cond(cond), len(t)))
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
 
@@ -118,8 +113,7 @@ def attack_prompt(pipe, prompt: str, image: torch.Tensor, settings: AttackSettin
                   conditioning: Conditioning | None = None) -> AttackResult:
     """Optimise δ for one prompt on `pipe` (module docstring, steps 1–3). No weight changes or gets a gradient."""
     tic = time.perf_counter()
-    modules = [getattr(pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2", "vae")]
-    with gradients_enabled(), frozen(*modules):
+    with gradients_enabled(), frozen(*pipeline_modules(pipe)):
         conditioning = (conditioning or encode(pipe, [prompt])).detached()
         x0 = encode_image(pipe, image).detach().clone()
         draws = noise_draws(pipe, settings, x0.shape[1:])
@@ -151,12 +145,11 @@ def generate_from_embeddings(pipe, conditioning: Conditioning, cond: torch.Tenso
                              size: tuple[int, int]) -> torch.Tensor:
     """(seeds, 3, H, W) images in [0, 1] of one prompt embedding, one CPU generator per seed (as memprune.generate)."""
     seeds = list(range(generation.seed, generation.seed + generation.seeds))
-    repeat = lambda x: None if x is None else x.expand(len(seeds), *x.shape[1:]).contiguous()  # noqa: E731
-    batch = Conditioning(repeat(cond), repeat(conditioning.uncond), repeat(conditioning.pooled),
-                         repeat(conditioning.uncond_pooled), conditioning.time_ids)
+    batch = conditioning.repeated(len(seeds), cond)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     with torch.inference_mode():
         output = pipe(num_inference_steps=generation.steps, guidance_scale=guidance_scale(pipe, generation),
-                      generator=generators, output_type="pt", height=size[0], width=size[1], **pipeline_kwargs(batch))
+                      generator=generators, output_type="pt", **pipeline_kwargs(batch),
+                      **pipeline_call_kwargs(pipe, GenerationSettings(height=size[0], width=size[1])))
     return output.images.detach().to("cpu", torch.float32).clamp(0, 1)
 

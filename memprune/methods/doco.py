@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conditioning import encode_conditioning
 from ..errors import MemPruneError
-from ..finetune import (FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, encode_conditioning,
-                        predicted_x0, run_finetune)
+from ..finetune import FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, predicted_x0, run_finetune
 from ..retain import sample_prompts
 from . import MethodInfo
 

@@ -49,9 +49,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..conditioning import encode_conditioning
 from ..errors import MemPruneError
-from ..finetune import (FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, cross_attention_kv,
-                        encode_conditioning, run_finetune)
+from ..finetune import FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, cross_attention_kv, run_finetune
 from . import MethodInfo
 
 METHOD = MethodInfo(
@@ -114,7 +114,7 @@ def project_off(matrix: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 def token_vectors(pipe, prompts: list[str], tokens: str = "prompt") -> torch.Tensor:
     """The denoiser's text conditioning of `prompts`, the chosen token positions stacked as rows (N x d)."""
-    states = encode_conditioning(pipe, prompts).encoder_hidden_states  # (n, T, d)
+    states = encode_conditioning(pipe, prompts).cond  # (n, T, d)
     lengths = None
     tokenizer = getattr(pipe, "tokenizer", None)
     if tokens == "prompt":

@@ -64,7 +64,6 @@ Choices made where the paper (or its summary we work from) is silent — all are
 from __future__ import annotations
 
 import copy
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -78,160 +77,20 @@ import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..conditioning import frozen
+from ..conditioning import capture_conditioning, frozen
 from ..errors import MemPruneError
-from . import MethodInfo
 from ..masks import Masks
-from ..models import denoiser, layer_shapes, output_linears
-from ..prompts import write_prompts
+from ..models import denoiser, layer_shapes, pipeline_modules
+from ..prompts import overlapping_captions, write_prompts
+from . import MethodInfo
+from .uniforget_gates import GAMMA, TEMPERATURE, ZETA, NeuronGates, uniforget_masks
 
-GAMMA = -0.1
-ZETA = 1.1
-TEMPERATURE = 2.0 / 3.0
 METHOD = MethodInfo(
     name="uniforget", kind="weight_edit",
     summary="Hard-concrete gates per FeedForward neuron trained on neutral prompts only; closed gates are pruned.",
     reference="Jin et al. 2025, UniForget, arXiv 2512.09687",
     stage="prune",
 )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Hard-concrete gates
-# --------------------------------------------------------------------------------------------------------------
-
-
-def hard_concrete_sample(log_alpha: torch.Tensor, u: torch.Tensor, temperature: float = TEMPERATURE,
-                         gamma: float = GAMMA, zeta: float = ZETA) -> torch.Tensor:
-    """Stochastic gate for uniform noise u in (0, 1): clamp(sigmoid((log u - log(1-u) + log_alpha)/β)·(ζ-γ)+γ, 0, 1)."""
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / temperature)
-    return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
-
-
-def hard_concrete_deterministic(log_alpha: torch.Tensor, gamma: float = GAMMA, zeta: float = ZETA) -> torch.Tensor:
-    """Test-time gate: clamp(sigmoid(log_alpha)·(ζ-γ)+γ, 0, 1)."""
-    return torch.clamp(torch.sigmoid(log_alpha) * (zeta - gamma) + gamma, 0.0, 1.0)
-
-
-def expected_l0(log_alpha: torch.Tensor, temperature: float = TEMPERATURE, gamma: float = GAMMA,
-                zeta: float = ZETA) -> torch.Tensor:
-    """Probability that the stochastic gate is non-zero: sigmoid(log_alpha - β·log(-γ/ζ))."""
-    return torch.sigmoid(log_alpha - temperature * math.log(-gamma / zeta))
-
-
-class NeuronGates:
-    """One hard-concrete gate per hidden neuron of every FeedForward, keyed by the FeedForward's dotted name.
-
-    `resample(generator)` draws stochastic gates (kept until the next resample); `deterministic()` switches to the
-    test-time gates. `apply(net)` is a context manager that multiplies each output Linear's input by its gates.
-    """
-
-    def __init__(self, widths: dict[str, int], init_log_alpha: float = 3.0, temperature: float = TEMPERATURE,
-                 gamma: float = GAMMA, zeta: float = ZETA, device: str | torch.device = "cpu"):
-        if not gamma < 0 < 1 < zeta:
-            raise MemPruneError(f"Hard-concrete stretch needs gamma < 0 and zeta > 1, got gamma={gamma}, zeta={zeta}.")
-        self.temperature, self.gamma, self.zeta = temperature, gamma, zeta
-        self.log_alpha = {
-            name: torch.full((width,), float(init_log_alpha), dtype=torch.float32, device=device, requires_grad=True)
-            for name, width in widths.items()
-        }
-        self.mode = "deterministic"
-        self._sampled: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def for_denoiser(cls, net: nn.Module, **kwargs) -> "NeuronGates":
-        device = next(net.parameters()).device
-        widths = {name: linear.in_features for name, linear in output_linears(net).items()}
-        return cls(widths, device=kwargs.pop("device", device), **kwargs)
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.log_alpha)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return list(self.log_alpha.values())
-
-    def resample(self, generator: torch.Generator | None = None, u: dict[str, torch.Tensor] | None = None) -> None:
-        """Stochastic mode with fresh gates: u drawn on the CPU from `generator` (or given per layer)."""
-        self.mode = "stochastic"
-        self._sampled = {}
-        for name, log_alpha in self.log_alpha.items():
-            noise = u[name] if u is not None else torch.rand(log_alpha.shape, generator=generator)
-            noise = noise.to(log_alpha.device, torch.float32).clamp(1e-6, 1 - 1e-6)
-            self._sampled[name] = hard_concrete_sample(log_alpha, noise, self.temperature, self.gamma, self.zeta)
-
-    def deterministic(self) -> None:
-        self.mode = "deterministic"
-        self._sampled = {}
-
-    def z(self, name: str) -> torch.Tensor:
-        """The gate values now in force for one layer (sampled in stochastic mode, test-time otherwise)."""
-        if self.mode == "stochastic":
-            return self._sampled[name]
-        return hard_concrete_deterministic(self.log_alpha[name], self.gamma, self.zeta)
-
-    def expected_l0(self) -> torch.Tensor:
-        """Mean expected L0 over all gates of all layers pooled: the expected share of open gates."""
-        values = torch.cat([expected_l0(a, self.temperature, self.gamma, self.zeta) for a in self.log_alpha.values()])
-        return values.mean()
-
-    def closed(self, threshold: float = 0.0) -> dict[str, torch.Tensor]:
-        """Per layer, bool (H,): neurons whose deterministic gate is <= threshold (default: exactly 0)."""
-        with torch.no_grad():
-            return {name: (hard_concrete_deterministic(a, self.gamma, self.zeta) <= threshold).cpu()
-                    for name, a in self.log_alpha.items()}
-
-    def pruned_share(self, threshold: float = 0.0) -> pd.DataFrame:
-        """Per layer: hidden width, pruned neurons and their share (tidy, one row per layer)."""
-        rows = [{"layer": name, "hidden": int(c.numel()), "pruned": int(c.sum()), "share": float(c.float().mean())}
-                for name, c in self.closed(threshold).items()]
-        return pd.DataFrame(rows, columns=["layer", "hidden", "pruned", "share"])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: a.detach().cpu().clone() for name, a in self.log_alpha.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, value in state.items():
-                if name not in self.log_alpha or self.log_alpha[name].shape != value.shape:
-                    raise MemPruneError(f"Gates for layer '{name}' do not match this model's FeedForward layers.")
-                self.log_alpha[name].copy_(value)
-
-    def apply(self, net: nn.Module) -> "GateHooks":
-        return GateHooks(net, self)
-
-
-class GateHooks:
-    """Context manager: forward pre-hooks on every gated output Linear multiply its input (..., H) by the gates.
-
-    On exit it removes exactly the hooks it added, also after an exception.
-    """
-
-    def __init__(self, net: nn.Module, gates: NeuronGates):
-        linears = output_linears(net)
-        missing = [name for name in gates.layers if name not in linears]
-        if missing:
-            raise MemPruneError(f"Gate layer '{missing[0]}' is not a FeedForward of this model.")
-        self.linears = {name: linears[name] for name in gates.layers}
-        self.gates = gates
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0]
-            return (x * self.gates.z(name).to(x.dtype),) + tuple(args[1:])
-
-        return hook
-
-    def __enter__(self) -> "GateHooks":
-        for name, linear in self.linears.items():
-            self._handles.append(linear.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,62 +154,24 @@ class GateResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _normalise(prompt: str) -> str:
-    return " ".join(prompt.split()).casefold()
-
-
 def check_neutral(neutral_prompts: list[str], memorized_prompts: list[str] | None) -> None:
     """Refuse a training set that holds a memorized prompt (UniForget must never see one)."""
     if not neutral_prompts:
         raise MemPruneError("UniForget needs at least one neutral (non-memorized) prompt to train on.")
     if memorized_prompts is None:
         return
-    memorized = {_normalise(p) for p in memorized_prompts}
-    for index, prompt in enumerate(neutral_prompts):
-        if _normalise(prompt) in memorized:
-            raise MemPruneError(
-                f"Neutral prompt {index + 1} ('{prompt}') is one of the memorized prompts: UniForget trains on "
-                "non-memorized captions only, remove it from the neutral prompts."
-            )
+    overlap = overlapping_captions(neutral_prompts, memorized_prompts)
+    if overlap:
+        index = overlap[0]
+        raise MemPruneError(
+            f"Neutral prompt {index + 1} ('{neutral_prompts[index]}') is one of the memorized prompts: UniForget "
+            "trains on non-memorized captions only, remove it from the neutral prompts."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The trajectory
 # --------------------------------------------------------------------------------------------------------------
-
-
-class _Captured(Exception):
-    pass
-
-
-def capture_conditioning(pipe, prompts: list[str], guidance_scale: float) -> tuple[tuple, dict]:
-    """The (sample, timestep) and keyword arguments of the pipeline's first denoiser call for `prompts`.
-
-    The pipeline is called and stopped at its first denoiser call, so its own prompt encoding (CFG layout
-    [uncond, cond], SDXL pooled embeddings and time ids) is reused without per-architecture code.
-    """
-    net = denoiser(pipe)
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured["args"], captured["kwargs"] = args, kwargs
-        raise _Captured
-
-    progress_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    handle = net.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        pipe(prompt=list(prompts), num_inference_steps=1, guidance_scale=guidance_scale, output_type="latent",
-             generator=torch.Generator("cpu").manual_seed(0))
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-        pipe._progress_bar_config = progress_config
-    if "kwargs" not in captured:
-        raise MemPruneError("The pipeline finished without calling its denoiser: cannot train UniForget gates on it.")
-    kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("sample", "timestep", "return_dict")}
-    return captured["args"], kwargs
 
 
 def sample_trajectory(net: nn.Module, scheduler, latents: torch.Tensor, conditioning: dict, guidance_scale: float,
@@ -375,30 +196,9 @@ def sample_trajectory(net: nn.Module, scheduler, latents: torch.Tensor, conditio
     return latents
 
 
-def _pipeline_modules(pipe) -> list[nn.Module]:
-    return [m for m in getattr(pipe, "components", {}).values() if isinstance(m, nn.Module)]
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Training and masks
 # --------------------------------------------------------------------------------------------------------------
-
-
-def uniforget_masks(gates: NeuronGates, shapes: dict[str, list[int]], steps: int = 50, threshold: float = 0.0,
-                    meta: dict | None = None) -> Masks:
-    """Closed gates as a neuron-granularity mask (whole columns of each output Linear's C x H weight),
-    the same for steps 0..steps-1."""
-    indices, mask_shapes = {}, {}
-    for layer, closed in gates.closed(threshold).items():
-        rows, columns = shapes[layer]
-        if closed.numel() != columns:
-            raise MemPruneError(f"Gates of layer '{layer}' have {closed.numel()} neurons but its weight has {columns} columns.")
-        dense = closed[None, :].expand(rows, columns)
-        flat = dense.flatten().nonzero().squeeze(1)
-        mask_shapes[layer] = (int(rows), int(columns))
-        for step in range(steps):
-            indices[(layer, step)] = flat.clone()  # one tensor per key: safetensors refuses shared storage
-    return Masks(indices=indices, shapes=mask_shapes, meta=dict(meta or {}))
 
 
 def union_masks(a: Masks, b: Masks) -> Masks:
@@ -465,7 +265,7 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
     bar = tqdm(range(settings.train_steps), desc=f"UniForget gates (beta={settings.beta:g})", disable=not settings.progress,
                leave=False)
     try:
-        with frozen(*_pipeline_modules(pipe), net):
+        with frozen(*pipeline_modules(pipe), net):
             for step in bar:
                 while len(queue) < settings.batch_size:
                     queue.extend(order.permutation(len(neutral_prompts)).tolist())

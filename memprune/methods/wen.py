@@ -2,7 +2,9 @@
 
 Per generation (per prompt and seed) and before sampling:
 
-1. encode the prompt and the negative (empty) prompt as the pipeline would (``pipe.encode_prompt``);
+1. encode the prompt and the negative (empty) prompt as the pipeline does (memprune.conditioning.encode: the
+   keyword arguments of its own first denoiser call, so UNets and CFG DiTs such as PixArt and SD3 alike; a
+   guidance-distilled pipeline such as Flux has no unconditional prediction and is refused);
 2. draw the initial latent x_T from the generation's own generator (its state is restored afterwards, so the
    pipeline then draws the same x_T), take the first timestep t_0 of the schedule;
 3. at most ``max_iterations`` times: compute the text-conditional noise norm
@@ -11,7 +13,9 @@ Per generation (per prompt and seed) and before sampling:
    weight decay 0.01) on the prompt's token embeddings e_p with ``lr``. As in Wen et al.'s code the first (BOS)
    token gets no gradient, the unconditional embedding stays fixed, and the check comes before the step, so at most
    ``max_iterations`` denoiser passes (batch [e_∅, e_p]) are added per image;
-4. generate with the stock pipeline from ``prompt_embeds = e_p*`` and ``negative_prompt_embeds = e_∅``.
+4. generate with the stock pipeline from ``prompt_embeds = e_p*`` and ``negative_prompt_embeds = e_∅`` (plus the
+   family's pooled embeddings or attention masks as encoded). On flow-matching models (SD3) ε is the predicted
+   velocity.
 
 Prompts of one pipeline call are optimised independently (one optimizer and one stop per prompt; the denoiser treats
 samples independently) in one batched denoiser pass per iteration. On SDXL the token embeddings (concatenated from
@@ -38,9 +42,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..conditioning import (Conditioning, check_finite, default_size, encode, frozen, gradients_enabled, pipeline_kwargs,
-                            predict_noise)
+from ..conditioning import (Conditioning, check_finite, default_size, encode, frozen, gradients_enabled, scaled_input,
+                            pipeline_kwargs, predict_noise, require_cfg_pipeline, text_noise_norm)
 from ..errors import MemPruneError
+from ..models import denoiser, pipeline_modules
 from . import MethodInfo
 
 METHOD = MethodInfo(
@@ -78,14 +83,8 @@ class WenRecord:
 
 def _noise_norms(pipe, model_input, t, cond, conditioning: Conditioning, rows) -> torch.Tensor:
     """‖ε(x, t, e_p) − ε(x, t, e_∅)‖₂ per sample for the given rows, one batched [uncond, cond] pass."""
-    uncond = conditioning.uncond[rows]
-    pooled = None
-    if conditioning.pooled is not None:
-        pooled = torch.cat([conditioning.uncond_pooled[rows], conditioning.pooled[rows]])
     x = model_input[rows]
-    eps = predict_noise(pipe, torch.cat([x, x]), t, torch.cat([uncond, cond]), pooled, conditioning.time_ids)
-    eps_uncond, eps_cond = eps.float().chunk(2)
-    return (eps_cond - eps_uncond).flatten(1).norm(dim=1)
+    return text_noise_norm(predict_noise(pipe, torch.cat([x, x]), t, conditioning.cfg_kwargs(cond, rows)))
 
 
 
@@ -105,8 +104,8 @@ def initial_latents(pipe, generators, count: int, size: tuple[int, int], dtype) 
     the same x_T)."""
     generator_list = generators if isinstance(generators, list) else [generators]
     states = [g.get_state() for g in generator_list]
-    latents = pipe.prepare_latents(count, pipe.unet.config.in_channels, size[0], size[1], dtype, pipe.unet.device,
-                                   generators, None)
+    net = denoiser(pipe)
+    latents = pipe.prepare_latents(count, net.config.in_channels, size[0], size[1], dtype, net.device, generators, None)
     for g, state in zip(generator_list, states):
         g.set_state(state)
     return latents
@@ -185,13 +184,13 @@ class WenPipeline:
         default_height, default_width = default_size(pipe)
         size = (height or default_height, width or default_width)
         generators = _generators(generator, len(prompts))
-        with gradients_enabled(), frozen(*(getattr(pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2", "vae"))):
+        with gradients_enabled(), frozen(*pipeline_modules(pipe)):
             conditioning = encode(pipe, prompts, negative_prompt, size).detached()
-            pipe.scheduler.set_timesteps(num_inference_steps, device=pipe.unet.device)
+            pipe.scheduler.set_timesteps(num_inference_steps, device=denoiser(pipe).device)
             t = pipe.scheduler.timesteps[0]
             latents = initial_latents(pipe, generators, len(prompts), size, conditioning.cond.dtype)
-            model_input = pipe.scheduler.scale_model_input(latents, t)
-            optimised, records = optimise_embeddings(pipe, prompts, conditioning, model_input, t, self.settings)
+            latents_in = scaled_input(pipe.scheduler, latents, t)
+            optimised, records = optimise_embeddings(pipe, prompts, conditioning, latents_in, t, self.settings)
         self.records.extend(records)
         return pipe(num_inference_steps=num_inference_steps, guidance_scale=guidance, generator=generators,
                     height=size[0], width=size[1], **pipeline_kwargs(conditioning, optimised), **kwargs)
@@ -199,8 +198,7 @@ class WenPipeline:
 
 def wrap(pipe, settings: WenSettings):
     """A callable with the pipeline's own call signature (so memprune.generate reads its default guidance scale)."""
-    if getattr(pipe, "unet", None) is None or not hasattr(pipe, "encode_prompt"):
-        raise MemPruneError("Wen's mitigation needs a text-to-image pipeline with a unet and encode_prompt (SD 1.x/2.x, SDXL).")
+    require_cfg_pipeline(pipe, "Wen's mitigation")
     signature = inspect.signature(type(pipe).__call__)
     cls = type(f"Wen{type(pipe).__name__}", (WenPipeline,), {})
 
@@ -220,20 +218,21 @@ def first_step_norms(pipe, prompts: list[str], steps: int, seeds: list[int], gui
     """(prompts, seeds) first-step text-conditional noise norms, x_T drawn as memprune.generate draws it per seed."""
     if guidance_scale <= 1.0:
         raise MemPruneError("Wen's mitigation needs classifier-free guidance: use a guidance scale above 1.")
+    require_cfg_pipeline(pipe, "Wen's mitigation")
     values = np.zeros((len(prompts), len(seeds)))
     size = default_size(pipe)
     with torch.no_grad():
-        pipe.scheduler.set_timesteps(steps, device=pipe.unet.device)
-        t = pipe.scheduler.timesteps[0]
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            conditioning = encode(pipe, batch, None, size)
+            conditioning = encode(pipe, batch, None, size)  # a pipeline call: set the timesteps after it
+            pipe.scheduler.set_timesteps(steps, device=denoiser(pipe).device)
+            t = pipe.scheduler.timesteps[0]
             rows = list(range(len(batch)))
             for column, seed in enumerate(seeds):
                 generators = [torch.Generator("cpu").manual_seed(seed) for _ in batch]
                 latents = initial_latents(pipe, generators, len(batch), size, conditioning.cond.dtype)
-                model_input = pipe.scheduler.scale_model_input(latents, t)
-                norms = _noise_norms(pipe, model_input, t, conditioning.cond, conditioning, rows)
+                norms = _noise_norms(pipe, scaled_input(pipe.scheduler, latents, t), t, conditioning.cond, conditioning,
+                                     rows)
                 values[start : start + len(batch), column] = norms.cpu().numpy()
     return values
 

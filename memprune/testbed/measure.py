@@ -19,12 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .imagesim import nearest_ssim, ssim, vae_reconstruct
@@ -238,7 +237,7 @@ def render_measurements(res: dict, command: str) -> str:
 
 def write_card(root: str, res: dict, command: str) -> None:
     """Rewrite MODEL_CARD.md of `root` with these measurements."""
-    from .data import DataConfig, build_data
+    from .data import build_data
     from .model_card import HISTORY, render_model_card
     from .train import config_from_dict
 
