@@ -154,7 +154,7 @@ def test_cli_locates_a_dit_at_a_given_size_and_flux_refuses_a_cfg_half(dit_folde
 @pytest.mark.parametrize("family", ["pixart", "sd3"])
 def test_wen_and_the_attack_run_on_cfg_dits(family):
     """One Conditioning for every denoiser: Wen's mitigation and the attack optimise a DiT's prompt embedding."""
-    from memprune.attack import AttackSettings, attack_prompt, generate_from_embeddings
+    from memprune.attack.embedding import AttackSettings, attack_prompt, generate_from_embeddings
     from memprune.conditioning import encode
     from memprune.detect import detection_scores
     from memprune.generate import generate
@@ -185,7 +185,7 @@ def test_wen_and_the_attack_run_on_cfg_dits(family):
 
 
 def test_wen_and_the_attack_refuse_guidance_distilled_flux():
-    from memprune.attack import AttackSettings, attack_prompt
+    from memprune.attack.embedding import AttackSettings, attack_prompt
     from memprune.methods.wen import WenSettings, wrap
 
     pipe = DIT_BUILDERS["flux"]()

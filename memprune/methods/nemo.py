@@ -72,6 +72,31 @@ METHOD = MethodInfo(
 )
 
 
+def check_reference(reference: str | None) -> str:
+    """NeMo's non-memorized prompts must be a file (statistics and SSIM threshold), never the empty prompt."""
+    if reference is None or reference == "empty":
+        raise MemPruneError("NeMo needs non-memorized prompts for its statistics and SSIM threshold: give --reference FILE.")
+    return reference
+
+
+def settings_from_options(options: dict) -> NeMoSettings:
+    """NeMoSettings from `memprune locate`'s options, refusing the options NeMo does not use."""
+    if options.get("subsets"):
+        raise MemPruneError("--subsets is an analysis of Wanda masks: run it with --method wanda.")
+    if options.get("processes", 1) > 1 or options.get("resume") or options.get("height") or options.get("width"):
+        raise MemPruneError("--processes, --resume, --height and --width are not supported with --method nemo yet.")
+    if options.get("guidance_scale") not in (None, 0.0, 1.0):
+        raise MemPruneError("NeMo's criterion runs without guidance (as theirs): drop --guidance-scale with --method nemo.")
+    check_reference(options.get("reference"))
+    seeds = options.get("seeds")
+    return NeMoSettings(theta=options.get("theta", 5.0), min_theta=options.get("min_theta", 1.0),
+                        theta_step=options.get("theta_step", 0.25), ssim_threshold=options.get("ssim_threshold"),
+                        seeds=10 if seeds is None else seeds, seed=options.get("seed", 0),
+                        steps=options.get("steps", 50), batch_size=options.get("batch_size", 8),
+                        layers=options.get("nemo_layers", "down_mid"),
+                        refine_unbroken=options.get("nemo_unbroken", "refine") == "refine")
+
+
 class NeMoRun:
     """One pipeline, its NeMo layers and settings: statistics, threshold and per-prompt localisation."""
 
