@@ -1,3 +1,6 @@
+"""Fixtures every test module shares: the tiny pipelines saved once per session and a small prompt file.
+The CLI helpers (`run`, `assert_refused`) live in helpers.py; the pipeline builders in tiny_pipelines.py and
+tiny_dit_pipelines.py."""
 import sys
 from pathlib import Path
 
@@ -14,6 +17,13 @@ from tiny_pipelines import BUILDERS, save_builders  # noqa: E402
 def saved_pipelines(tmp_path_factory):
     """Each tiny UNet architecture (SD1, SD2, SDXL) saved once per session."""
     return save_builders(BUILDERS, tmp_path_factory, "model")
+
+
+@pytest.fixture(scope="session")
+def dit_folders(tmp_path_factory):
+    """Each tiny DiT architecture (PixArt, SD3, Flux) saved once per session, built only when a test asks."""
+    from tiny_dit_pipelines import DIT_BUILDERS
+    return save_builders(DIT_BUILDERS, tmp_path_factory, "dit")
 
 
 @pytest.fixture

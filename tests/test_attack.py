@@ -6,19 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from memprune.attack import (AttackRunSettings, AttackSettings, attack_prompt, denoising_loss, encode_image,
                              generate_from_embeddings, noise_draws, project)
-from memprune.cli import main
 from memprune.conditioning import default_size, encode
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings
 from memprune.models import DEFAULT_MODEL, output_linears
 from memprune.similarity import SSIMBackend, load_image, tensor_to_pil
 from tiny_pipelines import BUILDERS
+from helpers import run
 
 FAST = AttackSettings(attack_steps=12, attack_lr=0.05, bound=1.0, noise_samples=2)
 
@@ -168,10 +167,6 @@ def attack_inputs(saved_pipelines, tmp_path_factory):
         next(other.text_encoder.parameters()).add_(0.01)
     other.save_pretrained(str(folder / "other_text"), safe_serialization=True)
     return {"folder": folder, "model": model, "edited": edited}
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 COMMON = ("--steps", 2, "--seeds", 2, "--attack-steps", 3, "--noise-samples", 1, "--device", "cpu")

@@ -2,25 +2,13 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from memprune.cli import main
+from helpers import assert_refused, run
+
 
 LOCATE = ["locate", "--steps", "3", "--ratio", "0.1", "--batch-size", "2", "--device", "cpu"]
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
-def assert_refused(result, message):
-    assert result.exit_code != 0, result.output
-    assert message in result.output, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
 
 
 @pytest.fixture(scope="module")

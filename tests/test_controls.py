@@ -10,10 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import DiffusionPipeline
 
-from memprune.cli import main
 from memprune.control import random_control_of, random_zero_indices, zeroed_counts
 from memprune.errors import MemPruneError
 from memprune.evaluate import calibrate_threshold, memorization_rate, strict_threshold
@@ -23,6 +21,7 @@ from memprune.models import output_linears
 from memprune.prompts import read_prompts
 from memprune.stats import NeuronStats
 from tiny_pipelines import sd1_pipeline
+from helpers import run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,7 +176,6 @@ def test_model_card_shows_edit_and_its_control():
 
 @pytest.mark.slow
 def test_prune_writes_a_card_and_card_command_adds_numbers(saved_pipelines, tmp_path):
-    run = lambda *args: CliRunner().invoke(main, [str(a) for a in args])  # noqa: E731
     prompts = tmp_path / "memorized.txt"
     prompts.write_text("a red circle\nthe cat\n")
     reference = tmp_path / "reference.txt"

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers.utils.torch_utils import randn_tensor
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -16,7 +15,7 @@ from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings
 from memprune.models import load_pipeline
 from memprune.prompts import read_prompts
-from memprune.cli import main
+from helpers import run
 
 
 class ToyDenoiser(nn.Module):
@@ -102,10 +101,6 @@ def test_roc_summary_by_hand():
     assert summary["auc"] == pytest.approx(0.75) and summary["tpr_at_1pct_fpr"] == pytest.approx(0.5)
     assert summary["positives"] == 2 and summary["negatives"] == 2
     assert roc_summary([1, 1], [0.2, 0.3])["auc"] is None
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_detect_command_on_labelled_file(saved_pipelines, tmp_path):

@@ -6,9 +6,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline
 
-from click.testing import CliRunner
 
-from memprune.cli import main
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings, guidance_distilled, uses_cfg
 from memprune.locate import LocateSettings, locate_to_folder, record_prompts
@@ -17,7 +15,7 @@ from memprune.methods.wanda import SelectionSettings
 from memprune.models import denoiser, find_feedforwards, output_linears
 from memprune.prune import prune_to_folder
 from tiny_dit_pipelines import DIT_BUILDERS, TINY_SIZE
-from tiny_pipelines import save_builders
+from helpers import run
 
 STOCK_CLASSES = {"pixart": PixArtAlphaPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 # The FeedForwards memprune must find (by type): SD3's last joint block and nothing in Flux's single blocks.
@@ -28,11 +26,6 @@ EXPECTED_LAYERS = {
              "transformer_blocks.1.ff_context"],
 }
 GENERATION = GenerationSettings(steps=3, batch_size=2, height=TINY_SIZE, width=TINY_SIZE)
-
-
-@pytest.fixture(scope="module")
-def dit_folders(tmp_path_factory):
-    return save_builders(DIT_BUILDERS, tmp_path_factory, "dit")
 
 
 def sumsq_normed(x: np.ndarray) -> np.ndarray:
@@ -137,12 +130,10 @@ def test_locate_prune_save_and_reload_with_stock_diffusers(family, dit_folders, 
 def test_cli_locates_a_dit_at_a_given_size_and_flux_refuses_a_cfg_half(dit_folders, tmp_path, prompt_file):
     common = ["locate", "--memorized", str(prompt_file), "--steps", "2", "--height", "16", "--width", "16",
               "--device", "cpu"]
-    ok = CliRunner().invoke(main, [*common, "--model", str(dit_folders["pixart"]), "--half", "cond",
-                                   "--out", str(tmp_path / "pixart")])
+    ok = run(*common, "--model", dit_folders["pixart"], "--half", "cond", "--out", tmp_path / "pixart")
     assert ok.exit_code == 0, ok.output
     assert Masks.load(tmp_path / "pixart").layers == EXPECTED_LAYERS["pixart"]
     assert json.loads((tmp_path / "pixart" / "run.json").read_text())["settings"]["generation"]["height"] == 16
-    refused = CliRunner().invoke(main, [*common, "--model", str(dit_folders["flux"]), "--half", "uncond",
-                                        "--out", str(tmp_path / "flux")])
+    refused = run(*common, "--model", dit_folders["flux"], "--half", "uncond", "--out", tmp_path / "flux")
     assert refused.exit_code == 1 and "guidance-distilled" in refused.output and "Traceback" not in refused.output
     assert not (tmp_path / "flux").exists() and not (tmp_path / "flux.partial").exists()

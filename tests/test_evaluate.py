@@ -7,11 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from memprune.cli import main
 from memprune.errors import MemPruneError
 from memprune.evaluate import (
     GROUPS, METRICS, EvaluateSettings, attribute_accuracy, calibrate_threshold, diversity,
@@ -23,6 +21,7 @@ from memprune.similarity import (
     L2Backend, SSCDBackend, SSIMBackend, default_ssim_window, load_image, make_backend, normalized_l2_distance, ssim,
     ssim_matrix, sscd_preprocess, tensor_to_pil,
 )
+from helpers import assert_refused, run
 
 # --------------------------------------------------------------------------------------------- metrics by hand
 
@@ -273,10 +272,6 @@ def test_no_ground_truth_metrics_by_hand(no_truth, saved_pipelines):
     assert result.value("edited", "memorized", "seconds_per_image_ratio") == pytest.approx(ratio)
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def test_evaluate_command_writes_folder(no_truth):
     folder, out = no_truth["folder"], no_truth["folder"] / "cli"
     settings = no_truth["settings"]
@@ -424,12 +419,6 @@ def test_testbed_defaults_and_required_files(saved_pipelines, tmp_path):
     assert EvaluateSettings(model=str(tmp_path), general="none").with_defaults().with_defaults().prompt_file("general") is None
     with pytest.raises(MemPruneError, match="--reference is required"):
         EvaluateSettings(model=str(saved_pipelines["sd1"]), memorized="m.txt").with_defaults()
-
-
-def assert_refused(result, message):
-    assert result.exit_code != 0, result.output
-    assert message in result.output, result.output
-    assert "Traceback" not in result.output
 
 
 def test_edited_model_of_another_base_is_refused(no_truth, saved_pipelines, tmp_path):

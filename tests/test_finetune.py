@@ -7,15 +7,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
-from memprune.cli import main
 from memprune.errors import MemPruneError
 from memprune.finetune import (FinetuneSettings, apply_delta, check_disjoint, cross_attention_kv,
                                generated_retain_data, run_finetune, trainable_parameters)
 from memprune.methods import doco, get, gradproj, names, plain
 from tiny_pipelines import sd1_pipeline, sdxl_pipeline
+from helpers import run
 
 RETAIN = ["a red circle", "a blue square", "the green dog", "a white cat"]
 MEMORIZED = ["a photo of the cat", "a blue square on white background"]
@@ -216,9 +215,8 @@ def prompt_files(tmp_path):
 
 
 def _cli(model, memorized, retain, out, *extra):
-    return CliRunner().invoke(main, ["finetune", "--model", str(model), "--memorized", str(memorized),
-                                     "--retain", str(retain), "--steps", "2", "--batch-size", "2",
-                                     "--sampling-steps", "2", "--device", "cpu", "--out", str(out), *extra])
+    return run("finetune", "--model", model, "--memorized", memorized, "--retain", retain, "--steps", 2,
+               "--batch-size", 2, "--sampling-steps", 2, "--device", "cpu", "--out", out, *extra)
 
 
 @pytest.mark.slow

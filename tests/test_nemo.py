@@ -5,17 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 
-from memprune.cli import main
 from memprune.masks import Masks
 from memprune.methods import get
 from memprune.methods.nemo import (Deactivated, Moments, NeMoSettings, ValueRecorder, first_step, initial_candidates,
                                    nemo_layers, neuron_masks, refine, search_theta, theta_schedule, zscores)
 from memprune.models import value_linears
+from helpers import assert_refused, run
 
 
 def test_registered_as_weight_edit():
@@ -158,10 +157,6 @@ def test_deactivation_equals_zeroed_weight_rows():
     assert not torch.allclose(hooked, plain)
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 NEMO = ["locate", "--method", "nemo", "--steps", "10", "--seeds", "3", "--batch-size", "4", "--device", "cpu",
         "--theta", "2", "--theta-step", "0.5", "--min-theta", "0.5"]
 
@@ -215,12 +210,6 @@ def test_reference_defaults_to_the_testbed_training_captions():
     assert nemo_reference(None, "mine.csv") == "mine.csv"
     with pytest.raises(MemPruneError, match="NeMo needs non-memorized prompts"):
         nemo_reference(None, "empty")
-
-
-def assert_refused(result, message):
-    assert result.exit_code != 0, result.output
-    assert message in result.output and "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
 
 
 def test_nemo_refuses_without_non_memorized_prompts(saved_pipelines, tmp_path):

@@ -3,17 +3,16 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import memprune.models
 from memprune.checkpoint import partial_folder
-from memprune.cli import main
 from memprune.distributed import FAULT_ENV
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, locate_to_folder
 from memprune.masks import Masks
 from memprune.stats import FIELDS, NeuronStats
+from helpers import run
 
 GENERATION = GenerationSettings(steps=3, batch_size=1)  # 4 prompts: 4 memorized + 4 reference calls
 
@@ -94,13 +93,13 @@ def test_cli_resume_and_a_run_that_fails_before_recording_leaves_nothing_to_resu
     args = ["locate", "--model", str(saved_pipelines["sd1"]), "--memorized", str(prompt_file), "--steps", "2",
             "--batch-size", "2", "--device", "cpu", "--checkpoint-every", "0", "--out", str(tmp_path / "out")]
     monkeypatch.setenv(FAULT_ENV, "0:1")
-    killed = CliRunner().invoke(main, args)
+    killed = run(*args)
     assert killed.exit_code != 0 and partial_folder(tmp_path / "out").is_dir()
     monkeypatch.delenv(FAULT_ENV)
-    resumed = CliRunner().invoke(main, [*args, "--resume", "--ratio", "0.05"])  # selection may change on resume
+    resumed = run(*args, "--resume", "--ratio", "0.05")  # selection may change on resume
     assert resumed.exit_code == 0, resumed.output
     assert "resumed" in resumed.output and not partial_folder(tmp_path / "out").exists()
     # Nothing recorded yet (here: a half the pipeline cannot give) -> no partial folder to trip the next run.
-    refused = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "out2"), "--guidance-scale", "1", "--half", "uncond"])
+    refused = run(*args[:-1], tmp_path / "out2", "--guidance-scale", "1", "--half", "uncond")
     assert refused.exit_code == 1 and "classifier-free guidance" in refused.output
     assert not partial_folder(tmp_path / "out2").exists()

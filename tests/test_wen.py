@@ -3,15 +3,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 
-from memprune.cli import main
 from memprune.detect import generate_with_scores
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings, default_guidance_scale, generate
 from memprune.methods import get
 from memprune.methods.wen import WenSettings, first_step_norms, wrap
 from tiny_pipelines import BUILDERS
+from helpers import run
 
 PROMPTS = ["a red circle", "the green dog"]
 GENERATION = GenerationSettings(steps=3, seeds=1, batch_size=2)
@@ -110,10 +109,10 @@ def test_evaluate_mitigation_column(saved_pipelines, tmp_path):
     (tmp_path / "memorized.txt").write_text("a red circle\nthe cat\n")
     (tmp_path / "reference.txt").write_text("the green dog\na photo of the dog\n")
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, [str(a) for a in (
+    result = run(
         "evaluate", "--model", saved_pipelines["sd1"], "--memorized", tmp_path / "memorized.txt", "--reference",
         tmp_path / "reference.txt", "--steps", 2, "--seeds", 2, "--device", "cpu", "--grid-prompts", 1,
-        "--mitigation", "wen", "--wen-iterations", 3, "--out", out)])
+        "--mitigation", "wen", "--wen-iterations", 3, "--out", out)
     assert result.exit_code == 0, result.output
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(dict.fromkeys(metrics.model)) == ["unedited", "wen"]
@@ -136,9 +135,9 @@ def test_evaluate_mitigation_column(saved_pipelines, tmp_path):
     assert value("wen", "non_memorized", "detection_score_first_step") < value("unedited", "non_memorized",
                                                                               "detection_score_first_step")
     assert not metrics.duplicated(["model", "group", "metric"]).any()
-    refused = CliRunner().invoke(main, [str(a) for a in (
+    refused = run(
         "evaluate", "--model", saved_pipelines["sd1"], "--memorized", tmp_path / "memorized.txt", "--reference",
         tmp_path / "reference.txt", "--steps", 2, "--seeds", 1, "--guidance-scale", 1.0, "--mitigation", "wen",
-        "--out", tmp_path / "nocfg")])
+        "--out", tmp_path / "nocfg")
     assert refused.exit_code != 0 and "classifier-free guidance" in refused.output
     assert "Traceback" not in refused.output
