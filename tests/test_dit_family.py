@@ -29,7 +29,7 @@ GENERATION = GenerationSettings(steps=3, batch_size=2, height=TINY_SIZE, width=T
 
 
 def sumsq_normed(x: np.ndarray) -> np.ndarray:
-    """DESIGN.md §1 in numpy: per unit, the sum over samples and tokens of (x_j / ||x||)^2."""
+    """The statistic of memprune.stats in numpy: per unit, the sum over samples and tokens of (x_j / ||x||)^2."""
     x = x.reshape(-1, x.shape[-1]).astype(np.float64)
     return ((x / np.linalg.norm(x, axis=1, keepdims=True)) ** 2).sum(0)
 

@@ -24,7 +24,7 @@ class ToyDenoiser(nn.Module):
 
 
 def hand_statistics(x: np.ndarray):
-    """Loops over samples and tokens, written straight from DESIGN.md §1."""
+    """Loops over samples and tokens, written straight from the definitions in memprune/stats.py."""
     samples, tokens, width = x.shape
     sumsq = np.zeros(width)
     for n in range(samples):

@@ -11,7 +11,7 @@ from memprune.stats import NeuronStats
 
 
 def brute_force_wanda(weight, a_mem, a_ref, ratio):
-    """Row by row, sort by score, keep the first k whose a_mem exceeds a_ref (DESIGN.md §1)."""
+    """Row by row, sort by score, keep the first k whose a_mem exceeds a_ref (Chavhan et al. 2024)."""
     rows, width = weight.shape
     k = math.floor(ratio * width)
     mask = np.zeros((rows, width), dtype=bool)

@@ -22,7 +22,9 @@ import shutil
 import pandas as pd
 from PIL import Image
 
+from .config import config_to_dict
 from .data import EmojiItem, ShapeSpec, TestbedData
+from .model_card import render_model_card
 
 ATTRIBUTION = """# Attribution
 
@@ -88,9 +90,6 @@ def store_weights_fp16(root: str) -> None:
 def write_testbed_folder(pipe, data: TestbedData, config, out: str, train_seconds: float | None = None,
                          overwrite: bool = False, fp16_storage: bool = True, trained_on: str | None = None) -> str:
     """Write everything to a temporary sibling of `out`, then rename (never a half folder)."""
-    from .model_card import render_model_card
-    from .train import config_to_dict
-
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists")
     parent = os.path.dirname(os.path.abspath(out))

@@ -240,7 +240,7 @@ def write_card(root: str, res: dict, command: str) -> None:
     """Rewrite MODEL_CARD.md of `root` with these measurements."""
     from .data import DataConfig, build_data
     from .model_card import HISTORY, render_model_card
-    from .train import config_from_dict
+    from .config import config_from_dict
 
     meta = json.load(open(os.path.join(root, "testbed_config.json")))
     cfg = config_from_dict(meta["config"])

@@ -5,7 +5,7 @@ import dataclasses
 
 from .data import DataConfig
 from .model import ModelConfig, UNetConfig
-from .train import TestbedConfig
+from .config import TestbedConfig
 
 
 def full() -> TestbedConfig:
