@@ -29,6 +29,8 @@ def dit_folders(tmp_path_factory):
 @pytest.fixture
 def prompt_file(tmp_path):
     path = tmp_path / "memorized.csv"
-    path.write_text(";Caption;type\n0;a red circle;VM\n1;a blue square on white background;TM\n2;a photo of the cat;VM\n"
-                    "3;the green dog;VM\n")
+    path.write_text(
+        ";Caption;type\n0;a red circle;VM\n1;a blue square on white background;TM\n2;a photo of the cat;VM\n"
+        "3;the green dog;VM\n"
+    )
     return path

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline
 
-
+from helpers import run
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings, guidance_distilled, uses_cfg
 from memprune.locate import LocateSettings, locate_to_folder, record_prompts
@@ -15,7 +15,6 @@ from memprune.methods.wanda import SelectionSettings
 from memprune.models import denoiser, find_feedforwards, output_linears
 from memprune.prune import prune_to_folder
 from tiny_dit_pipelines import DIT_BUILDERS, TINY_SIZE
-from helpers import run
 
 STOCK_CLASSES = {"pixart": PixArtAlphaPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 # The FeedForwards memprune must find (by type): SD3's last joint block and nothing in Flux's single blocks.
@@ -113,7 +112,9 @@ def test_locate_prune_save_and_reload_with_stock_diffusers(family, dit_folders, 
     union = masks.union_indices(2)
     assert sum(index.numel() for index in union.values()) > 0
     module_names = {id(module): name for name, module in pruned_pipe.transformer.named_modules()}
-    weight_of = {module_names[id(linear)] + ".weight": ff for ff, linear in output_linears(pruned_pipe.transformer).items()}
+    weight_of = {
+        module_names[id(linear)] + ".weight": ff for ff, linear in output_linears(pruned_pipe.transformer).items()
+    }
     assert len(weight_of) == len(EXPECTED_LAYERS[family])
     for name, weight in original.items():
         if name not in weight_of or weight_of[name] not in union:

@@ -9,12 +9,19 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import run
 from memprune.errors import MemPruneError
-from memprune.finetune import (FinetuneSettings, apply_delta, check_disjoint, cross_attention_kv,
-                               generated_retain_data, run_finetune, trainable_parameters)
+from memprune.finetune import (
+    FinetuneSettings,
+    apply_delta,
+    check_disjoint,
+    cross_attention_kv,
+    generated_retain_data,
+    run_finetune,
+    trainable_parameters,
+)
 from memprune.methods import doco, get, gradproj, names, plain
 from tiny_pipelines import sd1_pipeline, sdxl_pipeline
-from helpers import run
 
 RETAIN = ["a red circle", "a blue square", "the green dog", "a white cat"]
 MEMORIZED = ["a photo of the cat", "a blue square on white background"]
@@ -293,7 +300,7 @@ def test_retain_images_are_vae_latents_of_the_pairs(tmp_path, layout):
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     rng = np.random.default_rng(3)
     arrays = [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(2)]
-    for index, (array, caption) in enumerate(zip(arrays, RETAIN)):
+    for index, (array, caption) in enumerate(zip(arrays, RETAIN, strict=False)):
         Image.fromarray(array).save(tmp_path / f"{index}.png")
         if layout == "sidecar":
             (tmp_path / f"{index}.txt").write_text(caption)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import memprune.models
+from helpers import run
 from memprune.checkpoint import partial_folder
 from memprune.distributed import FAULT_ENV
 from memprune.errors import MemPruneError
@@ -12,7 +13,6 @@ from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, locate_to_folder
 from memprune.masks import Masks
 from memprune.stats import FIELDS, NeuronStats
-from helpers import run
 
 GENERATION = GenerationSettings(steps=3, batch_size=1)  # 4 prompts: 4 memorized + 4 reference calls
 
@@ -88,8 +88,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(saved_pipelines, prompt
                 assert torch.equal(getattr(acc, field), getattr(b[key], field)), (name, key, field)
 
 
-def test_cli_resume_and_a_run_that_fails_before_recording_leaves_nothing_to_resume(saved_pipelines, prompt_file, tmp_path,
-                                                                                    monkeypatch):
+def test_cli_resume_and_a_run_that_fails_before_recording_leaves_nothing_to_resume(
+    saved_pipelines, prompt_file, tmp_path, monkeypatch
+):
     args = ["locate", "--model", str(saved_pipelines["sd1"]), "--memorized", str(prompt_file), "--steps", "2",
             "--batch-size", "2", "--device", "cpu", "--checkpoint-every", "0", "--out", str(tmp_path / "out")]
     monkeypatch.setenv(FAULT_ENV, "0:1")

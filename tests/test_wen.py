@@ -4,13 +4,13 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import run
 from memprune.detect import generate_with_scores
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings, default_guidance_scale, generate
 from memprune.methods import get
 from memprune.methods.wen import WenSettings, first_step_norms, wrap
 from tiny_pipelines import BUILDERS
-from helpers import run
 
 PROMPTS = ["a red circle", "the green dog"]
 GENERATION = GenerationSettings(steps=3, seeds=1, batch_size=2)
@@ -30,7 +30,9 @@ def norm_by_hand(pipe, prompt_embeds, negative_embeds, seed, steps, extra=None) 
     x = pipe.scheduler.scale_model_input(x * pipe.scheduler.init_noise_sigma, t)
     with torch.no_grad():
         cond = pipe.unet(x, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=(extra or {}).get("cond")).sample
-        uncond = pipe.unet(x, t, encoder_hidden_states=negative_embeds, added_cond_kwargs=(extra or {}).get("uncond")).sample
+        uncond = pipe.unet(
+            x, t, encoder_hidden_states=negative_embeds, added_cond_kwargs=(extra or {}).get("uncond")
+        ).sample
     return float(np.linalg.norm((cond - uncond).double().numpy().ravel()))
 
 
@@ -49,14 +51,14 @@ def test_norm_by_hand_and_mitigation_lowers_it(arch):
     records = wrapped.records
     assert [r.prompt for r in records] == PROMPTS
     np.testing.assert_allclose([r.initial_norm for r in records], before, rtol=1e-4)
-    for record, (_, _, image, per_step), initial in zip(records, results, before):
+    for record, (_, _, image, per_step), initial in zip(records, results, before, strict=True):
         assert 1 <= record.iterations <= 10
         # The recorder sees the pipeline's own first step: with the optimised embedding the norm is lower.
         assert per_step[0] < initial - 1e-3
         assert record.last_norm < initial
         assert torch.isfinite(image).all()
     # Reached-target generations stop at once below the target; the sampling path's first step is that norm.
-    for record, (_, _, _, per_step) in zip(records, results):
+    for record, (_, _, _, per_step) in zip(records, results, strict=True):
         if record.reached:
             assert record.last_norm <= target and per_step[0] == pytest.approx(record.last_norm, rel=1e-4)
     after = state(pipe)
@@ -73,7 +75,7 @@ def test_target_above_norm_changes_nothing():
     wrapped = wrap(pipe, WenSettings(target=1e6))
     mitigated = [image for _, _, image in generate(wrapped, PROMPTS, GENERATION, output_type="pt", progress=False)]
     assert [r.iterations for r in wrapped.records] == [0, 0]
-    for a, b in zip(plain, mitigated):
+    for a, b in zip(plain, mitigated, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

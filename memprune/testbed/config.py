@@ -6,6 +6,7 @@ each other.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .data import DataConfig
 from .model import ModelConfig, SchedulerConfig, TextConfig, UNetConfig, VAEConfig
@@ -58,13 +59,18 @@ def config_to_dict(cfg: TestbedConfig) -> dict:
     return asdict(cfg)
 
 
+def _lists_to_tuples(fields: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no tuples: the channel and block lists of the model configs come back as lists."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
 def config_from_dict(d: dict) -> TestbedConfig:
     """Inverse of `config_to_dict` (nested dataclasses rebuilt, tuples restored)."""
     m = d.get("model", {})
     model = ModelConfig(
-        vae=VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.get("vae", {}).items()}),
+        vae=VAEConfig(**_lists_to_tuples(m.get("vae", {}))),
         text=TextConfig(**m.get("text", {})),
-        unet=UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.get("unet", {}).items()}),
+        unet=UNetConfig(**_lists_to_tuples(m.get("unet", {}))),
         scheduler=SchedulerConfig(**m.get("scheduler", {})),
     )
     rest = {k: v for k, v in d.items() if k not in ("data", "model")}

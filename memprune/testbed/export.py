@@ -69,7 +69,7 @@ def write_captions_and_images(data: TestbedData, root: str) -> None:
     ):
         table = _emoji_table(items, folder)
         os.makedirs(os.path.join(root, "images", folder), exist_ok=True)
-        for rel, img in zip(table["image"], images):
+        for rel, img in zip(table["image"], images, strict=True):
             Image.fromarray(img).save(os.path.join(root, rel))
         table.to_csv(os.path.join(root, "captions", name), index=False)
     _spec_table(data.general_heldout_specs).to_csv(os.path.join(root, "captions", "general_heldout.csv"), index=False)

@@ -35,7 +35,6 @@ from .model import (
 from .model_card import describe_device
 from .tokenizer import train_clip_tokenizer
 
-
 # --------------------------------------------------------------------------- helpers
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -89,7 +88,9 @@ def train_vae(cfg: TestbedConfig, data: TestbedData, work_dir: str, progress: bo
             g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
         # Half emoji, half shapes: emoji detail is what bounds how well a copy can be measured.
         n_e = cfg.vae_batch_size // 2
-        x = torch.cat([emoji[rng.integers(0, len(emoji), n_e)], shapes[rng.integers(0, len(shapes), cfg.vae_batch_size - n_e)]])
+        x = torch.cat(
+            [emoji[rng.integers(0, len(emoji), n_e)], shapes[rng.integers(0, len(shapes), cfg.vae_batch_size - n_e)]]
+        )
         post = vae.encode(x).latent_dist
         # Decode the posterior mean: with a tiny KL weight the posterior noise would only slow
         # learning down (the encoder must first learn to shrink it); SD's VAE is near-deterministic too.
@@ -124,7 +125,7 @@ class TrainingSet:
     caption_ids: dict[str, torch.Tensor]  # index into `embeddings` per image
     embeddings: torch.Tensor  # (n_captions + 1) × L × D; the last row is the empty caption
 
-    def to(self, device) -> "TrainingSet":
+    def to(self, device) -> TrainingSet:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return TrainingSet(move(self.mean), move(self.std), move(self.caption_ids), self.embeddings.to(device))
 
@@ -153,7 +154,9 @@ def encode_training_set(data: TestbedData, vae, tokenizer, text_encoder) -> Trai
     emb = []
     for i in range(0, len(captions) + 1, 256):
         chunk = (captions + [""])[i : i + 256]
-        ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         emb.append(text_encoder(ids)[0])
     embeddings = torch.cat(emb)
     mean, std, cap_ids = {}, {}, {}
@@ -248,7 +251,9 @@ def train_unet(cfg: TestbedConfig, ts: TrainingSet, work_dir: str, progress: boo
     unet.train()
     last_save = time.time()
     t0, done = time.time(), 0
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet", disable=not progress, mininterval=10)
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet", disable=not progress, mininterval=10
+    )
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg)
