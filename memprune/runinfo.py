@@ -102,7 +102,7 @@ def stale_staging(out: str | Path) -> list[Path]:
     if not out.parent.is_dir():
         return []
     kinds = "|".join(_STAGING_KINDS)
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:{kinds})-(?:(\d+)(?:-|$))?")
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:{kinds})-(?:(\d+)(?:[-.]|$))?")
     stale = []
     for sibling in sorted(out.parent.iterdir()):
         match = pattern.match(sibling.name)

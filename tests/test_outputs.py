@@ -75,7 +75,8 @@ def killed_run_leftovers(parent: Path, name: str) -> list[Path]:
     """What kills at different moments leave: staging of this and of an older naming, a half-replaced output,
     detect's and the testbed's staging."""
     dead_pid = 2**22 + 1  # larger than any PID: no process runs under it
-    names = [f"tmp-{dead_pid}-abcd1234", "tmp-k3j2_x9q", f"old-{dead_pid}-zz", "run-a1b2", f"tmp-{dead_pid}"]
+    names = [f"tmp-{dead_pid}-abcd1234", "tmp-k3j2_x9q", f"old-{dead_pid}-zz", "run-a1b2", f"tmp-{dead_pid}",
+             f"tmp-{dead_pid}.old"]
     leftovers = [parent / f".{name}.{suffix}" for suffix in names]
     for folder in leftovers:
         (folder / "unet").mkdir(parents=True)
@@ -87,6 +88,7 @@ def test_the_next_run_with_the_same_out_removes_what_killed_runs_left(tmp_path):
     leftovers = killed_run_leftovers(tmp_path, "out")
     live = tmp_path / f".out.tmp-{os.getpid()}-live"  # a run in progress (this process): left alone
     live.mkdir()
+    (tmp_path / f".out.tmp-{os.getpid()}.old").mkdir()  # the testbed swapping in its output right now
     others = [tmp_path / ".other.tmp-1-x", tmp_path / "out.partial", tmp_path / ".outer.tmp-1-x"]
     for folder in others:
         folder.mkdir()
@@ -95,17 +97,19 @@ def test_the_next_run_with_the_same_out_removes_what_killed_runs_left(tmp_path):
     with atomic_output_dir(tmp_path / "out", log=notices.append) as staging:
         (staging / "masks.json").write_text("{}")
     assert not any(folder.exists() for folder in leftovers)
-    assert live.is_dir() and all(folder.is_dir() for folder in others)
+    assert live.is_dir() and (tmp_path / f".out.tmp-{os.getpid()}.old").is_dir()
+    assert all(folder.is_dir() for folder in others)
     assert len(notices) == 1 and "\n" not in notices[0]
-    assert notices[0].startswith("Removed 5 temporary folders that an interrupted run with --out")
+    assert notices[0].startswith("Removed 6 temporary folders that an interrupted run with --out")
     assert (tmp_path / "out" / "masks.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, *(f.name for f in others)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, f".out.tmp-{os.getpid()}.old",
+                                                          *(f.name for f in others)])
 
 
 def test_cleanup_is_said_once_by_check_output_dir_and_silent_when_nothing_is_left(tmp_path, capsys):
     killed_run_leftovers(tmp_path, "out")
     check_output_dir(tmp_path / "out", overwrite=False)
-    assert capsys.readouterr().err.count("Removed 5 temporary folders") == 1
+    assert capsys.readouterr().err.count("Removed 6 temporary folders") == 1
     check_output_dir(tmp_path / "out", overwrite=False)
     assert capsys.readouterr().err == ""
 

@@ -22,6 +22,7 @@ import shutil
 import pandas as pd
 from PIL import Image
 
+from ..runinfo import remove_stale_staging
 from .config import config_to_dict
 from .data import EmojiItem, ShapeSpec, TestbedData
 from .model_card import render_model_card
@@ -94,6 +95,7 @@ def write_testbed_folder(pipe, data: TestbedData, config, out: str, train_second
         raise FileExistsError(f"{out} already exists")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
+    remove_stale_staging(out)  # what a killed training run left while writing (.OUT.tmp-PID), said in one line
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
