@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import MemPruneError
+from .runinfo import Log, notice
 from .stats import NeuronStats
 
 SETTINGS_FILE = "settings.json"
@@ -97,11 +98,13 @@ class PartialStats:
 
 
 def open_partial(out: str | Path, fingerprint: dict, resume: bool, overwrite: bool, processes,
-                 every_seconds: float = 60.0) -> tuple[PartialStats, bool]:
+                 every_seconds: float = 60.0, log: Log | None = notice) -> tuple[PartialStats, bool]:
     """Check OUT.partial against this run and prepare it; return it and whether there is something to resume.
 
     Without --resume an existing folder is refused (or cleared with --overwrite); with it, its settings must equal
-    this run's, or the first differing setting is named."""
+    this run's, or the first differing setting is named. --resume with nothing to resume starts from the beginning
+    and says so through `log` (one line): a script that always passes --resume works on its first run too, and a
+    user who mistyped --out sees that nothing was resumed."""
     folder = partial_folder(out)
     settings_path = folder / SETTINGS_FILE
     existing = settings_path.is_file()
@@ -114,6 +117,8 @@ def open_partial(out: str | Path, fingerprint: dict, resume: bool, overwrite: bo
     elif folder.exists() and not overwrite and not resume:
         raise MemPruneError(f"'{folder}' holds the partial statistics of an interrupted run: pass --resume to continue "
                             "it, or --overwrite (or delete it) to start over.")
+    if resume and not existing and processes.is_main and log is not None:
+        log(f"--resume: no interrupted run to continue in '{folder}'; starting from the beginning.")
     processes.barrier()  # every rank has checked before the main one changes anything
     if processes.is_main:
         if not (existing and resume):

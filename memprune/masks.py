@@ -129,11 +129,12 @@ class Masks:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Masks":
-        folder = Path(folder)
-        if folder.is_file():
-            folder = folder.parent
+        given = Path(folder)
+        folder = given.parent if given.is_file() else given  # a file of the folder (masks.safetensors) names it too
         if not (folder / MASKS_FILE).is_file() or not (folder / MASKS_META).is_file():
-            raise MemPruneError(f"'{folder}' holds no {MASKS_FILE} + {MASKS_META}: give the output folder of `memprune locate`.")
+            where = f"'{given}' is a file, not a folder of masks, and '{folder}'" if given.is_file() else f"'{folder}'"
+            raise MemPruneError(f"{where} holds no {MASKS_FILE} + {MASKS_META}: give the output folder of "
+                                "`memprune locate`.")
         try:
             tensors = load_file(str(folder / MASKS_FILE))
             meta = json.loads((folder / MASKS_META).read_text())

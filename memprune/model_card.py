@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .runinfo import apply_default_permissions
 
 CARD = "README.md"
 INFO = "memprune.json"
@@ -110,8 +111,14 @@ def write_card(folder: str | Path, info: dict, metrics: pd.DataFrame | None = No
                evaluation_source: str | None = None) -> Path:
     """Write README.md into `folder` atomically (temporary file + rename)."""
     path = Path(folder) / CARD
+    text = render_card(info, metrics, edited, evaluation_source)  # before the temporary file: no stray on error
     descriptor, temporary = tempfile.mkstemp(prefix=".README.", dir=folder)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(render_card(info, metrics, edited, evaluation_source))
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        apply_default_permissions(temporary)  # mkstemp's 0600 would make the card unreadable to others
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return path

@@ -6,14 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from memprune.attack.embedding import (AttackSettings, attack_prompt, denoising_loss, encode_image,
-                                       generate_from_embeddings, noise_draws, project)
+from helpers import run
+from memprune.attack.embedding import (
+    AttackSettings,
+    attack_prompt,
+    denoising_loss,
+    encode_image,
+    generate_from_embeddings,
+    noise_draws,
+    project,
+)
 from memprune.attack.run import AttackRunSettings
-from memprune.cli import main
 from memprune.conditioning import default_size, encode
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings
@@ -53,7 +59,9 @@ def test_denoising_loss_by_hand():
     alpha = pipe.scheduler.alphas_cumprod[t].double().numpy()[:, None, None, None]
     noisy = np.sqrt(alpha) * x0.double().numpy() + np.sqrt(1 - alpha) * noise.double().numpy()
     with torch.no_grad():
-        prediction = pipe.unet(torch.from_numpy(noisy).float(), t, encoder_hidden_states=conditioning.cond.expand(2, -1, -1)).sample
+        prediction = pipe.unet(
+            torch.from_numpy(noisy).float(), t, encoder_hidden_states=conditioning.cond.expand(2, -1, -1)
+        ).sample
     assert loss == pytest.approx(float(np.mean((prediction.double().numpy() - noise.double().numpy()) ** 2)), rel=1e-4)
 
 
@@ -171,10 +179,6 @@ def attack_inputs(saved_pipelines, tmp_path_factory):
     return {"folder": folder, "model": model, "edited": edited}
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 COMMON = ("--steps", 2, "--seeds", 2, "--attack-steps", 3, "--noise-samples", 1, "--device", "cpu")
 
 
@@ -202,9 +206,9 @@ def test_attack_command(attack_inputs):
     # Metrics by hand from the generations: rate strictly above the threshold, similarity means.
     threshold = metrics.query("metric == 'copy_threshold'").value.iloc[0]
     for model_name in ("unedited", "wanda"):
-        for attacked_flag, suffix in ((False, ""), (True, "_attacked")):
+        for attacked_flag, suffix in ((False, ""), (True, "_attacked")):  # noqa: B007 (read by the query)
             rows = generations.query("model == @model_name and attacked == @attacked_flag")
-            value = lambda m: metrics[(metrics.model == model_name) & (metrics.metric == m)].value.iloc[0]  # noqa: E731
+            value = lambda m: metrics[(metrics.model == model_name) & (metrics.metric == m)].value.iloc[0]  # noqa: E731, B023
             assert value(f"memorization_rate{suffix}") == pytest.approx(np.mean(rows.copy_similarity > threshold))
             assert value(f"copy_similarity{suffix}") == pytest.approx(rows.copy_similarity.mean())
     # The threshold: 95th percentile of the control generations' nearest training image (one control prompt, 2 seeds).

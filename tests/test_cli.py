@@ -2,25 +2,12 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from memprune.cli import main
+from helpers import assert_refused, run
 
 LOCATE = ["locate", "--steps", "3", "--ratio", "0.1", "--batch-size", "2", "--device", "cpu"]
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
-def assert_refused(result, message):
-    assert result.exit_code != 0, result.output
-    assert message in result.output, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +48,9 @@ def test_same_command_twice_gives_identical_masks(located, saved_pipelines):
 
 def test_bad_model_inputs(located, tmp_path):
     prompts = located["prompts"]
-    assert_refused(run(*LOCATE, "--model", tmp_path / "nope", "--memorized", prompts, "--out", tmp_path / "o"), "does not exist")
+    assert_refused(
+        run(*LOCATE, "--model", tmp_path / "nope", "--memorized", prompts, "--out", tmp_path / "o"), "does not exist"
+    )
     (tmp_path / "plain").mkdir()
     assert_refused(run(*LOCATE, "--model", tmp_path / "plain", "--memorized", prompts, "--out", tmp_path / "o"),
                    "not a diffusers pipeline")
@@ -86,7 +75,9 @@ def test_bad_prompt_files(saved_pipelines, tmp_path):
     no_caption.write_text("id,url\n1,http://x\n")
     model = saved_pipelines["sd1"]
     assert_refused(run(*LOCATE, "--model", model, "--memorized", empty, "--out", tmp_path / "o"), "holds no prompts")
-    assert_refused(run(*LOCATE, "--model", model, "--memorized", no_caption, "--out", tmp_path / "o"), "no caption column")
+    assert_refused(
+        run(*LOCATE, "--model", model, "--memorized", no_caption, "--out", tmp_path / "o"), "no caption column"
+    )
     assert_refused(run(*LOCATE, "--model", model, "--memorized", tmp_path / "missing.txt", "--out", tmp_path / "o"),
                    "does not exist")
     assert not (tmp_path / "o").exists()
@@ -95,8 +86,10 @@ def test_bad_prompt_files(saved_pipelines, tmp_path):
 def test_bad_ratio_timesteps_and_existing_output(saved_pipelines, located, tmp_path):
     model, prompts = saved_pipelines["sd1"], located["prompts"]
     for ratio in ("0", "1.5"):
-        assert_refused(run(*LOCATE, "--model", model, "--memorized", prompts, "--ratio", ratio, "--out", tmp_path / "o"),
-                       f"Invalid value for '--ratio': {float(ratio)} is not in the range 0<x<=1")
+        assert_refused(
+            run(*LOCATE, "--model", model, "--memorized", prompts, "--ratio", ratio, "--out", tmp_path / "o"),
+            f"Invalid value for '--ratio': {float(ratio)} is not in the range 0<x<=1",
+        )
     # Every numeric option is range-checked before any work (a batch size of 0 once ended in ZeroDivisionError).
     for option, value in (("--batch-size", "0"), ("--steps", "0"), ("--seeds", "0"), ("--k-per-row", "0"),
                           ("--subset-size", "0"), ("--num-prompts", "0"), ("--seed", "-1")):
@@ -105,12 +98,18 @@ def test_bad_ratio_timesteps_and_existing_output(saved_pipelines, located, tmp_p
     assert_refused(run(*LOCATE, "--model", model, "--memorized", prompts, "--ratio", "0.1", "--k-per-row", "2",
                        "--out", tmp_path / "o"), "Give --ratio or --k-per-row, not both.")
     by_k = [arg for arg in LOCATE if arg not in ("--ratio", "0.1")]
-    assert_refused(run(*by_k, "--model", model, "--memorized", prompts, "--k-per-row", "100000", "--out", tmp_path / "o"),
-                   "--k-per-row 100000 is larger than the width")
-    assert_refused(run("prune", "--model", model, "--masks", located["out"], "--timesteps", "4", "--out", tmp_path / "o"),
-                   "larger than the 3 steps")
+    assert_refused(
+        run(*by_k, "--model", model, "--memorized", prompts, "--k-per-row", "100000", "--out", tmp_path / "o"),
+        "--k-per-row 100000 is larger than the width",
+    )
+    assert_refused(
+        run("prune", "--model", model, "--masks", located["out"], "--timesteps", "4", "--out", tmp_path / "o"),
+        "larger than the 3 steps",
+    )
     assert_refused(run(*LOCATE, "--model", model, "--memorized", prompts, "--out", located["out"]), "already exists")
-    assert_refused(run("prune", "--model", model, "--masks", tmp_path, "--out", tmp_path / "o"), "holds no masks.safetensors")
+    assert_refused(
+        run("prune", "--model", model, "--masks", tmp_path, "--out", tmp_path / "o"), "holds no masks.safetensors"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -176,8 +175,27 @@ def test_prune_with_uniforget_trains_masks_then_prunes(saved_pipelines, located,
     neutral = tmp_path / "neutral.txt"
     neutral.write_text("a green square\nthe white background\n")
     out = tmp_path / "uf"
-    result = run("prune", "--model", saved_pipelines["sd1"], "--method", "uniforget", "--neutral", neutral,
-                 "--train-steps", 2, "--lr", 0.25, "--sampling-steps", 3, "--timesteps", 2, "--out", out, "--device", "cpu")
+    result = run(
+        "prune",
+        "--model",
+        saved_pipelines["sd1"],
+        "--method",
+        "uniforget",
+        "--neutral",
+        neutral,
+        "--train-steps",
+        2,
+        "--lr",
+        0.25,
+        "--sampling-steps",
+        3,
+        "--timesteps",
+        2,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "uf-uniforget-masks" / "masks.safetensors").is_file()
     settings = json.loads((tmp_path / "uf-uniforget-masks" / "run.json").read_text())["settings"]

@@ -10,10 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import DiffusionPipeline
 
-from memprune.cli import main
+from helpers import run
 from memprune.control import random_control_of, tensor_generator, zeroed_counts
 from memprune.errors import MemPruneError
 from memprune.evaluation.metrics import calibrate_threshold, memorization_rate, strict_threshold
@@ -178,7 +177,6 @@ def test_model_card_shows_edit_and_its_control():
 
 @pytest.mark.slow
 def test_prune_writes_a_card_and_card_command_adds_numbers(saved_pipelines, tmp_path):
-    run = lambda *args: CliRunner().invoke(main, [str(a) for a in args])  # noqa: E731
     prompts = tmp_path / "memorized.txt"
     prompts.write_text("a red circle\nthe cat\n")
     reference = tmp_path / "reference.txt"
@@ -195,8 +193,27 @@ def test_prune_writes_a_card_and_card_command_adds_numbers(saved_pipelines, tmp_
     card = (tmp_path / "pruned" / "README.md").read_text()
     assert f"base_model: {model}" in card and "Not evaluated yet" in card
     DiffusionPipeline.from_pretrained(str(tmp_path / "pruned"))  # the card does not disturb stock loading
-    result = run("evaluate", "--model", model, "--edited", tmp_path / "pruned", "--memorized", prompts, "--reference",
-                 reference, "--steps", 2, "--seeds", 2, "--device", "cpu", "--grid-prompts", 0, "--out", tmp_path / "ev")
+    result = run(
+        "evaluate",
+        "--model",
+        model,
+        "--edited",
+        tmp_path / "pruned",
+        "--memorized",
+        prompts,
+        "--reference",
+        reference,
+        "--steps",
+        2,
+        "--seeds",
+        2,
+        "--device",
+        "cpu",
+        "--grid-prompts",
+        0,
+        "--out",
+        tmp_path / "ev",
+    )
     assert result.exit_code == 0, result.output
     metrics = pd.read_csv(tmp_path / "ev" / "metrics.csv")
     assert "random_control" in set(metrics.model)
@@ -222,7 +239,10 @@ def test_check_claim_compares_against_the_random_control(tmp_path):
     pd.DataFrame(rows, columns=["model", "group", "metric", "value"]).to_csv(path, index=False)
     script = str(ROOT / "scripts" / "check_claim.py")
     output = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True, check=True).stdout
-    assert "[holds] the edit beats a random mask of the same size: 5.0% vs 90.0% (strict threshold: 30.0% vs 95.0%" in output
+    assert (
+        "[holds] the edit beats a random mask of the same size: 5.0% vs 90.0% (strict threshold: 30.0% vs 95.0%"
+        in output
+    )
     assert "holds on this model." in output
     # The same edit, but the random control does as well: the verdict must not hold.
     frame = pd.read_csv(path)

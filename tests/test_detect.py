@@ -6,17 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers.utils.torch_utils import randn_tensor
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from helpers import run
 from memprune.detect import NoiseNormRecorder, detection_scores, parse_label, prompt_labels, roc_summary
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings
 from memprune.models import load_pipeline
 from memprune.prompts import read_prompts
-from memprune.cli import main
 
 
 class ToyDenoiser(nn.Module):
@@ -104,13 +103,11 @@ def test_roc_summary_by_hand():
     assert roc_summary([1, 1], [0.2, 0.3])["auc"] is None
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def test_detect_command_on_labelled_file(saved_pipelines, tmp_path):
     prompts = tmp_path / "labelled.csv"
-    prompts.write_text("caption,type\na red circle,VM\nthe cat,TM\na blue square,N\nthe green dog,N\na photo of the dog,N\n")
+    prompts.write_text(
+        "caption,type\na red circle,VM\nthe cat,TM\na blue square,N\nthe green dog,N\na photo of the dog,N\n"
+    )
     out = tmp_path / "scores" / "wen.csv"
     args = ["detect", "--model", saved_pipelines["sd1"], "--prompts", prompts, "--steps", "2", "--seeds", "2",
             "--device", "cpu", "--out", out]
@@ -129,7 +126,9 @@ def test_detect_command_on_labelled_file(saved_pipelines, tmp_path):
     assert summary["settings"]["generation"]["steps"] == 2 and "sha256" in summary["inputs"]["prompts"]
     # Scores are the mean over seeds of the library's per-generation scores.
     pipe = load_pipeline(str(saved_pipelines["sd1"]))
-    per_generation = detection_scores(pipe, table.caption.tolist(), GenerationSettings(steps=2, seeds=2), progress=False)
+    per_generation = detection_scores(
+        pipe, table.caption.tolist(), GenerationSettings(steps=2, seeds=2), progress=False
+    )
     np.testing.assert_allclose(per_generation.groupby("prompt_index").detection_score.mean(), table.detection_score,
                                rtol=1e-5)
     again = run(*args)

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
+from memprune.commands.locate import locate_to_folder
 from memprune.distributed import FAULT_ENV, Processes, _failure_message
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings, call_plan
-from memprune.commands.locate import locate_to_folder
 from memprune.locate import LocateSettings
 from memprune.masks import Masks
 from memprune.stats import FIELDS, NeuronStats
@@ -42,7 +42,9 @@ def test_failure_report_names_the_rank_that_failed_first_not_the_ones_that_lost_
     report(2, 3.0, "later failure")
     report(1, 2.0, "out of memory")
     message = _failure_message(tmp_path, 3, 0, 1)
-    assert message.startswith("Process 1 of 3 failed (RuntimeError: out of memory)") and "nothing was written" in message
+    assert (
+        message.startswith("Process 1 of 3 failed (RuntimeError: out of memory)") and "nothing was written" in message
+    )
     for path in tmp_path.iterdir():
         path.unlink()
     assert _failure_message(tmp_path, 2, 1, -9).startswith("Process 1 of 2 was killed by signal 9")
@@ -78,7 +80,9 @@ def test_two_gloo_processes_equal_one_and_a_failing_rank_stops_all(saved_pipelin
 
     # Rank 1 raises at its second pipeline call: the other stops, the message names rank 1, nothing is written.
     monkeypatch.setenv(FAULT_ENV, "1:1")
-    with pytest.raises(MemPruneError, match=r"Process 1 of 2 failed \(RuntimeError: injected fault.*nothing was written"):
+    with pytest.raises(
+        MemPruneError, match=r"Process 1 of 2 failed \(RuntimeError: injected fault.*nothing was written"
+    ):
         locate_to_folder(settings, tmp_path / "failed", device="cpu", processes=2)
     assert not (tmp_path / "failed").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".failed.tmp")]

@@ -6,19 +6,16 @@ import pytest
 import torch
 from diffusers import FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline
 
-from click.testing import CliRunner
-
-from memprune.cli import main
-from memprune.errors import MemPruneError
-from memprune.generate import GenerationSettings, guidance_distilled, uses_cfg
+from helpers import run
 from memprune.commands.locate import locate_to_folder
 from memprune.commands.prune import prune_to_folder
+from memprune.errors import MemPruneError
+from memprune.generate import GenerationSettings, guidance_distilled, uses_cfg
 from memprune.locate import LocateSettings, record_prompts
 from memprune.masks import Masks
 from memprune.methods.wanda import SelectionSettings
 from memprune.models import denoiser, find_feedforwards, output_linears
 from tiny_dit_pipelines import DIT_BUILDERS, TINY_SIZE
-from tiny_pipelines import save_builders
 
 STOCK_CLASSES = {"pixart": PixArtAlphaPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 # The FeedForwards memprune must find (by type): SD3's last joint block and nothing in Flux's single blocks.
@@ -31,13 +28,8 @@ EXPECTED_LAYERS = {
 GENERATION = GenerationSettings(steps=3, batch_size=2, height=TINY_SIZE, width=TINY_SIZE)
 
 
-@pytest.fixture(scope="module")
-def dit_folders(tmp_path_factory):
-    return save_builders(DIT_BUILDERS, tmp_path_factory, "dit")
-
-
 def sumsq_normed(x: np.ndarray) -> np.ndarray:
-    """DESIGN.md §1 in numpy: per unit, the sum over samples and tokens of (x_j / ||x||)^2."""
+    """The statistic of memprune.stats in numpy: per unit, the sum over samples and tokens of (x_j / ||x||)^2."""
     x = x.reshape(-1, x.shape[-1]).astype(np.float64)
     return ((x / np.linalg.norm(x, axis=1, keepdims=True)) ** 2).sum(0)
 
@@ -121,7 +113,9 @@ def test_locate_prune_save_and_reload_with_stock_diffusers(family, dit_folders, 
     union = masks.union_indices(2)
     assert sum(index.numel() for index in union.values()) > 0
     module_names = {id(module): name for name, module in pruned_pipe.transformer.named_modules()}
-    weight_of = {module_names[id(linear)] + ".weight": ff for ff, linear in output_linears(pruned_pipe.transformer).items()}
+    weight_of = {
+        module_names[id(linear)] + ".weight": ff for ff, linear in output_linears(pruned_pipe.transformer).items()
+    }
     assert len(weight_of) == len(EXPECTED_LAYERS[family])
     for name, weight in original.items():
         if name not in weight_of or weight_of[name] not in union:
@@ -138,13 +132,11 @@ def test_locate_prune_save_and_reload_with_stock_diffusers(family, dit_folders, 
 def test_cli_locates_a_dit_at_a_given_size_and_flux_refuses_a_cfg_half(dit_folders, tmp_path, prompt_file):
     common = ["locate", "--memorized", str(prompt_file), "--steps", "2", "--height", "16", "--width", "16",
               "--device", "cpu"]
-    ok = CliRunner().invoke(main, [*common, "--model", str(dit_folders["pixart"]), "--half", "cond",
-                                   "--out", str(tmp_path / "pixart")])
+    ok = run(*common, "--model", dit_folders["pixart"], "--half", "cond", "--out", tmp_path / "pixart")
     assert ok.exit_code == 0, ok.output
     assert Masks.load(tmp_path / "pixart").layers == EXPECTED_LAYERS["pixart"]
     assert json.loads((tmp_path / "pixart" / "run.json").read_text())["settings"]["generation"]["height"] == 16
-    refused = CliRunner().invoke(main, [*common, "--model", str(dit_folders["flux"]), "--half", "uncond",
-                                        "--out", str(tmp_path / "flux")])
+    refused = run(*common, "--model", dit_folders["flux"], "--half", "uncond", "--out", tmp_path / "flux")
     assert refused.exit_code == 1 and "guidance-distilled" in refused.output and "Traceback" not in refused.output
     assert not (tmp_path / "flux").exists() and not (tmp_path / "flux.partial").exists()
 

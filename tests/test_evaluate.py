@@ -7,22 +7,30 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from memprune.cli import main
-from memprune.errors import MemPruneError
+from helpers import assert_refused, run
 from memprune.commands.evaluate import with_testbed_defaults
+from memprune.errors import MemPruneError
 from memprune.evaluation.metrics import attribute_accuracy, calibrate_threshold, diversity, memorization_rate
 from memprune.evaluation.run import evaluate
 from memprune.evaluation.schema import GROUPS, METRICS
 from memprune.evaluation.settings import EvaluateSettings
 from memprune.generate import GenerationSettings, generate
-from memprune.models import DEFAULT_MODEL, load_pipeline, output_linears
+from memprune.models import load_pipeline, output_linears
 from memprune.similarity import (
-    L2Backend, SSCDBackend, SSIMBackend, default_ssim_window, load_image, make_backend, normalized_l2_distance, ssim,
-    ssim_matrix, sscd_preprocess, tensor_to_pil,
+    L2Backend,
+    SSCDBackend,
+    SSIMBackend,
+    default_ssim_window,
+    load_image,
+    make_backend,
+    normalized_l2_distance,
+    sscd_preprocess,
+    ssim,
+    ssim_matrix,
+    tensor_to_pil,
 )
 
 # --------------------------------------------------------------------------------------------- metrics by hand
@@ -65,8 +73,9 @@ def test_ssim_against_numpy_reference(images):
     assert float(ssim(x[None], 1 - x[None])) < 0  # the inverse is anti-correlated
     large = torch.nn.functional.interpolate(x[None], size=(64, 64), mode="bilinear")
     shifted = torch.roll(large, shifts=4, dims=3)
-    assert float(ssim(large, shifted)) == pytest.approx(numpy_ssim(large[0].double().numpy(), shifted[0].double().numpy(), 11),
-                                                         abs=1e-5)
+    assert float(ssim(large, shifted)) == pytest.approx(
+        numpy_ssim(large[0].double().numpy(), shifted[0].double().numpy(), 11), abs=1e-5
+    )
 
 
 def test_ssim_of_constant_images_closed_form():
@@ -162,7 +171,11 @@ def test_testbed_classifier_adapter(monkeypatch):
     red[0], blue[2] = 1.0, 1.0
     assert classify(torch.stack([red, blue])) == [{"colour": "red"}, {"colour": "blue"}]
     assert seen["folder"] == "/some/testbed"
-    assert seen["array"].dtype == np.uint8 and seen["array"].shape == (2, 4, 4, 3) and seen["array"][0, 0, 0].tolist() == [255, 0, 0]
+    assert (
+        seen["array"].dtype == np.uint8
+        and seen["array"].shape == (2, 4, 4, 3)
+        and seen["array"][0, 0, 0].tolist() == [255, 0, 0]
+    )
 
 
 def test_sscd_backend_errors(tmp_path):
@@ -219,13 +232,17 @@ def no_truth(saved_pipelines, tmp_path_factory):
 
 def check_schema(metrics: pd.DataFrame):
     assert list(metrics.columns) == ["model", "group", "metric", "value"]
-    assert set(metrics.model) <= {"unedited", "edited", "random_control"} and set(metrics.group) <= set(GROUPS) and set(metrics.metric) <= set(METRICS)
+    assert (
+        set(metrics.model) <= {"unedited", "edited", "random_control"}
+        and set(metrics.group) <= set(GROUPS)
+        and set(metrics.metric) <= set(METRICS)
+    )
     assert np.isfinite(metrics.value).all()
     assert not metrics.duplicated(["model", "group", "metric"]).any()
 
 
 def test_no_ground_truth_metrics_by_hand(no_truth, saved_pipelines):
-    result, backend = no_truth["result"], SSIMBackend()
+    result = no_truth["result"]
     metrics = result.metrics
     check_schema(metrics)
     assert set(metrics.group) == {"memorized", "memorized_held_out", "non_memorized"}
@@ -256,7 +273,9 @@ def test_no_ground_truth_metrics_by_hand(no_truth, saved_pipelines):
     assert result.threshold == pytest.approx(np.percentile(nearest, 95), abs=1e-5)
     assert result.value("unedited", "non_memorized", "copy_threshold") == pytest.approx(result.threshold)
     assert result.threshold_info["mode"] == "unedited_generation"
-    assert result.value("edited", "memorized", "memorization_rate") == pytest.approx(np.mean(to_unedited > result.threshold))
+    assert result.value("edited", "memorized", "memorization_rate") == pytest.approx(
+        np.mean(to_unedited > result.threshold)
+    )
 
     pairs = [float(ssim(unedited[p, 0:1], unedited[p, 1:2])) for p in range(3)]
     assert result.value("unedited", "memorized", "diversity") == pytest.approx(np.mean(pairs), abs=1e-5)
@@ -267,19 +286,19 @@ def test_no_ground_truth_metrics_by_hand(no_truth, saved_pipelines):
     table = result.generations[result.generations.model == "unedited"]
     per_prompt = table.groupby(["source", "prompt_index"]).detection_score.mean()
     labels = [1 if source == "memorized" else 0 for source, _ in per_prompt.index]
-    assert result.value("unedited", "non_memorized", "detection_auc") == pytest.approx(roc_auc_score(labels, per_prompt))
+    assert result.value("unedited", "non_memorized", "detection_auc") == pytest.approx(
+        roc_auc_score(labels, per_prompt)
+    )
     assert result.value("unedited", "memorized", "detection_score") == pytest.approx(per_prompt["memorized"].mean())
     assert result.value("edited", "memorized", "seconds_per_image") > 0
-    ratio = result.value("edited", "memorized", "seconds_per_image") / result.value("unedited", "memorized", "seconds_per_image")
+    ratio = result.value("edited", "memorized", "seconds_per_image") / result.value(
+        "unedited", "memorized", "seconds_per_image"
+    )
     assert result.value("edited", "memorized", "seconds_per_image_ratio") == pytest.approx(ratio)
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def test_evaluate_command_writes_folder(no_truth):
-    folder, out = no_truth["folder"], no_truth["folder"] / "cli"
+    out = no_truth["folder"] / "cli"
     settings = no_truth["settings"]
     result = run("evaluate", "--model", settings.model, "--edited", settings.edited, "--memorized", settings.memorized,
                  "--reference", settings.reference, "--exclude-prompts", settings.exclude_prompts, "--steps", 2,
@@ -296,7 +315,9 @@ def test_evaluate_command_writes_folder(no_truth):
     same = merged[merged.metric.isin(["similarity_to_unedited", "diversity", "copy_threshold", "detection_score"])]
     np.testing.assert_allclose(same.value_x, same.value_y, rtol=1e-5)
     run_info = json.loads((out / "run.json").read_text())
-    assert run_info["copy_threshold"]["value"] == pytest.approx(metrics.query("metric == 'copy_threshold'").value.iloc[0])
+    assert run_info["copy_threshold"]["value"] == pytest.approx(
+        metrics.query("metric == 'copy_threshold'").value.iloc[0]
+    )
     assert run_info["similarity_backend"].startswith("SSIM")
     markdown = (out / "metrics.md").read_text()
     assert "| group | metric | unedited | edited | random_control |" in markdown
@@ -320,7 +341,7 @@ def test_compare_several_edited_models(no_truth, saved_pipelines):
     assert "| group | metric | unedited | edited | heavier |" in (out / "metrics.md").read_text()
     # The folder named "edited" gives exactly the numbers of the lone --edited run (same seeds, same threshold).
     single = no_truth["result"].metrics
-    for metric in ("similarity_to_unedited", "memorization_rate"):
+    for metric in ("similarity_to_unedited", "memorization_rate"):  # noqa: B007 (read by the query)
         value = metrics.query("model == 'edited' and group == 'memorized' and metric == @metric").value.iloc[0]
         assert value == pytest.approx(single.query("model == 'edited' and group == 'memorized' and metric == @metric")
                                       .value.iloc[0], abs=1e-5)
@@ -330,7 +351,9 @@ def test_compare_several_edited_models(no_truth, saved_pipelines):
     images = torch.stack([image for _, _, image in generate(pipe, ["a red circle", "the cat", "a blue square"],
                                                             GENERATION, output_type="pt", progress=False)])
     by_hand = ssim(images, unedited.transpose(0, 1).flatten(0, 1)).mean().item()
-    value = metrics.query("model == 'heavier' and group == 'memorized' and metric == 'similarity_to_unedited'").value.iloc[0]
+    value = metrics.query(
+        "model == 'heavier' and group == 'memorized' and metric == 'similarity_to_unedited'"
+    ).value.iloc[0]
     assert value == pytest.approx(by_hand, abs=1e-4)
     assert json.loads((out / "run.json").read_text())["inputs"]["heavier_memprune_json"]["sha256"]
 
@@ -345,7 +368,9 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
     model = saved_pipelines["sd1"]
     pipe = load_pipeline(str(model))
     # Training image of "a red circle" = the model's own seed-0 generation: its copy similarity is ~1 (PNG rounding).
-    (_, _, first), = generate(pipe, ["a red circle"], GenerationSettings(steps=2, seeds=1), output_type="pt", progress=False)
+    ((_, _, first),) = generate(
+        pipe, ["a red circle"], GenerationSettings(steps=2, seeds=1), output_type="pt", progress=False
+    )
     images, captions = tmp_path / "images", tmp_path / "captions"
     images.mkdir(), captions.mkdir()
     tensor_to_pil(first).save(images / "circle.png")
@@ -356,7 +381,9 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
     (captions / "memorized.csv").write_text("caption,image\na red circle,images/circle.png\nthe cat,images/cat.png\n")
     (captions / "non_memorized_same_style.csv").write_text(
         "caption,image\nthe green dog,images/dog.png\na blue square,images/square.png\n")
-    (captions / "general_heldout.csv").write_text("caption,image,colour,shape\na red circle,,red,circle\nthe blue square,,blue,square\n")
+    (captions / "general_heldout.csv").write_text(
+        "caption,image,colour,shape\na red circle,,red,circle\nthe blue square,,blue,square\n"
+    )
     monkeypatch.setattr(defaults_module, "testbed_captions", lambda model: captions)
     monkeypatch.setattr(evaluate_module, "load_testbed_classifier",
                         lambda folder, log=None: lambda batch: [{"colour": "red", "shape": "circle"}] * len(batch))
@@ -376,12 +403,21 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
     # Threshold on same_style_control: 95th percentile of the nearest of the 4 known training images.
     pool = torch.stack([load_image(images / f"{n}.png") for n in ("circle", "cat", "dog", "square")])
     control = result.images["unedited", "control"].flatten(0, 1)
-    assert result.threshold == pytest.approx(np.percentile(ssim_matrix(control, pool).max(1).values.numpy(), 95), abs=1e-5)
-    assert result.threshold_info["calibrated_on"] == "same_style_control" and result.threshold_info["mode"] == "training_image"
-    assert result.value("unedited", "memorized", "memorization_rate") == pytest.approx(np.mean(copies > result.threshold))
+    assert result.threshold == pytest.approx(
+        np.percentile(ssim_matrix(control, pool).max(1).values.numpy(), 95), abs=1e-5
+    )
+    assert (
+        result.threshold_info["calibrated_on"] == "same_style_control"
+        and result.threshold_info["mode"] == "training_image"
+    )
+    assert result.value("unedited", "memorized", "memorization_rate") == pytest.approx(
+        np.mean(copies > result.threshold)
+    )
     control_copies = result.generations.query("model == 'unedited' and source == 'control'").copy_similarity
     for group in ("same_style_control", "non_memorized"):  # general captions have no training image
-        assert result.value("unedited", group, "memorization_rate") == pytest.approx(np.mean(control_copies > result.threshold))
+        assert result.value("unedited", group, "memorization_rate") == pytest.approx(
+            np.mean(control_copies > result.threshold)
+        )
     # Strict threshold: 95th percentile of the controls' similarity to their OWN training image (dog.png, square.png).
     own = control_copies.to_numpy()
     by_hand = [float(ssim(result.images["unedited", "control"][i, s][None], load_image(images / f"{n}.png")[None]))
@@ -403,7 +439,11 @@ def test_ground_truth_images_with_testbed_defaults(saved_pipelines, tmp_path, mo
     monkeypatch.setattr(evaluate_command, "evaluate", lambda settings, **kwargs: result)
     summary = evaluate_command.evaluate_to_folder(settings, out, progress=False)
     assert "Similarity backend: SSIM" in summary
-    assert sorted(p.name for p in (out / "grids").iterdir()) == ["general.png", "memorized.png", "same_style_control.png"]
+    assert sorted(p.name for p in (out / "grids").iterdir()) == [
+        "general.png",
+        "memorized.png",
+        "same_style_control.png",
+    ]
     assert (out / "copy_similarity_ecdf.png").is_file()
     markdown = (out / "metrics.md").read_text()
     assert "(memorization_rate_strict): 95th percentile" in markdown and "(memorization_rate): 95th" in markdown
@@ -424,15 +464,10 @@ def test_testbed_defaults_and_required_files(saved_pipelines, tmp_path):
     assert Path(settings.memorized) == captions / "memorized.csv"
     assert Path(settings.control) == captions / "non_memorized_same_style.csv"
     assert Path(settings.general) == captions / "general_heldout.csv"
-    assert with_testbed_defaults(with_testbed_defaults(EvaluateSettings(model=str(tmp_path), general="none"))).prompt_file("general") is None
+    twice = with_testbed_defaults(with_testbed_defaults(EvaluateSettings(model=str(tmp_path), general="none")))
+    assert twice.prompt_file("general") is None
     with pytest.raises(MemPruneError, match="--reference is required"):
         with_testbed_defaults(EvaluateSettings(model=str(saved_pipelines["sd1"]), memorized="m.txt"))
-
-
-def assert_refused(result, message):
-    assert result.exit_code != 0, result.output
-    assert message in result.output, result.output
-    assert "Traceback" not in result.output
 
 
 def test_edited_model_of_another_base_is_refused(no_truth, saved_pipelines, tmp_path):
@@ -467,7 +502,9 @@ def test_bad_inputs(no_truth, tmp_path):
     existing = tmp_path / "exists"
     existing.mkdir()
     assert_refused(run(*base, "--reference", s.reference, "--out", existing), "already exists")
-    assert_refused(run(*base, "--reference", s.reference, "--out", Path(s.model) / "eval"), "never writes into a source")
+    assert_refused(
+        run(*base, "--reference", s.reference, "--out", Path(s.model) / "eval"), "never writes into a source"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -483,5 +520,7 @@ def test_l2_backend_without_guidance(no_truth):
     assert result.backend.startswith("1 - normalised L2")
     unedited, edited = result.images["unedited", "memorized"], result.images["edited", "memorized"]
     distance = normalized_l2_distance(edited.flatten(0, 1), unedited.flatten(0, 1))
-    assert result.value("edited", "memorized", "similarity_to_unedited") == pytest.approx(float(1 - distance.mean()), abs=1e-5)
+    assert result.value("edited", "memorized", "similarity_to_unedited") == pytest.approx(
+        float(1 - distance.mean()), abs=1e-5
+    )
     assert any("detection metrics are skipped" in note for note in result.notes)

@@ -7,15 +7,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
-from memprune.cli import main
+from helpers import run
 from memprune.errors import MemPruneError
-from memprune.finetune import (FinetuneSettings, apply_delta, check_disjoint, cross_attention_kv, run_finetune,
-                               trainable_parameters)
-from memprune.retain import generated_retain_data
+from memprune.finetune import (
+    FinetuneSettings,
+    apply_delta,
+    check_disjoint,
+    cross_attention_kv,
+    run_finetune,
+    trainable_parameters,
+)
 from memprune.methods import doco, get, gradproj, names, plain
+from memprune.retain import generated_retain_data
 from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 
 RETAIN = ["a red circle", "a blue square", "the green dog", "a white cat"]
@@ -217,9 +222,8 @@ def prompt_files(tmp_path):
 
 
 def _cli(model, memorized, retain, out, *extra):
-    return CliRunner().invoke(main, ["finetune", "--model", str(model), "--memorized", str(memorized),
-                                     "--retain", str(retain), "--steps", "2", "--batch-size", "2",
-                                     "--sampling-steps", "2", "--device", "cpu", "--out", str(out), *extra])
+    return run("finetune", "--model", model, "--memorized", memorized, "--retain", retain, "--steps", 2,
+               "--batch-size", 2, "--sampling-steps", 2, "--device", "cpu", "--out", out, *extra)
 
 
 @pytest.mark.slow
@@ -296,7 +300,7 @@ def test_retain_images_are_vae_latents_of_the_pairs(tmp_path, layout):
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     rng = np.random.default_rng(3)
     arrays = [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(2)]
-    for index, (array, caption) in enumerate(zip(arrays, RETAIN)):
+    for index, (array, caption) in enumerate(zip(arrays, RETAIN, strict=False)):
         Image.fromarray(array).save(tmp_path / f"{index}.png")
         if layout == "sidecar":
             (tmp_path / f"{index}.txt").write_text(caption)

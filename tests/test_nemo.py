@@ -5,19 +5,25 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
-from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 
-from memprune.cli import main
+from helpers import assert_refused, run
 from memprune.masks import Masks
 from memprune.methods import get
 from memprune.methods.nemo_criterion import Deactivated, ValueRecorder, first_step, nemo_layers
-from memprune.methods.nemo_search import (NeMoSettings, initial_candidates, neuron_masks, refine, search_theta,
-                                          theta_schedule, zscores)
-from memprune.stats import Moments
+from memprune.methods.nemo_search import (
+    NeMoSettings,
+    initial_candidates,
+    neuron_masks,
+    refine,
+    search_theta,
+    theta_schedule,
+    zscores,
+)
 from memprune.models import value_linears
+from memprune.stats import Moments
+from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 
 
 def test_registered_as_weight_edit():
@@ -57,7 +63,11 @@ def test_initial_candidates_on_fixed_z():
 def test_theta_schedule_is_theirs():
     pairs = theta_schedule(NeMoSettings())
     assert pairs[0] == (5.0, 0) and pairs[-1] == (1.0, 16) and len(pairs) == 17
-    assert theta_schedule(NeMoSettings(theta=2.0, theta_step=0.5, min_theta=1.0, top_k_step=0)) == [(2.0, 0), (1.5, 0), (1.0, 0)]
+    assert theta_schedule(NeMoSettings(theta=2.0, theta_step=0.5, min_theta=1.0, top_k_step=0)) == [
+        (2.0, 0),
+        (1.5, 0),
+        (1.0, 0),
+    ]
 
 
 def test_search_stops_at_the_first_theta_that_breaks_memorization():
@@ -80,7 +90,9 @@ def test_search_stops_at_the_first_theta_that_breaks_memorization():
 
 def test_search_without_success_returns_the_last_candidates():
     z = {"a": torch.tensor([3.0, 1.5, 0.0])}
-    result = search_theta(z, {}, lambda neurons: False, NeMoSettings(theta=2.0, theta_step=1.0, min_theta=1.0, top_k_step=0))
+    result = search_theta(
+        z, {}, lambda neurons: False, NeMoSettings(theta=2.0, theta_step=1.0, min_theta=1.0, top_k_step=0)
+    )
     assert not result.broken and result.candidates == {"a": [0, 1]} and result.theta == 1.0 and result.tries == 2
 
 
@@ -160,10 +172,6 @@ def test_deactivation_equals_zeroed_weight_rows():
     assert not torch.allclose(hooked, plain)
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 NEMO = ["locate", "--method", "nemo", "--steps", "10", "--seeds", "3", "--batch-size", "4", "--device", "cpu",
         "--theta", "2", "--theta-step", "0.5", "--min-theta", "0.5"]
 
@@ -175,7 +183,9 @@ def test_locate_nemo_then_prune_zeroes_exactly_the_rows(saved_pipelines, tmp_pat
     reference = tmp_path / "reference.txt"
     reference.write_text("a blue square\nthe dog\na photo of the cat\nthe green dog on white background\n")
     out = tmp_path / "nemo"
-    result = run(*NEMO, "--model", saved_pipelines["sd1"], "--memorized", prompts, "--reference", reference, "--out", out)
+    result = run(
+        *NEMO, "--model", saved_pipelines["sd1"], "--memorized", prompts, "--reference", reference, "--out", out
+    )
     assert result.exit_code == 0, result.output
     for name in ("masks.safetensors", "masks.json", "prompts_used.csv", "run.json", "nemo_prompts.csv"):
         assert (out / name).is_file(), name
@@ -206,7 +216,9 @@ def test_locate_nemo_then_prune_zeroes_exactly_the_rows(saved_pipelines, tmp_pat
             assert torch.equal(after[key], original), key
     assert changed == set(neurons)
     info = json.loads((pruned / "memprune.json").read_text())
-    assert info["total_zeroed"] == sum(len(rows) * before[f"{layer}.weight"].shape[1] for layer, rows in neurons.items())
+    assert info["total_zeroed"] == sum(
+        len(rows) * before[f"{layer}.weight"].shape[1] for layer, rows in neurons.items()
+    )
 
 
 def test_reference_defaults_to_the_testbed_training_captions():
@@ -217,12 +229,6 @@ def test_reference_defaults_to_the_testbed_training_captions():
     assert nemo_reference(None, "mine.csv") == "mine.csv"
     with pytest.raises(MemPruneError, match="NeMo needs non-memorized prompts"):
         nemo_reference(None, "empty")
-
-
-def assert_refused(result, message):
-    assert result.exit_code != 0, result.output
-    assert message in result.output and "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
 
 
 def test_nemo_refuses_without_non_memorized_prompts(saved_pipelines, tmp_path):

@@ -9,9 +9,9 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, locate
+from memprune.methods.wanda import SelectionSettings
 from memprune.models import find_feedforwards, load_pipeline, output_linears
 from memprune.prune import apply_masks, prune_info, save_pruned, undo
-from memprune.methods.wanda import SelectionSettings
 
 
 def folder_hash(folder: Path) -> str:

@@ -1,9 +1,16 @@
-import pytest
 import pandas as pd
+import pytest
 import torch
 
 from memprune.masks import Masks
-from memprune.plots import iou_by_layer, iou_heatmap, iou_vs_subset_size, selected_share_by_layer, short_layer_name, unet_order
+from memprune.plots import (
+    iou_by_layer,
+    iou_heatmap,
+    iou_vs_subset_size,
+    selected_share_by_layer,
+    short_layer_name,
+    unet_order,
+)
 
 LAYERS = ["down_blocks.0.attentions.0.transformer_blocks.0.ff", "up_blocks.1.attentions.0.transformer_blocks.0.ff",
           "mid_block.attentions.0.transformer_blocks.0.ff"]
@@ -52,12 +59,46 @@ def test_selected_share_by_layer_heights():
 def test_sweep_curves_plot_both_methods_and_baseline():
     from memprune.plots import sweep_curves
 
-    sweep = pd.DataFrame([
-        dict(method="none", ratio=0, timesteps=0, control_seed=-1, zeroed_share=0, memorization_rate=0.9, attribute_accuracy=0.8),
-        dict(method="wanda", ratio=0.01, timesteps=10, control_seed=-1, zeroed_share=0.02, memorization_rate=0.1, attribute_accuracy=0.78),
-        dict(method="random", ratio=0.01, timesteps=10, control_seed=0, zeroed_share=0.02, memorization_rate=0.8, attribute_accuracy=0.79),
-        dict(method="random", ratio=0.01, timesteps=10, control_seed=1, zeroed_share=0.02, memorization_rate=0.9, attribute_accuracy=0.8),
-    ])
+    sweep = pd.DataFrame(
+        [
+            dict(
+                method="none",
+                ratio=0,
+                timesteps=0,
+                control_seed=-1,
+                zeroed_share=0,
+                memorization_rate=0.9,
+                attribute_accuracy=0.8,
+            ),
+            dict(
+                method="wanda",
+                ratio=0.01,
+                timesteps=10,
+                control_seed=-1,
+                zeroed_share=0.02,
+                memorization_rate=0.1,
+                attribute_accuracy=0.78,
+            ),
+            dict(
+                method="random",
+                ratio=0.01,
+                timesteps=10,
+                control_seed=0,
+                zeroed_share=0.02,
+                memorization_rate=0.8,
+                attribute_accuracy=0.79,
+            ),
+            dict(
+                method="random",
+                ratio=0.01,
+                timesteps=10,
+                control_seed=1,
+                zeroed_share=0.02,
+                memorization_rate=0.9,
+                attribute_accuracy=0.8,
+            ),
+        ]
+    )
     fig = sweep_curves(sweep)
     assert len(fig.axes) == 2
     lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}

@@ -24,7 +24,7 @@ class ToyDenoiser(nn.Module):
 
 
 def hand_statistics(x: np.ndarray):
-    """Loops over samples and tokens, written straight from DESIGN.md §1."""
+    """Loops over samples and tokens, written straight from the definitions in memprune/stats.py."""
     samples, tokens, width = x.shape
     sumsq = np.zeros(width)
     for n in range(samples):
@@ -74,7 +74,9 @@ def test_merge_of_two_halves_equals_recording_the_union():
     merged = record([inputs[:2]]).merge(record([inputs[2:]]))
     for key, accumulator in whole.accumulators.items():
         for name in ("sumsq_normed", "mean", "m2"):
-            torch.testing.assert_close(getattr(merged[key], name), getattr(accumulator, name), rtol=1e-6, atol=1e-6)  # float32 reductions, float64 merge
+            torch.testing.assert_close(
+                getattr(merged[key], name), getattr(accumulator, name), rtol=1e-6, atol=1e-6
+            )  # float32 reductions, float64 merge
         assert merged[key].count == accumulator.count == 6
 
 
@@ -96,10 +98,9 @@ def test_hooks_removed_on_exit_and_after_exception():
 
 
 def test_steps_and_timesteps_of_a_real_pipeline():
-    from tiny_pipelines import sd1_pipeline
-
     from memprune.generate import GenerationSettings
     from memprune.locate import record_prompts
+    from tiny_pipelines import sd1_pipeline
 
     pipe = sd1_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -119,7 +120,9 @@ def test_statistics_memory_does_not_depend_on_prompt_count():
             for _ in range(count):
                 recorder.new_generation()
                 model(torch.randn(1, 3, 4), 1)
-        sizes.append(sum(t.numel() for a in recorder.stats.accumulators.values() for t in (a.sumsq_normed, a.mean, a.m2)))
+        sizes.append(
+            sum(t.numel() for a in recorder.stats.accumulators.values() for t in (a.sumsq_normed, a.mean, a.m2))
+        )
     assert sizes[0] == sizes[1]
 
 

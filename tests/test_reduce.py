@@ -38,7 +38,7 @@ def test_eager_and_fusable_forms_equal_the_previous_code_and_numpy(dtype, shape)
     expected = numpy_statistics(x.float().numpy())  # of the values the activation really holds
     for form in (reduce.batch_statistics_eager, reduce.batch_statistics_fusable, reduce.batch_statistics):
         result = form(x)
-        for got, old, want in zip(result, previous, expected):
+        for got, old, want in zip(result, previous, expected, strict=True):
             assert got.dtype == torch.float32 and got.shape == (shape[-1],)
             torch.testing.assert_close(got, old, rtol=1e-5, atol=1e-6)  # today's numbers, whatever the dtype
             np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
@@ -60,7 +60,9 @@ def test_compiled_path_only_on_cuda_and_a_compiler_failure_falls_back(monkeypatc
 
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(torch, "compile", broken_compile)
-    for got, want in zip(reduce.batch_statistics(x), reduce.batch_statistics_eager(x)):  # CPU: compile never asked
+    for got, want in zip(
+        reduce.batch_statistics(x), reduce.batch_statistics_eager(x), strict=True
+    ):  # CPU: compile never asked
         assert torch.equal(got, want)
     monkeypatch.setattr(reduce, "_compiled", None)
     monkeypatch.setattr(reduce, "_compile_failed", False)
@@ -68,5 +70,5 @@ def test_compiled_path_only_on_cuda_and_a_compiler_failure_falls_back(monkeypatc
     with caplog.at_level("WARNING"):
         result = reduce.batch_statistics(x)
     assert "no compiler here" in caplog.text and reduce._compile_failed
-    for got, want in zip(result, reduce.batch_statistics_eager(x)):
+    for got, want in zip(result, reduce.batch_statistics_eager(x), strict=True):
         assert torch.equal(got, want)

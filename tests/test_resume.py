@@ -3,15 +3,14 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import memprune.models
+from helpers import run
 from memprune.checkpoint import partial_folder
-from memprune.cli import main
+from memprune.commands.locate import locate_to_folder
 from memprune.distributed import FAULT_ENV
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings
-from memprune.commands.locate import locate_to_folder
 from memprune.locate import LocateSettings
 from memprune.masks import Masks
 from memprune.stats import FIELDS, NeuronStats
@@ -67,8 +66,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(saved_pipelines, prompt
     prompt_file.write_bytes(original)
     with pytest.raises(MemPruneError, match="--processes 1, this run has --processes 2"):
         from memprune.checkpoint import open_partial
-        from memprune.distributed import Processes
         from memprune.commands.locate import resume_fingerprint
+        from memprune.distributed import Processes
 
         open_partial(tmp_path / "run", resume_fingerprint(settings, None, 2), True, False, Processes())
 
@@ -90,18 +89,19 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(saved_pipelines, prompt
                 assert torch.equal(getattr(acc, field), getattr(b[key], field)), (name, key, field)
 
 
-def test_cli_resume_and_a_run_that_fails_before_recording_leaves_nothing_to_resume(saved_pipelines, prompt_file, tmp_path,
-                                                                                    monkeypatch):
+def test_cli_resume_and_a_run_that_fails_before_recording_leaves_nothing_to_resume(
+    saved_pipelines, prompt_file, tmp_path, monkeypatch
+):
     args = ["locate", "--model", str(saved_pipelines["sd1"]), "--memorized", str(prompt_file), "--steps", "2",
             "--batch-size", "2", "--device", "cpu", "--checkpoint-every", "0", "--out", str(tmp_path / "out")]
     monkeypatch.setenv(FAULT_ENV, "0:1")
-    killed = CliRunner().invoke(main, args)
+    killed = run(*args)
     assert killed.exit_code != 0 and partial_folder(tmp_path / "out").is_dir()
     monkeypatch.delenv(FAULT_ENV)
-    resumed = CliRunner().invoke(main, [*args, "--resume", "--ratio", "0.05"])  # selection may change on resume
+    resumed = run(*args, "--resume", "--ratio", "0.05")  # selection may change on resume
     assert resumed.exit_code == 0, resumed.output
     assert "resumed" in resumed.output and not partial_folder(tmp_path / "out").exists()
     # Nothing recorded yet (here: a half the pipeline cannot give) -> no partial folder to trip the next run.
-    refused = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "out2"), "--guidance-scale", "1", "--half", "uncond"])
+    refused = run(*args[:-1], tmp_path / "out2", "--guidance-scale", "1", "--half", "uncond")
     assert refused.exit_code == 1 and "classifier-free guidance" in refused.output
     assert not partial_folder(tmp_path / "out2").exists()

@@ -11,7 +11,7 @@ from memprune.stats import NeuronStats
 
 
 def brute_force_wanda(weight, a_mem, a_ref, ratio):
-    """Row by row, sort by score, keep the first k whose a_mem exceeds a_ref (DESIGN.md §1)."""
+    """Row by row, sort by score, keep the first k whose a_mem exceeds a_ref (Chavhan et al. 2024)."""
     rows, width = weight.shape
     k = math.floor(ratio * width)
     mask = np.zeros((rows, width), dtype=bool)
@@ -97,7 +97,7 @@ def test_subset_overlap_pairs_and_no_diagonal():
     group = lambda *ms: [Masks.from_dense({("l", 0): m}) for m in ms]  # noqa: E731
     overlap = subset_overlap({"memorized": group(a, b, a), "non_memorized": group(b, b)})
     within = overlap[(overlap.group_a == "memorized") & (overlap.group_b == "memorized")]
-    assert sorted(zip(within.subset_a, within.subset_b)) == [(0, 1), (0, 2), (1, 2)]
+    assert sorted(zip(within.subset_a, within.subset_b, strict=True)) == [(0, 1), (0, 2), (1, 2)]
     assert within.iou.mean() == pytest.approx((0.4 + 1.0 + 0.4) / 3)
     across = overlap[overlap.group_b != overlap.group_a]
     assert len(across) == 6 and across.iou.mean() == pytest.approx((0.4 * 2 + 1.0 * 2 + 0.4 * 2) / 6)
@@ -152,11 +152,11 @@ def test_wanda_edit_selects_from_the_pipeline_weights_and_changes_none():
         mem.update(name, 0, torch.randn(2, 3, linear.in_features))
         ref.update(name, 0, 0.1 * torch.randn(2, 3, linear.in_features))
     masks = methods.get("wanda").edit(pipe, SelectionSettings(ratio=0.5), memorized_stats=mem, reference_stats=ref)
-    expected = select({n: l.weight for n, l in linears.items()}, mem, ref, SelectionSettings(ratio=0.5))
+    expected = select({n: linear.weight for n, linear in linears.items()}, mem, ref, SelectionSettings(ratio=0.5))
     assert masks.layers == expected.layers
     for key in expected.indices:
         assert torch.equal(masks.indices[key], expected.indices[key])
-    assert all(torch.equal(before[n], l.weight) for n, l in linears.items())
+    assert all(torch.equal(before[n], linear.weight) for n, linear in linears.items())
 
 
 def test_random_masks_like_saves_and_loads(tmp_path):

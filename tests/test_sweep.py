@@ -4,9 +4,9 @@ from PIL import Image
 
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
+from memprune.methods.wanda import SelectionSettings
 from memprune.models import output_linears
 from memprune.prompts import PromptList
-from memprune.methods.wanda import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep, zeroed_share
 

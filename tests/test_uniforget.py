@@ -6,16 +6,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from memprune.errors import MemPruneError
-from memprune.masks import Masks
-from memprune.models import denoiser, layer_shapes, output_linears
 from memprune.commands.prune import prune_to_folder
 from memprune.commands.uniforget import uniforget_to_folder
 from memprune.conditioning import capture_conditioning
-from memprune.prune import apply_masks
+from memprune.errors import MemPruneError
+from memprune.masks import Masks
 from memprune.methods.uniforget import (
-    sample_trajectory,
     UniForgetSettings,
+    sample_trajectory,
     train_gates,
     union_masks,
 )
@@ -26,6 +24,8 @@ from memprune.methods.uniforget_gates import (
     hard_concrete_sample,
     uniforget_masks,
 )
+from memprune.models import denoiser, layer_shapes, output_linears
+from memprune.prune import apply_masks
 from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 
 NEUTRAL = ["a red circle", "a blue square", "the green dog", "a photo of the cat"]
@@ -142,7 +142,7 @@ def test_training_moves_only_the_gates_and_is_deterministic():
     assert result.history["expected_l0"].iloc[-1] < result.history["expected_l0"].iloc[0]
     again = train_gates(sd1_pipeline(), NEUTRAL, UniForgetSettings(beta=2.0, **FAST), memorized_prompts=MEMORIZED)
     pd.testing.assert_frame_equal(result.history, again.history)
-    assert all(torch.equal(a, b) for a, b in zip(result.gates.parameters(), again.gates.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(result.gates.parameters(), again.gates.parameters(), strict=True))
 
 
 def test_beta_controls_closing():
@@ -159,7 +159,7 @@ def test_beta_controls_closing():
 def test_checkpoint_and_truncated_backprop():
     base = train_gates(sd1_pipeline(), NEUTRAL, UniForgetSettings(**FAST), MEMORIZED)
     checkpointed = train_gates(sd1_pipeline(), NEUTRAL, UniForgetSettings(checkpoint=True, **FAST), MEMORIZED)
-    for a, b in zip(base.gates.parameters(), checkpointed.gates.parameters()):
+    for a, b in zip(base.gates.parameters(), checkpointed.gates.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     truncated = train_gates(sd1_pipeline(), NEUTRAL, UniForgetSettings(backprop_steps=1, **FAST), MEMORIZED)
     assert truncated.history["mse"].iloc[0] == pytest.approx(base.history["mse"].iloc[0])  # same forward
@@ -223,7 +223,9 @@ def test_union_masks_checks_shapes_and_steps(tmp_path):
     assert union.shapes == shapes
     union.save(tmp_path / "u")
     assert Masks.load(tmp_path / "u").indices[("a", 0)].tolist() == [0, 1, 5]
-    other = Masks.from_dense({("a", 0): torch.zeros(2, 4, dtype=torch.bool), ("b", 0): torch.zeros(1, 2, dtype=torch.bool)})
+    other = Masks.from_dense(
+        {("a", 0): torch.zeros(2, 4, dtype=torch.bool), ("b", 0): torch.zeros(1, 2, dtype=torch.bool)}
+    )
     with pytest.raises(MemPruneError, match="weight shape"):
         union_masks(a, other)
     with pytest.raises(MemPruneError, match="only one"):

@@ -3,9 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 
-from memprune.cli import main
+from helpers import run
 from memprune.detect import generate_with_scores
 from memprune.errors import MemPruneError
 from memprune.generate import GenerationSettings, default_guidance_scale, generate
@@ -31,7 +30,9 @@ def norm_by_hand(pipe, prompt_embeds, negative_embeds, seed, steps, extra=None) 
     x = pipe.scheduler.scale_model_input(x * pipe.scheduler.init_noise_sigma, t)
     with torch.no_grad():
         cond = pipe.unet(x, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=(extra or {}).get("cond")).sample
-        uncond = pipe.unet(x, t, encoder_hidden_states=negative_embeds, added_cond_kwargs=(extra or {}).get("uncond")).sample
+        uncond = pipe.unet(
+            x, t, encoder_hidden_states=negative_embeds, added_cond_kwargs=(extra or {}).get("uncond")
+        ).sample
     return float(np.linalg.norm((cond - uncond).double().numpy().ravel()))
 
 
@@ -50,14 +51,14 @@ def test_norm_by_hand_and_mitigation_lowers_it(arch):
     records = wrapped.records
     assert [r.prompt for r in records] == PROMPTS
     np.testing.assert_allclose([r.initial_norm for r in records], before, rtol=1e-4)
-    for record, (_, _, image, per_step), initial in zip(records, results, before):
+    for record, (_, _, image, per_step), initial in zip(records, results, before, strict=True):
         assert 1 <= record.iterations <= 10
         # The recorder sees the pipeline's own first step: with the optimised embedding the norm is lower.
         assert per_step[0] < initial - 1e-3
         assert record.last_norm < initial
         assert torch.isfinite(image).all()
     # Reached-target generations stop at once below the target; the sampling path's first step is that norm.
-    for record, (_, _, _, per_step) in zip(records, results):
+    for record, (_, _, _, per_step) in zip(records, results, strict=True):
         if record.reached:
             assert record.last_norm <= target and per_step[0] == pytest.approx(record.last_norm, rel=1e-4)
     after = state(pipe)
@@ -74,7 +75,7 @@ def test_target_above_norm_changes_nothing():
     wrapped = wrap(pipe, WenSettings(target=1e6))
     mitigated = [image for _, _, image in generate(wrapped, PROMPTS, GENERATION, output_type="pt", progress=False)]
     assert [r.iterations for r in wrapped.records] == [0, 0]
-    for a, b in zip(plain, mitigated):
+    for a, b in zip(plain, mitigated, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -110,10 +111,10 @@ def test_evaluate_mitigation_column(saved_pipelines, tmp_path):
     (tmp_path / "memorized.txt").write_text("a red circle\nthe cat\n")
     (tmp_path / "reference.txt").write_text("the green dog\na photo of the dog\n")
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, [str(a) for a in (
+    result = run(
         "evaluate", "--model", saved_pipelines["sd1"], "--memorized", tmp_path / "memorized.txt", "--reference",
         tmp_path / "reference.txt", "--steps", 2, "--seeds", 2, "--device", "cpu", "--grid-prompts", 1,
-        "--mitigation", "wen", "--wen-iterations", 3, "--out", out)])
+        "--mitigation", "wen", "--wen-iterations", 3, "--out", out)
     assert result.exit_code == 0, result.output
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(dict.fromkeys(metrics.model)) == ["unedited", "wen"]
@@ -136,9 +137,9 @@ def test_evaluate_mitigation_column(saved_pipelines, tmp_path):
     assert value("wen", "non_memorized", "detection_score_first_step") < value("unedited", "non_memorized",
                                                                               "detection_score_first_step")
     assert not metrics.duplicated(["model", "group", "metric"]).any()
-    refused = CliRunner().invoke(main, [str(a) for a in (
+    refused = run(
         "evaluate", "--model", saved_pipelines["sd1"], "--memorized", tmp_path / "memorized.txt", "--reference",
         tmp_path / "reference.txt", "--steps", 2, "--seeds", 1, "--guidance-scale", 1.0, "--mitigation", "wen",
-        "--out", tmp_path / "nocfg")])
+        "--out", tmp_path / "nocfg")
     assert refused.exit_code != 0 and "classifier-free guidance" in refused.output
     assert "Traceback" not in refused.output

@@ -47,7 +47,8 @@ def tiny_t5_encoder(tokenizer, d_model: int = 32, seed: int = 0) -> T5EncoderMod
 
 
 def pixart_pipeline(seed: int = 0) -> PixArtAlphaPipeline:
-    """PixArt-α traits: adaLN-single BasicTransformerBlocks with cross-attention to T5, learned sigma (8 channels out)."""
+    """PixArt-α traits: adaLN-single BasicTransformerBlocks with cross-attention to T5, learned sigma
+    (8 channels out)."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
@@ -55,8 +56,13 @@ def pixart_pipeline(seed: int = 0) -> PixArtAlphaPipeline:
         in_channels=4, out_channels=8, cross_attention_dim=16, activation_fn="gelu-approximate",
         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
     ).eval()
-    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=tiny_t5_encoder(tokenizer, seed=seed), vae=tiny_vae(seed),
-                               transformer=transformer, scheduler=scheduler())
+    return PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_t5_encoder(tokenizer, seed=seed),
+        vae=tiny_vae(seed),
+        transformer=transformer,
+        scheduler=scheduler(),
+    )
 
 
 def sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:

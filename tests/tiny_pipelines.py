@@ -12,7 +12,22 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-WORDS = ["a", "red", "blue", "green", "circle", "square", "cat", "dog", "on", "the", "photo", "of", "white", "background"]
+WORDS = [
+    "a",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "cat",
+    "dog",
+    "on",
+    "the",
+    "photo",
+    "of",
+    "white",
+    "background",
+]
 
 
 def tiny_tokenizer() -> CLIPTokenizer:

@@ -57,7 +57,7 @@ class AttributeClassifier:
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 N×32×32×3 → attribute name → array of N class names."""
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        logits = {a: [] for a in ATTRIBUTES}
+        logits: dict[str, list[torch.Tensor]] = {a: [] for a in ATTRIBUTES}
         for i in range(0, len(x), 512):
             out = self.net(x[i : i + 512])
             for a in ATTRIBUTES:
@@ -94,7 +94,9 @@ def train_attribute_classifier(cfg: AttributeClassifierConfig | None = None, vae
     if vae is not None:
         from .imagesim import vae_reconstruct
 
-        images = np.concatenate([images, np.concatenate([vae_reconstruct(vae, images[i : i + 512]) for i in range(0, len(images), 512)])])
+        images = np.concatenate(
+            [images, np.concatenate([vae_reconstruct(vae, images[i : i + 512]) for i in range(0, len(images), 512)])]
+        )
         labels = {a: np.concatenate([v, v]) for a, v in labels.items()}
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     y = {a: torch.from_numpy(v) for a, v in labels.items()}
@@ -110,7 +112,9 @@ def train_attribute_classifier(cfg: AttributeClassifierConfig | None = None, vae
         for i in range(0, len(x), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             out = net(x[idx])
-            loss = sum(F.cross_entropy(out[a], y[a][idx]) for a in ATTRIBUTES)
+            loss = x.new_zeros(())  # summed in the order of Python's sum(): the same numbers as before
+            for a in ATTRIBUTES:
+                loss = loss + F.cross_entropy(out[a], y[a][idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

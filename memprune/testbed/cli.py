@@ -18,11 +18,21 @@ def testbed() -> None:
 
 @testbed.command("train")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for data, initialisation and batches.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Seed for data, initialisation and batches.",
+)
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="UNet training steps (default: the preset's).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch CPU threads.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (a GPU when there is one), cpu, cuda or cuda:N. Batches and noise are the same on every device.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (a GPU when there is one), cpu, cuda or cuda:N. Batches and noise are the same on every device.",
+)
 @click.option("--preset", default="late12d", show_default=True, type=click.Choice(sorted(PRESETS)),
               help="'late12d' is the shipped recipe (data/testbed); 'tiny' is a seconds-long smoke test.")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
@@ -45,11 +55,11 @@ def train(out, seed, steps, threads, device, preset, work_dir, keep_work, overwr
     try:
         train_testbed(cfg, out, work_dir=work_dir, progress=not quiet, overwrite=overwrite, device=target)
     except KeyboardInterrupt:
-        raise click.ClickException(f"interrupted; rerun the same command to resume from {work_dir}.")
+        raise click.ClickException(f"interrupted; rerun the same command to resume from {work_dir}.") from None
     except ImportError as e:
-        raise click.ClickException(f"a testbed dependency is missing ({e}); install memprune[testbed].")
+        raise click.ClickException(f"a testbed dependency is missing ({e}); install memprune[testbed].") from e
     except Exception as e:  # one sentence for the user, never a traceback
-        raise click.ClickException(f"testbed training failed: {type(e).__name__}: {e}")
+        raise click.ClickException(f"testbed training failed: {type(e).__name__}: {e}") from e
     if not keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
     click.echo(f"wrote {out}")

@@ -67,13 +67,22 @@ def all_shape_specs() -> list[ShapeSpec]:
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     """Vertices of a polygonal shape centred at (cx, cy) with circumradius r, rotated by angle."""
     if shape == "square":
-        pts = [(math.cos(angle + math.pi / 4 + k * math.pi / 2) * r, math.sin(angle + math.pi / 4 + k * math.pi / 2) * r) for k in range(4)]
+        pts = [
+            (math.cos(angle + math.pi / 4 + k * math.pi / 2) * r, math.sin(angle + math.pi / 4 + k * math.pi / 2) * r)
+            for k in range(4)
+        ]
     elif shape == "diamond":
         # A rhombus, elongated vertically, so it differs from a rotated square.
         pts = [(0, -r), (0.62 * r, 0), (0, r), (-0.62 * r, 0)]
         pts = [(x * math.cos(angle) - y * math.sin(angle), x * math.sin(angle) + y * math.cos(angle)) for x, y in pts]
     elif shape == "triangle":
-        pts = [(math.cos(angle - math.pi / 2 + k * 2 * math.pi / 3) * r, math.sin(angle - math.pi / 2 + k * 2 * math.pi / 3) * r) for k in range(3)]
+        pts = [
+            (
+                math.cos(angle - math.pi / 2 + k * 2 * math.pi / 3) * r,
+                math.sin(angle - math.pi / 2 + k * 2 * math.pi / 3) * r,
+            )
+            for k in range(3)
+        ]
     elif shape == "star":
         pts = []
         for k in range(10):
@@ -82,7 +91,20 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> 
             pts.append((math.cos(a) * rr, math.sin(a) * rr))
     elif shape == "cross":
         w = 0.36 * r
-        base = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        base = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
         pts = [(x * math.cos(angle) - y * math.sin(angle), x * math.sin(angle) + y * math.cos(angle)) for x, y in base]
     else:
         raise ValueError(f"unknown polygon shape {shape!r}")
@@ -95,7 +117,8 @@ def render_shape(spec: ShapeSpec, rng: np.random.Generator, size: int = IMAGE_SI
     big = size * ss
 
     def jitter(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
-        return tuple(int(np.clip(v + rng.integers(-18, 19), 0, 255)) for v in rgb)
+        r, g, b = (int(np.clip(v + rng.integers(-18, 19), 0, 255)) for v in rgb)
+        return r, g, b
 
     img = Image.new("RGB", (big, big), jitter(COLOURS[spec.background]))
     draw = ImageDraw.Draw(img)
@@ -206,7 +229,9 @@ class TestbedData:
         return [s.caption for s in self.general_train_specs]
 
 
-def _split_heldout(specs: list[ShapeSpec], frac: float, rng: np.random.Generator) -> tuple[list[ShapeSpec], list[ShapeSpec]]:
+def _split_heldout(
+    specs: list[ShapeSpec], frac: float, rng: np.random.Generator
+) -> tuple[list[ShapeSpec], list[ShapeSpec]]:
     """Hold out a random subset of combinations; every attribute value stays in training."""
     order = rng.permutation(len(specs))
     n_held = int(round(frac * len(specs)))
@@ -225,7 +250,8 @@ def _distinct_emoji(candidates: list[EmojiItem], count: int, bound: float, size:
     """The first `count` candidates, in order, skipping any whose SSIM to one already taken exceeds `bound`."""
     from .imagesim import ssim
 
-    taken, images = [], []
+    taken: list[EmojiItem] = []
+    images: list[np.ndarray] = []
     for item in candidates:
         image = _emoji_array([item], size)
         if images and float(ssim(np.repeat(image, len(images), 0), np.stack(images)).max()) > bound:
@@ -243,7 +269,7 @@ def _without_lookalikes(pool: list[EmojiItem], kept_apart: list[EmojiItem], boun
     from .imagesim import nearest_ssim
 
     best, _ = nearest_ssim(_emoji_array(pool, size), _emoji_array(kept_apart, size), top_k=8)
-    return [item for item, similarity in zip(pool, best.tolist()) if similarity <= bound]
+    return [item for item, similarity in zip(pool, best.tolist(), strict=True) if similarity <= bound]
 
 
 def build_data(config: DataConfig) -> TestbedData:
@@ -270,8 +296,11 @@ def build_data(config: DataConfig) -> TestbedData:
     train_specs, held_specs = _split_heldout(all_shape_specs(), config.heldout_fraction, rng)
     gen_rng = np.random.default_rng([config.seed, 1])
     idx = np.repeat(np.arange(len(train_specs)), config.images_per_general_caption)
-    general = np.stack([np.asarray(render_shape(train_specs[i], gen_rng, config.image_size)) for i in idx]) if len(idx) \
+    general = (
+        np.stack([np.asarray(render_shape(train_specs[i], gen_rng, config.image_size)) for i in idx])
+        if len(idx)
         else np.zeros((0, config.image_size, config.image_size, 3), np.uint8)
+    )
 
     def stack(items: list[EmojiItem]) -> np.ndarray:
         return np.stack([np.asarray(load_emoji(e.file, config.image_size)) for e in items])

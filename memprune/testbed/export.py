@@ -22,7 +22,10 @@ import shutil
 import pandas as pd
 from PIL import Image
 
+from ..runinfo import remove_stale_staging
+from .config import config_to_dict
 from .data import EmojiItem, ShapeSpec, TestbedData
+from .model_card import render_model_card
 
 ATTRIBUTION = """# Attribution
 
@@ -67,7 +70,7 @@ def write_captions_and_images(data: TestbedData, root: str) -> None:
     ):
         table = _emoji_table(items, folder)
         os.makedirs(os.path.join(root, "images", folder), exist_ok=True)
-        for rel, img in zip(table["image"], images):
+        for rel, img in zip(table["image"], images, strict=True):
             Image.fromarray(img).save(os.path.join(root, rel))
         table.to_csv(os.path.join(root, "captions", name), index=False)
     _spec_table(data.general_heldout_specs).to_csv(os.path.join(root, "captions", "general_heldout.csv"), index=False)
@@ -88,13 +91,11 @@ def store_weights_fp16(root: str) -> None:
 def write_testbed_folder(pipe, data: TestbedData, config, out: str, train_seconds: float | None = None,
                          overwrite: bool = False, fp16_storage: bool = True, trained_on: str | None = None) -> str:
     """Write everything to a temporary sibling of `out`, then rename (never a half folder)."""
-    from .model_card import render_model_card
-    from .train import config_to_dict
-
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
+    remove_stale_staging(out)  # what a killed training run left while writing (.OUT.tmp-PID), said in one line
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

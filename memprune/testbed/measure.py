@@ -128,8 +128,8 @@ def measure_memorization(pipe, root: str, seeds=(0, 1, 2, 3), steps: int = 50, g
     s_mem = ssim(g_mem, np.repeat(mem_truth, k, 0)).view(-1, k).numpy()
     s_ctl = ssim(g_ctl, np.repeat(ctl_truth, k, 0)).view(-1, k).numpy()
     refs = train_emoji if train_emoji is not None else training_emoji_images(root)
-    near, _ = nearest_ssim(g_ctl, refs)
-    near = near.view(-1, k).numpy()
+    nearest, _ = nearest_ssim(g_ctl, refs)
+    near = nearest.view(-1, k).numpy()
     ceiling = ssim(vae_reconstruct(pipe.vae, mem_truth), mem_truth).numpy()
     # Calibrate on even-indexed control prompts, check on odd ones (no threshold sees its test set).
     cal = list(range(0, len(ctl), 2))
@@ -145,7 +145,9 @@ def measure_utility(pipe, root: str, classifier=None, seeds=(0, 1, 2, 3), steps:
     from .attributes import ATTRIBUTES, load_classifier, train_attribute_classifier
     from .data import COLOURS, ShapeSpec, render_shape
 
-    clf = classifier or (train_attribute_classifier(cache=classifier_cache) if classifier_cache else load_classifier(root))
+    clf = classifier or (
+        train_attribute_classifier(cache=classifier_cache) if classifier_cache else load_classifier(root)
+    )
     table = pd.read_csv(os.path.join(root, "captions", f"{which}.csv"))
     if max_prompts:
         table = table.iloc[:max_prompts]
@@ -178,10 +180,17 @@ def measure_utility(pipe, root: str, classifier=None, seeds=(0, 1, 2, 3), steps:
 
     res["diversity_generated"] = pairwise(x)
     res["diversity_real"] = pairwise(real)
-    res["real_acc_check"] = float(np.mean([
-        (clf.predict((real.reshape(-1, 32, 32, 3) * 255).round().astype(np.uint8))[a] == np.repeat(table[a].to_numpy(), k)).mean()
-        for a in ATTRIBUTES
-    ]))
+    res["real_acc_check"] = float(
+        np.mean(
+            [
+                (
+                    clf.predict((real.reshape(-1, 32, 32, 3) * 255).round().astype(np.uint8))[a]
+                    == np.repeat(table[a].to_numpy(), k)
+                ).mean()
+                for a in ATTRIBUTES
+            ]
+        )
+    )
     del COLOURS
     return res
 
@@ -198,7 +207,8 @@ def render_measurements(res: dict, command: str) -> str:
         "",
         "### 1. Memorization",
         "",
-        f"Copy threshold: SSIM > **{m['threshold']:.3f}** = the {m['threshold_quantile']:.0%} quantile of the SSIM between "
+        f"Copy threshold: SSIM > **{m['threshold']:.3f}** = the {m['threshold_quantile']:.0%} quantile of the SSIM "
+        "between "
         "generations of the even-indexed same-style control captions and their *nearest* training emoji "
         "(memorized, control and pool); the odd-indexed control captions are the held-out check.",
         "",
@@ -206,13 +216,17 @@ def render_measurements(res: dict, command: str) -> str:
         "|---|---|",
         f"| memorized generations copying their training image | **{m['memorized_copy_rate']:.1%}** "
         f"({m['memorized_prompts_copied_majority']}/{m['n_memorized_prompts']} prompts copied in most seeds) |",
-        f"| memorized: mean / median SSIM to the training image | {m['memorized_mean_ssim']:.3f} / {m['memorized_median_ssim']:.3f} |",
+        f"| memorized: mean / median SSIM to the training image | {m['memorized_mean_ssim']:.3f} / "
+        f"{m['memorized_median_ssim']:.3f} |",
         f"| VAE reconstruction ceiling (mean SSIM of encode→decode) | {m['vae_ceiling_mean_ssim']:.3f} |",
         f"| memorized mean SSIM relative to the ceiling | {m['memorized_mean_ssim_rel_ceiling']:.1%} |",
         f"| memorized generations above SSIM 0.5 | {m['memorized_copy_rate_at_0.5']:.1%} |",
-        f"| control (held-out half) copying its own training image | **{m['control_copy_rate_own_heldout_half']:.1%}** |",
-        f"| control (held-out half) above threshold vs nearest training emoji | {m['control_copy_rate_nearest_heldout_half']:.1%} |",
-        f"| control: mean SSIM to own / nearest training image | {m['control_mean_ssim_own']:.3f} / {m['control_mean_ssim_nearest']:.3f} |",
+        f"| control (held-out half) copying its own training image | "
+        f"**{m['control_copy_rate_own_heldout_half']:.1%}** |",
+        f"| control (held-out half) above threshold vs nearest training emoji | "
+        f"{m['control_copy_rate_nearest_heldout_half']:.1%} |",
+        f"| control: mean SSIM to own / nearest training image | {m['control_mean_ssim_own']:.3f} / "
+        f"{m['control_mean_ssim_nearest']:.3f} |",
         "",
     ]
     if "utility" in res:
@@ -237,9 +251,9 @@ def render_measurements(res: dict, command: str) -> str:
 
 def write_card(root: str, res: dict, command: str) -> None:
     """Rewrite MODEL_CARD.md of `root` with these measurements."""
+    from .config import config_from_dict
     from .data import build_data
     from .model_card import HISTORY, render_model_card
-    from .train import config_from_dict
 
     meta = json.load(open(os.path.join(root, "testbed_config.json")))
     cfg = config_from_dict(meta["config"])
@@ -297,7 +311,9 @@ def main(argv=None) -> None:
     if args.write_card:
         import sys
 
-        write_card(args.root, out, "python -m memprune.testbed.measure " + " ".join(sys.argv[1:] if argv is None else argv))
+        write_card(
+            args.root, out, "python -m memprune.testbed.measure " + " ".join(sys.argv[1:] if argv is None else argv)
+        )
 
 
 if __name__ == "__main__":

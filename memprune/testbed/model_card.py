@@ -1,7 +1,6 @@
 """MODEL_CARD.md of a testbed folder: what the model is, how it was made, what it was measured to do."""
 from __future__ import annotations
 
-
 NOT_MEASURED = "## Measurements\n\nNot measured yet: run `python -m memprune.testbed.measure DIR`."
 
 

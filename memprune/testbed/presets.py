@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from .config import TestbedConfig
 from .data import DataConfig
 from .model import ModelConfig, UNetConfig
-from .train import TestbedConfig
 
 
 def full() -> TestbedConfig:
@@ -77,7 +77,9 @@ def tiny() -> TestbedConfig:
     """A few steps on a few images: exercises every stage, memorizes nothing."""
     return TestbedConfig(
         data=DataConfig(n_memorized=4, n_control=4, max_pool_emoji=16, images_per_general_caption=1),
-        model=ModelConfig(unet=UNetConfig(block_out_channels=(32, 64), transformer_layers_per_block=1, attention_head_dim=2)),
+        model=ModelConfig(
+            unet=UNetConfig(block_out_channels=(32, 64), transformer_layers_per_block=1, attention_head_dim=2)
+        ),
         vae_steps=3,
         steps=4,
         batch_size=8,

@@ -11,7 +11,6 @@ order), so the merges are learned here with deterministic tie-breaking. The resu
 """
 from __future__ import annotations
 
-
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPTokenizer
 
@@ -46,14 +45,14 @@ def learn_bpe(words: dict[str, int]) -> list[tuple[str, str]]:
 
     def add(word: str, sign: int) -> None:
         sym = seqs[word]
-        for p in zip(sym, sym[1:]):
+        for p in zip(sym, sym[1:], strict=False):
             pair_count[p] = pair_count.get(p, 0) + sign * words[word]
             if sign > 0:
                 pair_words.setdefault(p, set()).add(word)
 
     for w in words:
         add(w, 1)
-    merges = []
+    merges: list[tuple[str, str]] = []
     while True:
         live = [(c, p) for p, c in pair_count.items() if c > 0]
         if not live:

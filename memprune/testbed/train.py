@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,80 +22,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import DataConfig, TestbedData, all_captions, build_data
+from .config import TestbedConfig, config_to_dict
+from .data import TestbedData, all_captions, build_data
+from .export import write_testbed_folder
 from .model import (
-    ModelConfig,
     assemble_pipeline,
     build_text_encoder,
     build_unet,
     build_vae,
     train_scheduler,
 )
+from .model_card import describe_device
 from .tokenizer import train_clip_tokenizer
-
-
-@dataclass
-class TestbedConfig:
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    # Stage 1: VAE (short; its reconstruction quality is the ceiling for any copy).
-    vae_steps: int = 2000
-    vae_batch_size: int = 32
-    vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-6
-    vae_decode_mean: bool = True
-    # Stage 2: UNet.
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    warmup_steps: int = 200
-    # Cosine decay to `final_lr_fraction` over the last part of training: memorization sharpens there.
-    decay_fraction: float = 0.3
-    final_lr_fraction: float = 0.05
-    # LAION-like mixture: memorized images are a small share of samples but each seen hundreds
-    # of times; the pool emoji a few times each; the control emoji once each; the rest shapes.
-    memorized_share: float = 0.22  # of each batch once memorized images are in (from memorized_start on)
-    # Fraction of the UNet steps before the memorized images join the mixture. Stable Diffusion 1.x
-    # met its heavily duplicated images mostly in later, curated stages (LAION-aesthetics); a late
-    # start makes memorization an addition to a model that already renders the general data.
-    memorized_start: float = 0.4
-    pool_share: float = 0.20
-    empty_caption_prob: float = 0.10  # for classifier-free guidance
-    checkpoint_every_s: float = 300.0
-    keep_snapshots: bool = True  # UNet weights at every checkpoint, to follow memorization
-    threads: int = 1
-
-    @property
-    def first_memorized_step(self) -> int:
-        return int(round(self.steps * self.memorized_start))
-
-    @property
-    def views_per_memorized(self) -> float:
-        steps = self.steps - self.first_memorized_step
-        return steps * self.batch_size * self.memorized_share / max(self.data.n_memorized, 1)
-
-
-def config_to_dict(cfg: TestbedConfig) -> dict:
-    return asdict(cfg)
-
-
-def config_from_dict(d: dict) -> TestbedConfig:
-    """Inverse of `config_to_dict` (nested dataclasses rebuilt, tuples restored)."""
-    from .model import SchedulerConfig, TextConfig, UNetConfig, VAEConfig
-
-    m = d.get("model", {})
-    model = ModelConfig(
-        vae=VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.get("vae", {}).items()}),
-        text=TextConfig(**m.get("text", {})),
-        unet=UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.get("unet", {}).items()}),
-        scheduler=SchedulerConfig(**m.get("scheduler", {})),
-    )
-    rest = {k: v for k, v in d.items() if k not in ("data", "model")}
-    rest.setdefault("memorized_start", 0.0)  # configs written before the option existed started at step 0
-    return TestbedConfig(data=DataConfig(**d.get("data", {})), model=model, **rest)
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -150,7 +88,9 @@ def train_vae(cfg: TestbedConfig, data: TestbedData, work_dir: str, progress: bo
             g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
         # Half emoji, half shapes: emoji detail is what bounds how well a copy can be measured.
         n_e = cfg.vae_batch_size // 2
-        x = torch.cat([emoji[rng.integers(0, len(emoji), n_e)], shapes[rng.integers(0, len(shapes), cfg.vae_batch_size - n_e)]])
+        x = torch.cat(
+            [emoji[rng.integers(0, len(emoji), n_e)], shapes[rng.integers(0, len(shapes), cfg.vae_batch_size - n_e)]]
+        )
         post = vae.encode(x).latent_dist
         # Decode the posterior mean: with a tiny KL weight the posterior noise would only slow
         # learning down (the encoder must first learn to shrink it); SD's VAE is near-deterministic too.
@@ -185,7 +125,7 @@ class TrainingSet:
     caption_ids: dict[str, torch.Tensor]  # index into `embeddings` per image
     embeddings: torch.Tensor  # (n_captions + 1) × L × D; the last row is the empty caption
 
-    def to(self, device) -> "TrainingSet":
+    def to(self, device) -> TrainingSet:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return TrainingSet(move(self.mean), move(self.std), move(self.caption_ids), self.embeddings.to(device))
 
@@ -214,7 +154,9 @@ def encode_training_set(data: TestbedData, vae, tokenizer, text_encoder) -> Trai
     emb = []
     for i in range(0, len(captions) + 1, 256):
         chunk = (captions + [""])[i : i + 256]
-        ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         emb.append(text_encoder(ids)[0])
     embeddings = torch.cat(emb)
     mean, std, cap_ids = {}, {}, {}
@@ -309,7 +251,9 @@ def train_unet(cfg: TestbedConfig, ts: TrainingSet, work_dir: str, progress: boo
     unet.train()
     last_save = time.time()
     t0, done = time.time(), 0
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet", disable=not progress, mininterval=10)
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet", disable=not progress, mininterval=10
+    )
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg)
@@ -367,8 +311,6 @@ def train_testbed(config: TestbedConfig, out: str, work_dir: str | None = None, 
     stopped when called again with the same config and work_dir (`stop_at` stops after that UNet
     step on purpose and returns None). The folder is written to a
     temporary sibling and renamed, so `out` is either complete or absent."""
-    from .export import write_testbed_folder  # noqa: WPS433 (import cycle avoidance)
-    from .model_card import describe_device
 
     torch.set_num_threads(config.threads)
     work_dir = work_dir or out + ".work"

@@ -15,10 +15,11 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
+from memprune.testbed.config import config_from_dict
 from memprune.testbed.data import build_data
 from memprune.testbed.export import write_testbed_folder
 from memprune.testbed.model import assemble_pipeline, build_unet
-from memprune.testbed.train import build_tokenizer_and_text_encoder, config_from_dict
+from memprune.testbed.train import build_tokenizer_and_text_encoder
 
 
 def main() -> None:

@@ -15,18 +15,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from memprune.testbed.config import TestbedConfig, config_to_dict
 from memprune.testbed.data import DataConfig, build_data
 from memprune.testbed.model_card import describe_device
 from memprune.testbed.presets import tiny
-from memprune.testbed.train import (TestbedConfig, TrainingSet, build_tokenizer_and_text_encoder, config_to_dict,
-                                    encode_training_set, train_testbed, train_unet, train_vae)
+from memprune.testbed.train import (
+    TrainingSet,
+    build_tokenizer_and_text_encoder,
+    encode_training_set,
+    train_testbed,
+    train_unet,
+    train_vae,
+)
 
 
 def variant(batch_size=256, n_memorized=50, **kw) -> TestbedConfig:
