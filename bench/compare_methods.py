@@ -1,4 +1,4 @@
-"""Every editing method on the same model, seeds and metrics, in one table (DESIGN.md §6).
+"""Every editing method on the same model, seeds and metrics, in one table.
 
     python bench/compare_methods.py --out runs/compare_methods            # the embedded testbed, ~1 h on 2 CPU cores
     python bench/compare_methods.py --out runs/cm --quick                 # a smoke run (minutes, numbers meaningless)

@@ -1,4 +1,5 @@
-"""The hook's reduction of one activation batch into the statistics of DESIGN.md §1, in as few passes as possible.
+"""The hook's reduction of one activation batch into the neuron statistics of memprune.stats (mean, variance,
+mean |a| per neuron), in as few passes as possible.
 
 `batch_statistics(x)` turns x (samples, tokens, H), any float dtype, into float32 vectors of length H:
 - sumsq: sum over samples and tokens of (x_j / ||x||)^2

@@ -26,35 +26,16 @@ from anywhere else, after which it appears in every ``--method`` choice of its k
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from types import ModuleType
 
 from ..errors import MemPruneError
+from .base import ENTRY_POINTS, KINDS, NEEDS, STAGES, MethodInfo
 
-KINDS = ("weight_edit", "mitigation", "finetune")
-ENTRY_POINTS = {"weight_edit": ("edit", "settings_from_options"), "mitigation": ("wrap",),
-                "finetune": ("train", "settings_from_options")}
-STAGES = ("locate", "prune")
-NEEDS = ("prompts", "statistics")
+__all__ = ["ENTRY_POINTS", "KINDS", "NEEDS", "STAGES", "MethodInfo", "available", "get", "names", "register"]
+
 BUILTIN = ("wanda", "nemo", "uniforget", "wen", "gradproj", "doco", "plain")  # modules of this package
 
 _registered: dict[str, ModuleType] = {}
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str  # what the command line calls it (--method NAME)
-    kind: str  # one of KINDS
-    summary: str  # one line: the paper and what the method does
-    reference: str = ""  # citation
-    stage: str = "locate"  # weight edits: the command that runs the edit (STAGES)
-    needs: str = "prompts"  # weight edits run by locate: what edit() is given (NEEDS)
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"Method kind must be one of {KINDS}, got {self.kind!r}.")
-        if self.stage not in STAGES or self.needs not in NEEDS:
-            raise ValueError(f"Method stage must be one of {STAGES} and needs one of {NEEDS}.")
 
 
 def register(module) -> None:

@@ -59,7 +59,7 @@ from ..conditioning import encode_conditioning
 from ..errors import MemPruneError
 from ..finetune import FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, predicted_x0, run_finetune
 from ..retain import sample_prompts
-from . import MethodInfo
+from .base import MethodInfo
 
 METHOD = MethodInfo(
     name="doco", kind="finetune",

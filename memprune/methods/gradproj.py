@@ -52,7 +52,7 @@ import torch
 from ..conditioning import encode_conditioning
 from ..errors import MemPruneError
 from ..finetune import FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, cross_attention_kv, run_finetune
-from . import MethodInfo
+from .base import MethodInfo
 
 METHOD = MethodInfo(
     name="gradproj", kind="finetune",

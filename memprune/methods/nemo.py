@@ -58,9 +58,16 @@ from tqdm.auto import tqdm
 from ..errors import MemPruneError
 from ..masks import Masks
 from ..stats import Moments
-from . import MethodInfo
-from .nemo_criterion import (Deactivated, ValueRecorder, first_step, max_pairwise_ssim, nemo_layers, noise_differences,
-                             pairwise_ssims)
+from .base import MethodInfo
+from .nemo_criterion import (
+    Deactivated,
+    ValueRecorder,
+    first_step,
+    max_pairwise_ssim,
+    nemo_layers,
+    noise_differences,
+    pairwise_ssims,
+)
 from .nemo_search import NeMoSettings, Neurons, count, neuron_masks, refine, search_theta, union, zscores
 
 METHOD = MethodInfo(

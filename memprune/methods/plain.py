@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..finetune import FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, run_finetune
 from ..errors import MemPruneError
-from . import MethodInfo
+from ..finetune import FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, run_finetune
+from .base import MethodInfo
 
 METHOD = MethodInfo(
     name="plain", kind="finetune",

@@ -82,7 +82,7 @@ from ..errors import MemPruneError
 from ..masks import Masks
 from ..models import denoiser, layer_shapes, pipeline_modules
 from ..prompts import overlapping_captions, write_prompts
-from . import MethodInfo
+from .base import MethodInfo
 from .uniforget_gates import GAMMA, TEMPERATURE, ZETA, NeuronGates, uniforget_masks
 
 METHOD = MethodInfo(
@@ -239,7 +239,8 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
     """
     from diffusers import DDIMScheduler
 
-    from ..generate import GenerationSettings, guidance_scale as resolve_guidance
+    from ..generate import GenerationSettings
+    from ..generate import guidance_scale as resolve_guidance
 
     settings = settings or UniForgetSettings()
     neutral_prompts = list(neutral_prompts)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MemPruneError
-from . import MethodInfo
 from ..masks import Masks
 from ..stats import NeuronStats
+from .base import MethodInfo
 
 METHOD = MethodInfo(
     name="wanda", kind="weight_edit",

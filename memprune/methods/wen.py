@@ -42,11 +42,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..conditioning import (Conditioning, check_finite, default_size, encode, frozen, gradients_enabled, scaled_input,
-                            pipeline_kwargs, predict_noise, require_cfg_pipeline, text_noise_norm)
+from ..conditioning import (
+    Conditioning,
+    check_finite,
+    default_size,
+    encode,
+    frozen,
+    gradients_enabled,
+    pipeline_kwargs,
+    predict_noise,
+    require_cfg_pipeline,
+    scaled_input,
+    text_noise_norm,
+)
 from ..errors import MemPruneError
 from ..models import denoiser, pipeline_modules
-from . import MethodInfo
+from .base import MethodInfo
 
 METHOD = MethodInfo(
     "wen", "mitigation",
