@@ -2,7 +2,10 @@
 
 A mask is stored sparsely as the sorted flat indices of its selected entries in the weight W (C x H),
 so memory and file size scale with what is selected, not with the model (SDXL x 50 steps would be GBs
-of booleans). IoU, per-step unions and save/load work on these index sets.
+of booleans). Selections make each (layer, step) mask sparse as soon as it is made (`sparse_indices`), so no
+dense mask of every step is ever held. Indices are int32 when the weight has fewer than 2**31 entries (every
+diffusers model today: half the memory and file size of int64); files written with int64 indices load to the
+same selections. IoU, per-step unions and save/load work on these index sets.
 """
 from __future__ import annotations
 
@@ -34,16 +37,36 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return intersection / union if union else float("nan")
 
 
+def index_dtype(entries: int) -> torch.dtype:
+    """int32 for the flat indices of a weight of `entries` entries where they fit, else int64."""
+    return torch.int32 if entries <= torch.iinfo(torch.int32).max else torch.int64
+
+
+def sparse_indices(mask: torch.Tensor) -> torch.Tensor:
+    """The sorted flat indices (on the CPU, int32 where they fit) of one dense boolean mask."""
+    return mask.flatten().nonzero().squeeze(1).to("cpu", index_dtype(mask.numel()))
+
+
 @dataclass
 class Masks:
-    indices: dict[Key, torch.Tensor]  # sorted int64 flat indices into the (C, H) weight
+    indices: dict[Key, torch.Tensor]  # sorted flat indices into the (C, H) weight, int32 where they fit
     shapes: dict[str, tuple[int, int]]
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # One index dtype whatever made the masks (a selection, an int64 file of older versions, a random draw).
+        converted: dict[int, torch.Tensor] = {}  # a set shared by several steps stays shared
+        for key, idx in self.indices.items():
+            shape = self.shapes.get(key[0])
+            if shape is not None:
+                if id(idx) not in converted:
+                    converted[id(idx)] = idx.to(index_dtype(int(np.prod(shape))))
+                self.indices[key] = converted[id(idx)]
 
     @classmethod
     def from_dense(cls, dense: dict[Key, torch.Tensor], meta: dict | None = None) -> "Masks":
         shapes = {layer: tuple(mask.shape) for (layer, _), mask in dense.items()}
-        indices = {key: mask.flatten().nonzero().squeeze(1).cpu() for key, mask in dense.items()}
+        indices = {key: sparse_indices(mask) for key, mask in dense.items()}
         return cls(indices=indices, shapes=shapes, meta=dict(meta or {}))
 
     @property

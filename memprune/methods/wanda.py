@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MemPruneError
-from ..masks import Masks
+from ..masks import Masks, sparse_indices
 from ..stats import NeuronStats
 from .base import MethodInfo
 
@@ -121,9 +121,10 @@ def select(
     steps: list[int] | None = None,
     meta: dict | None = None,
 ) -> Masks:
-    """Masks for every (layer, step) recorded in both statistics."""
+    """Masks for every (layer, step) recorded in both statistics; each made sparse as soon as it is selected, so
+    only one dense mask exists at a time (all of them at once were ~30 GB for SDXL at 50 steps)."""
     steps = steps if steps is not None else memorized.steps
-    dense = {}
+    indices, shapes = {}, {}
     kept = {layer: settings.keep(weight.shape[1], layer) for layer, weight in weights.items()}
     for layer, weight in weights.items():
         for step in steps:
@@ -131,11 +132,14 @@ def select(
                 raise MemPruneError(f"No statistics for {layer} at step {step}: record both prompt sets with the same --steps.")
             mem, ref = memorized[(layer, step)], reference[(layer, step)]
             if settings.granularity == "weight":
-                dense[(layer, step)] = wanda_mask(weight, mem.wanda_norm, ref.wanda_norm, k=kept[layer])
+                mask = wanda_mask(weight, mem.wanda_norm, ref.wanda_norm, k=kept[layer])
             else:
-                dense[(layer, step)] = neuron_mask(weight, mem, ref, score=settings.neuron_score, k=kept[layer])
+                mask = neuron_mask(weight, mem, ref, score=settings.neuron_score, k=kept[layer])
+            indices[(layer, step)] = sparse_indices(mask)
+            shapes[layer] = tuple(mask.shape)
     # k per layer in the paper's units, so masks of models of different width can be set side by side
-    return Masks.from_dense(dense, meta={"selection": vars(settings).copy(), "k_per_row": kept, **(meta or {})})
+    return Masks(indices=indices, shapes=shapes,
+                 meta={"selection": vars(settings).copy(), "k_per_row": kept, **(meta or {})})
 
 
 def edit(pipe, settings: SelectionSettings, memorized_stats: NeuronStats, reference_stats: NeuronStats,
