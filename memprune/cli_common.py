@@ -69,5 +69,16 @@ def torch_dtype(name: str):
 model_option = click.option("--model", default=None, help="Diffusers pipeline folder or hub id (default: the embedded testbed).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 dtype_option = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+save_dtype_option = click.option(
+    "--dtype", type=click.Choice(["keep", "float32", "float16", "bfloat16"]), default="keep", show_default=True,
+    help="Dtype of the saved pipeline's components; keep: each component in the dtype of the source's weights.")
 out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+
+
+def size_options(command):
+    """--height/--width: the generated image size (default: the pipeline's, e.g. 1024 px for SDXL)."""
+    command = click.option("--width", type=click.IntRange(min=1), default=None,
+                           help="Image width in pixels (default: the pipeline's).")(command)
+    return click.option("--height", type=click.IntRange(min=1), default=None,
+                        help="Image height in pixels (default: the pipeline's).")(command)

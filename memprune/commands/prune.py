@@ -13,6 +13,7 @@ from ..errors import MemPruneError
 from ..masks import MASKS_FILE, Masks
 from ..model_card import write_card
 from ..models import load_pipeline, resolve_device
+from ..precision import cast_components, describe, save_dtypes
 from ..prune import apply_masks, prune_info, save_pruned, verify_pruned
 from .defaults import model_or_default
 from .output import Timer, atomic_output_dir, check_output_dir, refuse_output, write_run_json
@@ -39,11 +40,13 @@ def run(options: dict[str, Any], echo: Callable[[str], Any] = print) -> None:
         raise MemPruneError(f"--masks is required with --method {module.METHOD.name}: give the output folder of "
                             "`memprune locate`.")
     echo(prune_to_folder(model, masks_folder, out, timesteps=options["timesteps"], overwrite=overwrite,
-                         device=options["device"]))
+                         device=options["device"], dtype=options.get("dtype") or "keep"))
 
 
-def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrite: bool = False, device: str = "auto") -> str:
-    """The `memprune prune` command as a function: load a fresh copy, zero, save atomically, reload and verify."""
+def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrite: bool = False, device: str = "auto",
+                    dtype: str = "keep") -> str:
+    """The `memprune prune` command as a function: load a fresh copy, zero, save atomically (in the source's dtypes
+    unless `dtype` names one), reload and verify."""
     protected = refuse_output(out, overwrite, model)
     masks = Masks.load(masks_folder)
     timer = Timer()
@@ -54,15 +57,19 @@ def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrit
     with atomic_output_dir(out, overwrite, protected) as staging:
         info = prune_info(model, masks_folder, result, masks)
         with timer("save"):
-            save_pruned(pipe.to("cpu"), staging, info)
+            saved = cast_components(pipe.to("cpu"), save_dtypes(pipe, model, dtype))
+            save_pruned(pipe, staging, info)
             write_card(staging, info)
         with timer("verify"):
             verified = verify_pruned(staging, masks, timesteps)
-        write_run_json(staging, {"model": model, "masks": str(masks_folder), "timesteps": timesteps},
-                       {"masks": Path(masks_folder) / MASKS_FILE}, timer.seconds, zeroed_weights=result.zeroed)
+        write_run_json(staging, {"model": model, "masks": str(masks_folder), "timesteps": timesteps,
+                                  "dtype": dtype},
+                       {"masks": Path(masks_folder) / MASKS_FILE}, timer.seconds, zeroed_weights=result.zeroed,
+                       saved_dtypes=saved)
     total = sum(masks.shapes[layer][0] * masks.shapes[layer][1] for layer in result.zeroed)
     return (
         f"Zeroed {result.total_zeroed} weights ({result.total_zeroed / total:.3%} of the masked layers' weights) "
         f"in {len(result.zeroed)} layers, steps 0..{timesteps - 1}; verified {verified} zeros after reload.\n"
+        f"{describe(saved, dtype)}\n"
         f"Edited pipeline: {out}"
     )
