@@ -40,9 +40,20 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little"))
 
 
+def copy_denoiser_only(pipe):
+    """A copy of `pipe` with its own denoiser that shares every other torch component (text encoders, VAE) and the
+    tokenizers with `pipe`: an edit of the denoiser leaves them as they are, and a whole copy of an SDXL pipeline
+    would not fit beside the others. The scheduler (it keeps per-call state) and the configuration are copied."""
+    net = denoiser(pipe)
+    shared = [part for name, part in getattr(pipe, "components", {}).items()
+              if part is not None and part is not net and name != "scheduler"]
+    return copy.deepcopy(pipe, memo={id(part): part for part in shared})
+
+
 def random_control(pipe, counts: dict[str, int], seed: int = 0):
-    """A copy of `pipe` whose denoiser has `counts[name]` random non-zero weights of each tensor zeroed."""
-    control = copy.deepcopy(pipe)
+    """A copy of `pipe` whose denoiser has `counts[name]` random non-zero weights of each tensor zeroed (only the
+    denoiser is copied: see copy_denoiser_only)."""
+    control = copy_denoiser_only(pipe)
     params = dict(denoiser(control).named_parameters())
     with torch.no_grad():
         for name, count in counts.items():

@@ -48,13 +48,28 @@ def check_model_source(model: str) -> None:
         raise MemPruneError(f"Model '{model}' does not exist: give a diffusers pipeline folder or a hub id (org/name).")
 
 
-def load_pipeline(model: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load any diffusers text-to-image pipeline; weights as safetensors, never remote code."""
+def local_model_folder(model: str) -> Path | None:
+    """The local folder of a pipeline: the folder itself, or the hub cache's snapshot of an id (never downloads)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # not cached, or not a hub id: nothing local to read
+        return None
+
+
+def load_pipeline(model: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  components: dict | None = None):
+    """Load any diffusers text-to-image pipeline; weights as safetensors, never remote code. `components`: loaded
+    components to use instead of loading the folder's own (memprune.evaluation.sharing)."""
     from diffusers import DiffusionPipeline
 
     model = model or DEFAULT_MODEL
     check_model_source(model)
-    kwargs = {"use_safetensors": True}
+    kwargs = {"use_safetensors": True, **(components or {})}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:

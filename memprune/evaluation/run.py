@@ -27,6 +27,7 @@ from .classifier import AttributeClassifier, load_testbed_classifier
 from .inputs import Group, build_groups, check_edited, read_sources
 from .mitigation import add_mitigation_metrics, mitigation_pipes
 from .schema import random_control_name
+from .sharing import load_sharing
 from .scoring import Generated, score
 from .settings import EvaluateSettings
 
@@ -74,7 +75,7 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None,
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    pipes = _load_pipes(settings, pipe, edited_pipe, device, dtype)
+    pipes = load_pipes(settings, pipe, edited_pipe, device, dtype)
     random_controls = add_random_controls(pipes, settings, notes) if settings.random_control else {}
     timings["load"] = round(time.perf_counter() - start, 3)
     cfg = uses_cfg(pipes["unedited"], settings.generation)
@@ -115,15 +116,20 @@ def _classifier(given, settings: EvaluateSettings, groups: dict[str, Group], not
     return given
 
 
-def _load_pipes(settings: EvaluateSettings, pipe, edited_pipe, device: str, dtype) -> dict[str, object]:
-    """{"unedited": ..., <edited name>: ...}: the given pipelines, the others loaded onto the device."""
+def load_pipes(settings: EvaluateSettings, pipe, edited_pipe, device: str, dtype) -> dict[str, object]:
+    """{"unedited": ..., <edited name>: ...}: the given pipelines, the others loaded onto the device; a loaded edited
+    pipeline shares every component whose files equal the base model's (memprune.evaluation.sharing)."""
     target = resolve_device(device)
+    loaded_here = pipe is None  # a given pipeline may differ from settings.model's files: share nothing of it
     if pipe is None:
         pipe = load_pipeline(settings.model, target, dtype)
     pipes = {"unedited": pipe}
     for index, (name, folder) in enumerate(settings.edited_models().items()):
         given = edited_pipe if index == 0 and settings.edited is not None else None
-        pipes[name] = given if given is not None else load_pipeline(folder, target, dtype)
+        if given is None:
+            given = (load_sharing(pipe, settings.model, folder, target, dtype) if loaded_here
+                     else load_pipeline(folder, target, dtype))
+        pipes[name] = given
     if edited_pipe is not None and len(pipes) == 1:
         pipes["edited"] = edited_pipe
     return pipes
