@@ -140,6 +140,15 @@ class Locator:
         return select(self.weights, memorized, reference, selection or self.settings.selection, meta=meta)
 
 
+def denoiser_calls(pipe, calls: int, steps: int) -> dict:
+    """What a mask step is: the index of a denoiser call within one generation, not of a sampling step. Most
+    schedulers call the denoiser once per step; PNDM (SD 1.5's default) calls it steps + 1 times (its first step
+    twice), Heun-type schedulers about twice per step. `memprune prune --timesteps` counts these calls too."""
+    scheduler = type(getattr(pipe, "scheduler", None)).__name__
+    return {"per_generation": calls, "steps": steps, "scheduler": scheduler,
+            "text": f"{calls} denoiser calls for --steps {steps} with {scheduler}"}
+
+
 def memorized_prompts(settings: LocateSettings) -> PromptList:
     """The memorized prompts locate records: all of the file, or a seeded sample of --num-prompts."""
     memorized = read_prompts(settings.memorized, label=settings.memorized_label)
@@ -165,6 +174,7 @@ def locate(settings: LocateSettings, pipe, processes: Processes | None = None,
     meta["model"]["layer_shapes"] = layer_shapes(net)
     locator = Locator(pipe, settings, processes=processes, partial=partial)
     masks = locator.masks(memorized.prompts, meta=meta, desc="memorized")
+    masks.meta["denoiser_calls"] = denoiser_calls(pipe, len(masks.steps), settings.generation.steps)
     result = LocateResult(masks, locator.stats(memorized.prompts), locator.reference_stats(len(memorized)), memorized)
     if settings.subsets:
         result.subset_masks = subset_masks(locator, settings)

@@ -156,6 +156,8 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
         f"{len(result.masks.steps)} steps from {len(result.prompts)} memorized prompts"
         + (f" in {group.world} processes" if group.distributed else "") + (", resumed" if resumed else "") + ".",
         *_kept_line(result.masks),
+        f"Mask steps are denoiser calls: {result.masks.meta['denoiser_calls']['text']} "
+        "(prune --timesteps counts denoiser calls).",
         f"Masks: {Path(out) / 'masks.safetensors'}",
     ]
     if result.overlap is not None:
