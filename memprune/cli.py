@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .cli_common import (FriendlyGroup, MethodChoice, device_option, dtype_option, model_option, out_option,
-                         overwrite_option, torch_dtype)
+                         overwrite_option, save_dtype_option, size_options, torch_dtype)
 from .generate import GenerationSettings
 from .methods.wanda import GRANULARITIES, NEURON_SCORES
 from .models import DEFAULT_MODEL
@@ -27,7 +27,9 @@ def main():
 @click.option("--reference", default=None,
               help="'empty' (the empty prompt) or a file of non-memorized prompts [wanda default: empty; nemo needs a "
                    "file, testbed default: its general_train.csv].")
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps per generation.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Sampling steps per generation. Masks are kept per denoiser call, which most schedulers make once "
+                   "per step; PNDM (SD 1.5's default) makes steps + 1 (masks.json and the summary say how many).")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Generations per prompt [wanda: 1; nemo: 10, its criterion's seeds].")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="First seed.")
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, help="CFG scale (default: the pipeline's).")
@@ -86,7 +88,7 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
               help="A registered weight edit; wanda (or another method `memprune locate` ran): apply --masks from "
                    "`memprune locate`; uniforget: train gates on neutral prompts first (united with --masks when given).")
 @click.option("--masks", "masks_folder", default=None, type=click.Path(), help="Output folder of `memprune locate`.")
-@click.option("--timesteps", default=10, show_default=True, type=click.IntRange(min=1), help="τ: prune the union of the masks of steps 0..τ-1.")
+@click.option("--timesteps", default=10, show_default=True, type=click.IntRange(min=1), help="τ: prune the union of the masks of steps (denoiser calls) 0..τ-1.")
 @click.option("--neutral", default=None, type=click.Path(), help="uniforget: neutral prompts (testbed default: general_train.csv, not the held-out captions evaluate scores).")
 @click.option("--beta", default=1.0, show_default=True, type=click.FloatRange(min=0), help="uniforget: weight of the expected-L0 penalty.")
 @click.option("--train-steps", default=100, show_default=True, type=click.IntRange(min=1), help="uniforget: gate optimisation steps.")
@@ -96,10 +98,11 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
 @click.option("--masks-out", default=None, type=click.Path(file_okay=False),
               help="uniforget: where the trained masks go (default: OUT-uniforget-masks).")
 @device_option
+@save_dtype_option
 @out_option
 @overwrite_option
-def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr, sampling_steps, masks_out, device, out,
-          overwrite):
+def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr, sampling_steps, masks_out, device, dtype,
+          out, overwrite):
     """Zero the located weights and save an edited pipeline that stock diffusers loads."""
     options = dict(locals())
     from .commands import prune as command
@@ -142,13 +145,14 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr
 @click.option("--wen-iterations", default=10, show_default=True, type=click.IntRange(min=1), help="wen: at most this many optimisation steps per image.")
 @click.option("--wen-target", type=click.FloatRange(min=0, min_open=True), default=None,
               help="wen: target first-step noise norm (default: median of the unedited model's non-memorized prompts).")
+@size_options
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def evaluate(model, edited, compare, memorized, reference, control, general, exclude_prompts, seeds, seed, steps, guidance_scale,
              batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes, random_control, random_control_seed,
-             mitigation, wen_lr, wen_iterations, wen_target, device, dtype, out, overwrite):
+             mitigation, wen_lr, wen_iterations, wen_target, height, width, device, dtype, out, overwrite):
     """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
     from .commands.evaluate import evaluate_to_folder
     from .evaluation.settings import EvaluateSettings
@@ -156,7 +160,8 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
     settings = EvaluateSettings(
         model=model or DEFAULT_MODEL, edited=edited, compare=tuple(compare), memorized=memorized, reference=reference, control=control,
         general=general, exclude_prompts=exclude_prompts,
-        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size),
+        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size,
+                                      height=height, width=width),
         similarity=similarity, sscd=sscd, threshold_percentile=threshold_percentile, grid_prompts=grid_prompts, attributes=attributes,
         random_control=random_control, random_control_seed=random_control_seed,
         mitigation=mitigation, wen_lr=wen_lr, wen_iterations=wen_iterations, wen_target=wen_target,
@@ -172,11 +177,12 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="First seed.")
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, help="CFG scale (default: the pipeline's; must be > 1).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts per pipeline call.")
+@size_options
 @device_option
 @dtype_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Scores FILE.csv (ROC summary: FILE.json beside it).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing FILE.csv and FILE.json.")
-def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, device, dtype, out, overwrite):
+def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, height, width, device, dtype, out, overwrite):
     """Score prompts with Wen et al.'s text-conditional noise norm; ROC AUC and TPR at 1% FPR for labelled files."""
     options = {**locals(), "dtype": torch_dtype(dtype)}
     from .commands import detect as command
@@ -206,11 +212,13 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
 @click.option("--retain-prompts", default=128, show_default=True, type=click.IntRange(min=0), help="Seeded sample of retain captions generated (0: all).")
 @click.option("--sampling-steps", default=20, show_default=True, type=click.IntRange(min=1), help="Sampling steps of the retain generations.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@size_options
 @device_option
+@save_dtype_option
 @out_option
 @overwrite_option
 def finetune(model, method, memorized, retain, retain_images, anchors, params, energy, steps, lr, batch_size,
-             retain_prompts, sampling_steps, seed, device, out, overwrite):
+             retain_prompts, sampling_steps, seed, height, width, device, dtype, out, overwrite):
     """Fine-tune the denoiser on retain data (gradient projection, DoCo, or the plain control) and save it."""
     options = dict(locals())
     from .commands import finetune as command
@@ -256,13 +264,14 @@ def card(folder, evaluation, name):
 @click.option("--threshold-percentile", default=95.0, show_default=True, type=click.FloatRange(0, 100, min_open=True), help="Calibration percentile.")
 @click.option("--similarity", type=click.Choice(["ssim", "l2"]), default="ssim", show_default=True)
 @click.option("--sscd", default=None, type=click.Path(), help="SSCD model file (TorchScript, or .onnx with onnxruntime).")
+@size_options
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, seed, guidance_scale, attack_steps,
            attack_lr, bound, noise_samples, attack_seed, threshold, threshold_from, control, threshold_percentile,
-           similarity, sscd, device, dtype, out, overwrite):
+           similarity, sscd, height, width, device, dtype, out, overwrite):
     """DoRI-style robustness check: optimise a bounded prompt-embedding perturbation toward each memorized training
     image, then count copies on fresh seeds (memorization_rate_attacked) for the unedited and every edited model."""
     from .attack.embedding import AttackSettings
@@ -273,7 +282,8 @@ def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, s
         model=model or DEFAULT_MODEL, edited=tuple(edited), prompts=prompts, exclude_prompts=exclude_prompts,
         num_prompts=num_prompts, control=control, threshold=threshold, threshold_from=threshold_from,
         threshold_percentile=threshold_percentile, similarity=similarity, sscd=sscd,
-        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale),
+        generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, height=height,
+                                      width=width),
         attack=AttackSettings(attack_steps=attack_steps, attack_lr=attack_lr, bound=bound, noise_samples=noise_samples,
                               attack_seed=attack_seed),
     )

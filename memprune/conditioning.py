@@ -154,13 +154,15 @@ def _call_kwargs(pipe, size: tuple[int, int] | None) -> dict:
     return pipeline_call_kwargs(pipe, GenerationSettings(height=height, width=width))
 
 
-def encode_conditioning(pipe, prompts: list[str], batch_size: int = 16) -> Conditioning:
-    """The pipeline's own conditioning of `prompts` without guidance (captured at its first denoiser call)."""
+def encode_conditioning(pipe, prompts: list[str], batch_size: int = 16,
+                        size: tuple[int, int] | None = None) -> Conditioning:
+    """The pipeline's own conditioning of `prompts` without guidance (captured at its first denoiser call), at
+    `size` (height, width; default the pipeline's: SDXL's size conditioning depends on it)."""
     parts = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start:start + batch_size])
-            _, kwargs = capture_conditioning(pipe, batch, 1.0, **_call_kwargs(pipe, None))
+            _, kwargs = capture_conditioning(pipe, batch, 1.0, **_call_kwargs(pipe, size))
             if STATES not in kwargs:
                 raise MemPruneError("The pipeline's denoiser call has no encoder_hidden_states: cannot fine-tune it.")
             parts.append({k: v for k, v in kwargs.items() if v is not None})
@@ -194,6 +196,12 @@ def encode(pipe, prompts: list[str], negative_prompt=None, size: tuple[int, int]
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     halves = [rows_of(kwargs, torch.arange(start, start + len(prompts)), n) for start in (0, len(prompts))]
     return Conditioning(halves[1], halves[0], list(prompts))
+
+
+def asked_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """(height, width) in pixels: the asked sides, the pipeline's default for a side not asked."""
+    default_height, default_width = default_size(pipe)
+    return (height or default_height, width or default_width)
 
 
 def default_size(pipe) -> tuple[int, int]:

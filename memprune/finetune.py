@@ -73,6 +73,8 @@ class FinetuneSettings:
     retain_images: str | None = None  # folder of image/caption pairs instead of generated retain latents
     sampling_steps: int = 20  # steps of the unedited model's generation of retain latents
     guidance_scale: float | None = None  # of that generation (None: the pipeline's)
+    height: int | None = None  # of that generation and of the conditioning (None: the pipeline's default size)
+    width: int | None = None
     max_grad_norm: float = 1.0  # 0: no clipping
     progress: bool = True
 
@@ -86,6 +88,15 @@ class FinetuneSettings:
             raise MemPruneError(f"Fine-tuning retain_prompts must be at least 1, got {self.retain_prompts}.")
         if not self.lr > 0:
             raise MemPruneError(f"--lr must be > 0, got {self.lr}.")
+        if self.retain_images is not None and (self.height or self.width) and self.height != self.width:
+            raise MemPruneError("--retain-images are cropped square: give --height and --width equal (or neither).")
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(height, width) asked for, None for the pipeline's default; one side given means a square."""
+        if self.height is None and self.width is None:
+            return None
+        return (self.height or self.width, self.width or self.height)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -32,12 +32,13 @@ def generated_retain_data(pipe, prompts: list[str], settings: FinetuneSettings) 
     start = time.perf_counter()
     prompts = sample_prompts(prompts, settings.retain_prompts, settings.seed)
     generation = GenerationSettings(steps=settings.sampling_steps, seeds=1, seed=settings.seed,
-                                    guidance_scale=settings.guidance_scale, batch_size=8)
+                                    guidance_scale=settings.guidance_scale, batch_size=8, height=settings.height,
+                                    width=settings.width)
     latents = [None] * len(prompts)
     for index, _, latent in generate(pipe, prompts, generation, output_type="latent", progress=settings.progress,
                                      desc="retain latents"):
         latents[index] = latent.detach().float()
-    conditioning = encode_conditioning(pipe, prompts)
+    conditioning = encode_conditioning(pipe, prompts, size=settings.size)
     return RetainData(torch.stack(latents), conditioning, "generated", time.perf_counter() - start)
 
 
@@ -93,10 +94,10 @@ def image_retain_data(pipe, folder: str | Path, settings: FinetuneSettings) -> R
     if not images:
         raise MemPruneError(f"--retain-images '{folder}' holds no images.")
     net = denoiser(pipe)
-    size = int(net.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    size = settings.size[0] if settings.size else int(net.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
     latents = []
     for start_index in range(0, len(images), 8):
         pixels = torch.stack([_image_tensor(p, size) for p in images[start_index:start_index + 8]])
         latents.append(vae_encode(pipe, pixels).float())
-    conditioning = encode_conditioning(pipe, captions)
+    conditioning = encode_conditioning(pipe, captions, size=settings.size)
     return RetainData(torch.cat(latents), conditioning, "images", time.perf_counter() - start)

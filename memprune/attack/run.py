@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..conditioning import default_size, encode
+from ..conditioning import asked_size, encode
 from ..errors import MemPruneError
 from ..evaluation.inputs import check_edited
 from ..evaluation.metrics import calibrate_threshold, memorization_rate
@@ -268,7 +268,7 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
     pipe = load_pipeline(settings.model, target, dtype)
     if not uses_cfg(pipe, settings.generation):
         notes.append("No classifier-free guidance (guidance scale <= 1): generations use the conditional branch only.")
-    size = default_size(pipe)
+    size = asked_size(pipe, settings.generation.height, settings.generation.width)
     training = [load_image(path, size) for path in prompts.images]
     train_features = backend.features(torch.stack(training))
     base_print = text_fingerprint(pipe)

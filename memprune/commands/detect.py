@@ -21,7 +21,8 @@ def run(options: dict[str, Any]) -> str:
     settings = DetectSettings(
         model=model_or_default(options["model"]), prompts=options["prompts"],
         generation=GenerationSettings(steps=options["steps"], seeds=options["seeds"], seed=options["seed"],
-                                      guidance_scale=options["guidance_scale"], batch_size=options["batch_size"]),
+                                      guidance_scale=options["guidance_scale"], batch_size=options["batch_size"],
+                                      height=options.get("height"), width=options.get("width")),
     )
     return detect_to_file(settings, options["out"], overwrite=options["overwrite"], device=options["device"],
                           dtype=options["dtype"])

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import methods
 from ..errors import MemPruneError
 from ..finetune import (FinetuneSettings, apply_delta, check_disjoint, relative_change, trainable_parameters,
@@ -15,6 +17,7 @@ from ..finetune import (FinetuneSettings, apply_delta, check_disjoint, relative_
 from ..masks import file_sha256
 from ..model_card import write_card
 from ..models import denoiser, load_pipeline, resolve_device
+from ..precision import cast_components, describe, save_dtypes
 from ..prompts import read_prompts, write_prompts
 from ..prune import PRUNE_INFO
 from ..retain import generated_retain_data, image_retain_data, read_image_captions
@@ -28,12 +31,14 @@ def run(options: dict[str, Any]) -> str:
     model = model_or_default(options["model"])
     settings = FinetuneSettings(steps=options["steps"], lr=options["lr"], seed=options["seed"], params=options["params"],
                                 batch_size=options["batch_size"], retain_prompts=options["retain_prompts"] or None,
-                                retain_images=options["retain_images"], sampling_steps=options["sampling_steps"])
+                                retain_images=options["retain_images"], sampling_steps=options["sampling_steps"],
+                                height=options.get("height"), width=options.get("width"))
     method_settings = methods.get(options["method"], "finetune").settings_from_options(options)
     inputs = FinetuneInputs(memorized=options["memorized"], retain=options["retain"], anchors=options["anchors"])
-    # float32 only (no --dtype): Adam on half-precision weights loses small updates.
+    # Trained in float32 (Adam on half-precision weights loses small updates); --dtype is the dtype it is saved in.
     return finetune_to_folder(model, options["method"], options["out"], settings, inputs, method_settings,
-                              overwrite=options["overwrite"], device=options["device"])
+                              overwrite=options["overwrite"], device=options["device"],
+                              save_dtype=options.get("dtype") or "keep")
 
 
 @dataclass
@@ -91,8 +96,9 @@ def _folder_record(folder) -> dict | None:
 
 def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings | None = None,
                        inputs: FinetuneInputs | None = None, method_settings=None, overwrite: bool = False,
-                       device: str = "auto", dtype=None, log=print) -> str:
-    """The `memprune finetune` command as a function: check inputs, fine-tune, save atomically, verify."""
+                       device: str = "auto", dtype=None, log=print, save_dtype: str = "keep") -> str:
+    """The `memprune finetune` command as a function: check inputs, fine-tune, save atomically (in the source's
+    dtypes unless `save_dtype` names one), verify."""
     settings = settings or FinetuneSettings()
     module = methods.get(method, "finetune")
     protected = refuse_output(out, overwrite, model)  # before minutes of work, not after
@@ -109,8 +115,8 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
         check_disjoint(memorized, anchors, "anchor")
         notes += anchor_notes(model, inputs.anchors)
     timer = Timer()
-    with timer("load"):
-        pipe = load_pipeline(model, resolve_device(device), dtype)
+    with timer("load"):  # float32 whatever the source's dtype: Adam on half-precision weights loses small updates
+        pipe = load_pipeline(model, resolve_device(device), dtype or torch.float32)
     trainable_parameters(denoiser(pipe), settings.params)  # fail now on --params naming nothing
     with timer("retain_data"):
         if settings.retain_images:
@@ -147,7 +153,8 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     }
     with atomic_output_dir(out, overwrite, protected) as staging:
         with timer("save"):
-            pipe.to("cpu").save_pretrained(str(staging), safe_serialization=True)
+            info["saved_dtypes"] = cast_components(pipe.to("cpu"), save_dtypes(pipe, model, save_dtype))
+            pipe.save_pretrained(str(staging), safe_serialization=True)
             history.to_csv(staging / "loss.csv", index=False)
             write_prompts(retain.prompts, staging / "retain_prompts_used.csv")
         with timer("verify"):
@@ -164,4 +171,5 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     return (f"{method}: {settings.steps} steps on {len(retain.prompts)} retain {retain.source} latents "
             f"({timer.seconds['finetune']:.0f} s); changed {len(changed)} of {len(changes)} trained tensors "
             f"(--params {settings.params}, largest relative change {largest:.3g}); verified {verified} tensors "
-            f"after reload.\n" + "".join(f"Note: {note}\n" for note in notes) + f"Fine-tuned pipeline: {out}")
+            f"after reload.\n" + "".join(f"Note: {note}\n" for note in notes)
+            + f"{describe(info['saved_dtypes'], save_dtype)} Trained in float32.\nFine-tuned pipeline: {out}")

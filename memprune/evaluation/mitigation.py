@@ -26,6 +26,7 @@ from .settings import EvaluateSettings
 def mitigation_pipes(settings: EvaluateSettings, pipe, sources: dict[str, PromptList], groups: dict[str, Group],
                      notes: list[str], log: Callable[[str], None]) -> dict[str, object]:
     """{name: wrapped unedited pipeline} of the --mitigation; Wen's target is calibrated here when not given."""
+    from ..conditioning import asked_size
     from ..methods.wen import calibrate_target
 
     module = get(settings.mitigation, "mitigation")
@@ -38,7 +39,9 @@ def mitigation_pipes(settings: EvaluateSettings, pipe, sources: dict[str, Prompt
         calibration = calibration_group(groups)
         prompts = [sources[source].prompts[i] for source, i in groups[calibration].members]
         seeds = list(range(generation.seed, generation.seed + generation.seeds))
-        wen = replace(wen, target=calibrate_target(pipe, prompts, generation.steps, seeds, guidance_scale(pipe, generation)))
+        size = asked_size(pipe, generation.height, generation.width)
+        wen = replace(wen, target=calibrate_target(pipe, prompts, generation.steps, seeds, guidance_scale(pipe, generation),
+                                                   size=size))
         notes.append(f"Wen mitigation target noise norm {wen.target:.4g}: median first-step noise norm of the unedited "
                      f"model on the {len(prompts)} {calibration} prompts x {len(seeds)} seeds (lr {wen.lr:g}, at most "
                      f"{wen.max_iterations} iterations).")

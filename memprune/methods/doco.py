@@ -137,12 +137,13 @@ class DoCoHooks(FinetuneHooks):
         self.compared = 0
 
     def setup(self, loop) -> None:
-        self.memorized = encode_conditioning(loop.pipe, self.memorized_prompts)
+        self.memorized = encode_conditioning(loop.pipe, self.memorized_prompts, size=loop.settings.size)
         if self.anchor_prompts is None:
             self.anchors = loop.retain.conditioning  # default anchors: the retain prompts
         else:
             self.anchors = encode_conditioning(
-                loop.pipe, sample_prompts(self.anchor_prompts, self.settings.anchor_prompts, loop.settings.seed))
+                loop.pipe, sample_prompts(self.anchor_prompts, self.settings.anchor_prompts, loop.settings.seed),
+                size=loop.settings.size)
         warmup = self.settings.discriminator_warmup
         self.warmup = loop.settings.steps // 10 if warmup is None else warmup
         self.generator = torch.Generator("cpu").manual_seed(loop.settings.seed + 1)

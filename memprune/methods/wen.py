@@ -225,13 +225,14 @@ def wrap(pipe, settings: WenSettings):
 # --------------------------------------------------------------------------------------------- target
 
 def first_step_norms(pipe, prompts: list[str], steps: int, seeds: list[int], guidance_scale: float,
-                     batch_size: int = 8) -> np.ndarray:
-    """(prompts, seeds) first-step text-conditional noise norms, x_T drawn as memprune.generate draws it per seed."""
+                     batch_size: int = 8, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(prompts, seeds) first-step text-conditional noise norms, x_T drawn as memprune.generate draws it per seed,
+    at `size` (height, width; default the pipeline's)."""
     if guidance_scale <= 1.0:
         raise MemPruneError("Wen's mitigation needs classifier-free guidance: use a guidance scale above 1.")
     require_cfg_pipeline(pipe, "Wen's mitigation")
     values = np.zeros((len(prompts), len(seeds)))
-    size = default_size(pipe)
+    size = size or default_size(pipe)
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
@@ -249,8 +250,8 @@ def first_step_norms(pipe, prompts: list[str], steps: int, seeds: list[int], gui
 
 
 def calibrate_target(pipe, prompts: list[str], steps: int, seeds: list[int], guidance_scale: float,
-                     quantile: float = 0.5) -> float:
+                     quantile: float = 0.5, size: tuple[int, int] | None = None) -> float:
     """The default target: this quantile (median) of the first-step noise norms of non-memorized prompts."""
     if not prompts:
         raise MemPruneError("No non-memorized prompts to calibrate Wen's target noise norm on: give --wen-target.")
-    return float(np.quantile(first_step_norms(pipe, prompts, steps, seeds, guidance_scale), quantile))
+    return float(np.quantile(first_step_norms(pipe, prompts, steps, seeds, guidance_scale, size=size), quantile))
