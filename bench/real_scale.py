@@ -44,6 +44,7 @@ CLIP_BIG_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, nu
                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1)
+COMMANDS = ["locate", "prune", "evaluate", "attack"]
 FAMILIES = {"sd15": torch.float32, "sdxl": torch.float16}  # the dtype each is published (and saved here) in
 
 
@@ -121,14 +122,13 @@ def run_cli(args: list[str], log: Path) -> dict:
     return {"rc": process.returncode, "seconds": time.perf_counter() - tic, "peak_rss_gib": usage.ru_maxrss / 2**20}
 
 
-def bench_family(family: str, steps: int, work: Path, size: int) -> dict:
+def bench_family(family: str, steps: int, work: Path, size: int, only: list[str] = COMMANDS) -> dict:
     model = work / f"{family}-model"
     build_seconds = save_model(family, model)
     inputs = write_inputs(work / "inputs")
     common = ["--device", "cpu", "--steps", str(steps), "--height", str(size), "--width", str(size)]
     runs = work / f"{family}-runs"
-    shutil.rmtree(runs, ignore_errors=True)
-    runs.mkdir()
+    runs.mkdir(exist_ok=True)
     located, pruned = runs / "located", runs / "pruned"
     commands = {
         "locate": ["locate", "--model", str(model), "--memorized", str(inputs["memorized"]), "--batch-size", "1",
@@ -146,6 +146,9 @@ def bench_family(family: str, steps: int, work: Path, size: int) -> dict:
     figures: dict = {"family": family, "build_and_save_s": round(build_seconds, 1),
                      "model_gib": sum(p.stat().st_size for p in model.rglob("*") if p.is_file()) / 2**30}
     for name, args in commands.items():
+        if name not in only:  # its output of an earlier run (kept in --work) is used
+            continue
+        shutil.rmtree(args[-1], ignore_errors=True)
         result = run_cli(args, runs / f"{name}.log")
         figures[name] = result
         print(f"[{family}] {name}: exit {result['rc']}, {result['seconds']:.0f} s, peak RSS "
@@ -176,6 +179,8 @@ def main() -> None:
     parser.add_argument("--family", choices=["sd15", "sdxl", "both"], default="sd15")
     parser.add_argument("--steps", type=int, default=2, help="Sampling steps of every command.")
     parser.add_argument("--size", type=int, default=256, help="Image height and width in pixels.")
+    parser.add_argument("--commands", default=",".join(COMMANDS),
+                        help="Comma-separated commands to run (the others' outputs must be in --work from a run before).")
     parser.add_argument("--work", type=Path, default=None,
                         help="Folder for the built models and runs (kept; default: a temporary folder, removed).")
     args = parser.parse_args()
@@ -183,7 +188,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     families = ["sd15", "sdxl"] if args.family == "both" else [args.family]
     try:
-        results = [bench_family(family, args.steps, work, args.size) for family in families]
+        only = args.commands.split(",")
+        results = [bench_family(family, args.steps, work, args.size, only) for family in families]
         print(json.dumps(results, indent=1))
     finally:
         if args.work is None:

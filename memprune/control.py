@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -50,15 +52,23 @@ def copy_denoiser_only(pipe):
     return copy.deepcopy(pipe, memo={id(part): part for part in shared})
 
 
+def random_control_indices(pipe, counts: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per denoiser tensor of `pipe`, the flat indices of `counts[name]` random non-zero weights (seeded per tensor)."""
+    params = dict(denoiser(pipe).named_parameters())
+    return {name: random_weight_indices(params[name].view(-1), count, tensor_generator(seed, name), among="nonzero",
+                                        name=name)
+            for name, count in counts.items()}
+
+
 def random_control(pipe, counts: dict[str, int], seed: int = 0):
     """A copy of `pipe` whose denoiser has `counts[name]` random non-zero weights of each tensor zeroed (only the
     denoiser is copied: see copy_denoiser_only)."""
+    indices = random_control_indices(pipe, counts, seed)
     control = copy_denoiser_only(pipe)
     params = dict(denoiser(control).named_parameters())
     with torch.no_grad():
-        for name, count in counts.items():
+        for name, chosen in indices.items():
             flat = params[name].view(-1)
-            chosen = random_weight_indices(flat, count, tensor_generator(seed, name), among="nonzero", name=name)
             flat[chosen.to(flat.device)] = 0
     return control
 
@@ -67,3 +77,35 @@ def random_control_of(pipe, edited_pipe, seed: int = 0):
     """(control pipeline, counts) for an edited pipeline of `pipe`; control is None when the edit zeroes nothing."""
     counts = zeroed_counts(denoiser(pipe), denoiser(edited_pipe))
     return (random_control(pipe, counts, seed) if counts else None), counts
+
+
+class ZeroedWeights:
+    """The random control as an edit of `pipe` itself, applied only while it generates: `with control.applied() as
+    pipe:` zeroes the chosen weights of its denoiser and restores them exactly on leaving. The same weights as
+    random_control's copy, so the same images, without a second denoiser in memory (3.4 GB for SD 1.5 in fp32)."""
+
+    def __init__(self, pipe, indices: dict[str, torch.Tensor]):
+        self.pipe, self.indices = pipe, indices
+
+    @contextmanager
+    def applied(self) -> Iterator[object]:
+        params = dict(denoiser(self.pipe).named_parameters())
+        originals = {}
+        try:
+            with torch.no_grad():
+                for name, chosen in self.indices.items():
+                    flat = params[name].view(-1)
+                    chosen = chosen.to(flat.device)
+                    originals[name] = (chosen, flat[chosen].clone())
+                    flat[chosen] = 0
+            yield self.pipe
+        finally:
+            with torch.no_grad():
+                for name, (chosen, values) in originals.items():
+                    params[name].view(-1)[chosen] = values
+
+
+def random_control_edit_of(pipe, edited_pipe, seed: int = 0) -> tuple[ZeroedWeights | None, dict[str, int]]:
+    """As random_control_of, the control as ZeroedWeights of `pipe` (None when the edit zeroes nothing)."""
+    counts = zeroed_counts(denoiser(pipe), denoiser(edited_pipe))
+    return (ZeroedWeights(pipe, random_control_indices(pipe, counts, seed)) if counts else None), counts

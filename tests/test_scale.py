@@ -13,6 +13,7 @@ from helpers import run
 from safetensors.torch import load_file, save_file
 from tiny_pipelines import sd1_pipeline
 
+from memprune.control import random_control_of, zeroed_counts
 from memprune.evaluation.run import add_random_controls, evaluate, load_pipes
 from memprune.evaluation.settings import EvaluateSettings
 from memprune.generate import GenerationSettings
@@ -184,12 +185,19 @@ def test_edited_and_control_pipelines_share_unchanged_components(saved_pipelines
     unedited, edited_pipe, control = pipes["unedited"], pipes["edited"], pipes["random_control"]
     for shared in ("text_encoder", "tokenizer"):
         assert getattr(edited_pipe, shared) is getattr(unedited, shared)
-        assert getattr(control, shared) is getattr(unedited, shared)
     assert (edited_pipe.vae is unedited.vae) is not change_vae
-    assert control.vae is unedited.vae  # the control is the unedited model with random weights zeroed
-    for pipe in (edited_pipe, control):
-        assert pipe.unet is not unedited.unet and pipe.scheduler is not unedited.scheduler
-    assert control.unet.conv_in.weight is not unedited.unet.conv_in.weight
+    assert edited_pipe.unet is not unedited.unet and edited_pipe.scheduler is not unedited.scheduler
+    # The control is the unedited pipeline itself, its random weights zeroed only while it generates.
+    before = {name: p.detach().clone() for name, p in unedited.unet.named_parameters()}
+    copy, counts = random_control_of(unedited, edited_pipe, seed=0)
+    with control.applied() as pipe:
+        assert pipe is unedited
+        assert zeroed_counts(copy.unet, pipe.unet) == {} and zeroed_counts(pipe.unet, copy.unet) == {}
+        assert sum(zeroed_counts(StableDiffusionPipeline.from_pretrained(str(base)).unet, pipe.unet).values()) == \
+            sum(counts.values())
+    assert all(torch.equal(p, before[name]) for name, p in unedited.unet.named_parameters())  # restored exactly
+    # The copy random_control still makes (library callers) copies only the denoiser.
+    assert copy.vae is unedited.vae and copy.text_encoder is unedited.text_encoder and copy.unet is not unedited.unet
 
 
 # ------------------------------------------------------------------------------------ 5. denoiser calls (PNDM)

@@ -10,6 +10,7 @@ one warm-up call each. The metrics are memprune.evaluation.scoring's.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..control import random_control_of
+from ..control import ZeroedWeights, random_control_edit_of
 from ..detect import generate_with_scores, summarize_steps
 from ..generate import GenerationSettings, generate, uses_cfg
 from ..models import load_pipeline, resolve_device
@@ -136,10 +137,11 @@ def load_pipes(settings: EvaluateSettings, pipe, edited_pipe, device: str, dtype
 
 
 def add_random_controls(pipes: dict, settings: EvaluateSettings, notes: list[str]) -> dict[str, dict]:
-    """Beside each edited model, the unedited model with as many random weights zeroed per tensor (memprune.control)."""
+    """Beside each edited model, the unedited model with as many random weights zeroed per tensor (memprune.control):
+    a ZeroedWeights of the unedited pipeline, applied only while the control generates (no copy is held)."""
     controls = {}
     for name, edited_pipe in list(pipes.items())[1:]:
-        control, counts = random_control_of(pipes["unedited"], edited_pipe, settings.random_control_seed)
+        control, counts = random_control_edit_of(pipes["unedited"], edited_pipe, settings.random_control_seed)
         if control is None:
             notes.append(f"'{name}' zeroes no weight of the base model: no random control beside it.")
             continue
@@ -157,25 +159,32 @@ def _generate_all(pipes: dict, mitigated: dict, sources: dict[str, PromptList], 
                   timings: dict[str, float]) -> tuple[Generated, dict[tuple[str, str], list]]:
     """Every prompt file with every model, the models alternating per file (load drift hits all alike); the
     mitigation's per-image records by (model, source)."""
-    for model_pipe in pipes.values():
-        _warm_up(model_pipe, warm_up_prompt, generation)
+    for model in pipes.values():
+        with applied(model) as model_pipe:
+            _warm_up(model_pipe, warm_up_prompt, generation)
     for model_pipe in mitigated.values():
         model_pipe.records.clear()  # the warm-up's records are not part of the evaluation
     generated = Generated({}, {}, {}, {})
     records: dict[tuple[str, str], list] = {}
     for source, prompts in sources.items():
-        for model, model_pipe in pipes.items():
+        for model, model_or_edit in pipes.items():
             if model in mitigated:
-                model_pipe.records.clear()
+                model_or_edit.records.clear()
             tic = time.perf_counter()
             key = (model, source)
-            generated.images[key], generated.detection_mean[key], generated.detection_first[key] = generate_images(
-                model_pipe, prompts.prompts, generation, f"{model}: {source}", progress)
+            with applied(model_or_edit) as model_pipe:
+                generated.images[key], generated.detection_mean[key], generated.detection_first[key] = generate_images(
+                    model_pipe, prompts.prompts, generation, f"{model}: {source}", progress)
             generated.seconds[key] = time.perf_counter() - tic
             timings[f"generate_{model}_{source}"] = round(generated.seconds[key], 3)
             if model in mitigated:
-                records[key] = list(model_pipe.records)
+                records[key] = list(model_or_edit.records)
     return generated, records
+
+
+def applied(model) -> AbstractContextManager:
+    """A pipeline as it is, or a ZeroedWeights control applied to its pipeline for the time of the block."""
+    return model.applied() if isinstance(model, ZeroedWeights) else nullcontext(model)
 
 
 def generate_images(pipe, prompts: list[str], generation: GenerationSettings, desc: str,
