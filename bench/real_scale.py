@@ -66,8 +66,14 @@ def text_encoder(tok, config: dict, projection: bool = False):
 
 def build(family: str):
     """The full-size pipeline of `family` with random weights, in its published dtype."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     torch.manual_seed(0)
     tok = tokenizer()
@@ -180,7 +186,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="Sampling steps of every command.")
     parser.add_argument("--size", type=int, default=256, help="Image height and width in pixels.")
     parser.add_argument("--commands", default=",".join(COMMANDS),
-                        help="Comma-separated commands to run (the others' outputs must be in --work from a run before).")
+                        help="Comma-separated commands to run (the others' outputs must be in --work from an "
+                             "earlier run).")
     parser.add_argument("--work", type=Path, default=None,
                         help="Folder for the built models and runs (kept; default: a temporary folder, removed).")
     args = parser.parse_args()

@@ -7,6 +7,8 @@ they loaded and cast each component back before saving; zeroed weights stay exac
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -38,7 +40,10 @@ def saved_dtypes(model: str) -> dict[str, torch.dtype]:
         return {}
     dtypes = {}
     for component in sorted(p for p in folder.iterdir() if p.is_dir()):
-        dtype = _floating_dtype(sorted(component.glob("*.safetensors")))
+        files = sorted(component.glob("*.safetensors"))
+        # Variant files (model.fp16.safetensors beside model.safetensors) are not what load_pipeline loads.
+        files = [f for f in files if "." not in f.name.removesuffix(".safetensors")] or files
+        dtype = _floating_dtype(files)
         if dtype is not None:
             dtypes[component.name] = dtype
     return dtypes
@@ -48,7 +53,8 @@ def save_dtypes(pipe, model: str, choice: str = "keep") -> dict[str, torch.dtype
     """Component name -> dtype to save it in: the source's (`keep`) or `choice` for every torch component."""
     if choice not in DTYPE_CHOICES:
         raise MemPruneError(f"Unknown --dtype '{choice}': use one of {', '.join(DTYPE_CHOICES)}.")
-    modules = {name: module for name, module in getattr(pipe, "components", {}).items() if isinstance(module, nn.Module)}
+    modules = {name: module for name, module in getattr(pipe, "components", {}).items()
+               if isinstance(module, nn.Module)}
     if choice != "keep":
         return {name: getattr(torch, choice) for name in modules}
     saved = saved_dtypes(model)
@@ -64,6 +70,7 @@ def cast_components(pipe, dtypes: dict[str, torch.dtype]) -> dict[str, str]:
 
 def describe(dtypes: dict[str, str], choice: str) -> str:
     """One line for a command's summary: the dtypes the folder was saved in and why."""
-    names = sorted(set(dtypes.values())) or ["as loaded"]
+    if not dtypes:
+        return "Saved in the dtypes it was loaded in (the source's saved dtypes could not be read)."
     why = "the source's dtypes, --dtype keep" if choice == "keep" else f"--dtype {choice}"
-    return f"Saved in {', '.join(names)} ({why})."
+    return f"Saved in {', '.join(sorted(set(dtypes.values())))} ({why})."

@@ -94,7 +94,8 @@ def image_retain_data(pipe, folder: str | Path, settings: FinetuneSettings) -> R
     if not images:
         raise MemPruneError(f"--retain-images '{folder}' holds no images.")
     net = denoiser(pipe)
-    size = settings.size[0] if settings.size else int(net.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    default = int(net.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    size = settings.size[0] if settings.size else default
     latents = []
     for start_index in range(0, len(images), 8):
         pixels = torch.stack([_image_tensor(p, size) for p in images[start_index:start_index + 8]])

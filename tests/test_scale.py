@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
-from helpers import run
 from safetensors.torch import load_file, save_file
-from tiny_pipelines import sd1_pipeline
 
+from helpers import run
 from memprune.control import random_control_of, zeroed_counts
 from memprune.evaluation.run import add_random_controls, evaluate, load_pipes
 from memprune.evaluation.settings import EvaluateSettings
@@ -21,6 +20,7 @@ from memprune.locate import record_prompts
 from memprune.masks import MASKS_FILE, Masks
 from memprune.methods.wanda import SelectionSettings, neuron_mask, select, wanda_mask
 from memprune.models import output_linears
+from tiny_pipelines import sd1_pipeline
 
 PROMPTS = ["a red circle", "the green dog"]
 
@@ -51,7 +51,7 @@ def test_sparse_selection_equals_the_dense_path(recorded, granularity):
             mem, ref = memorized[(layer, step)], reference[(layer, step)]
             dense[(layer, step)] = (wanda_mask(weight, mem.wanda_norm, ref.wanda_norm, k=k) if granularity == "weight"
                                     else neuron_mask(weight, mem, ref, k=k))
-    assert list(masks.indices) == list(dense) and masks.shapes == {l: tuple(w.shape) for l, w in weights.items()}
+    assert list(masks.indices) == list(dense) and masks.shapes == {n: tuple(w.shape) for n, w in weights.items()}
     for key, mask in dense.items():
         expected = mask.flatten().nonzero().squeeze(1)  # int64, as masks were before
         assert masks.indices[key].dtype == torch.int32

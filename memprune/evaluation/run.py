@@ -173,8 +173,9 @@ def _generate_all(pipes: dict, mitigated: dict, sources: dict[str, PromptList], 
             tic = time.perf_counter()
             key = (model, source)
             with applied(model_or_edit) as model_pipe:
-                generated.images[key], generated.detection_mean[key], generated.detection_first[key] = generate_images(
-                    model_pipe, prompts.prompts, generation, f"{model}: {source}", progress)
+                images, mean, first = generate_images(model_pipe, prompts.prompts, generation, f"{model}: {source}",
+                                                      progress)
+            generated.images[key], generated.detection_mean[key], generated.detection_first[key] = images, mean, first
             generated.seconds[key] = time.perf_counter() - tic
             timings[f"generate_{model}_{source}"] = round(generated.seconds[key], 3)
             if model in mitigated:
