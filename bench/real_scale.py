@@ -132,7 +132,9 @@ def bench_family(family: str, steps: int, work: Path, size: int, only: list[str]
     model = work / f"{family}-model"
     build_seconds = save_model(family, model)
     inputs = write_inputs(work / "inputs")
-    common = ["--device", "cpu", "--steps", str(steps), "--height", str(size), "--width", str(size)]
+    # Each family runs in the dtype it is published in (the commands' --dtype default, float32, would upcast SDXL).
+    dtype = str(FAMILIES[family]).removeprefix("torch.")
+    common = ["--device", "cpu", "--dtype", dtype, "--steps", str(steps), "--height", str(size), "--width", str(size)]
     runs = work / f"{family}-runs"
     runs.mkdir(exist_ok=True)
     located, pruned = runs / "located", runs / "pruned"
