@@ -84,11 +84,13 @@ def save_pruned(pipe, folder: str | Path, info: dict) -> None:
     (Path(folder) / PRUNE_INFO).write_text(json.dumps(info, indent=1))
 
 
-def verify_pruned(folder: str | Path, masks: Masks, timesteps: int) -> int:
-    """Reload the saved pipeline with stock diffusers and check every masked weight is zero; return the count."""
+def verify_pruned(folder: str | Path, masks: Masks, timesteps: int, dtype: torch.dtype | None = None) -> int:
+    """Reload the saved pipeline with stock diffusers (in `dtype`, default diffusers' float32) and check every masked
+    weight is zero; return the count."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True, **kwargs)
     linears = prunable_linears(denoiser(pipe))
     checked = 0
     for layer, indices in masks.union_indices(timesteps).items():
