@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from memprune.generate import GenerationSettings  # noqa: E402
 from memprune.commands.locate import locate_to_folder  # noqa: E402
+from memprune.generate import GenerationSettings  # noqa: E402
 from memprune.locate import LocateSettings  # noqa: E402
 from memprune.masks import Masks  # noqa: E402
 from memprune.models import DEFAULT_MODEL  # noqa: E402

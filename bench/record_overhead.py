@@ -22,11 +22,10 @@ import torch
 from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_dit_pipelines import DIT_BUILDERS, TINY_SIZE  # noqa: E402
-from tiny_pipelines import sd1_pipeline  # noqa: E402
-
 from memprune.generate import GenerationSettings, generate  # noqa: E402
 from memprune.record import ActivationRecorder  # noqa: E402
+from tiny_dit_pipelines import DIT_BUILDERS, TINY_SIZE  # noqa: E402
+from tiny_pipelines import sd1_pipeline  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),

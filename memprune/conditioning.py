@@ -114,13 +114,13 @@ class Conditioning:
             raise MemPruneError("This conditioning was encoded without classifier-free guidance: it has no negative prompt.")
         return concatenated([uncond, self.with_cond(cond, rows)])
 
-    def repeated(self, n: int, cond: torch.Tensor | None = None) -> "Conditioning":
+    def repeated(self, n: int, cond: torch.Tensor | None = None) -> Conditioning:
         """A one-prompt conditioning repeated to n rows (contiguous), optionally with other token embeddings."""
         repeat = lambda kwargs: None if kwargs is None else _mapped(expand_rows(kwargs, n), torch.Tensor.contiguous)  # noqa: E731
         kwargs = self.kwargs if cond is None else {**self.kwargs, STATES: cond}
         return Conditioning(repeat(kwargs), repeat(self.uncond_kwargs), self.prompts * n)
 
-    def detached(self) -> "Conditioning":
+    def detached(self) -> Conditioning:
         """A copy of plain (not inference-mode) tensors without history, safe to use under autograd."""
         copy = lambda kwargs: None if kwargs is None else _mapped(kwargs, lambda x: x.detach().clone())  # noqa: E731
         return Conditioning(copy(self.kwargs), copy(self.uncond_kwargs), list(self.prompts))

@@ -189,10 +189,10 @@ class FinetuneHooks:
 
     retain_target = "data"  # "data": the diffusion loss's target; "teacher": the frozen model's prediction
 
-    def setup(self, loop: "FinetuneLoop") -> None:
+    def setup(self, loop: FinetuneLoop) -> None:
         """Before the first step (build subspaces, discriminators, ...)."""
 
-    def losses(self, loop: "FinetuneLoop", step: int) -> dict[str, torch.Tensor]:
+    def losses(self, loop: FinetuneLoop, step: int) -> dict[str, torch.Tensor]:
         """Losses beyond the retain loss, by name; each gets its own gradient (see combine)."""
         return {}
 
@@ -201,10 +201,10 @@ class FinetuneHooks:
         names = next(iter(grads.values())).keys()
         return {name: sum(g[name] for g in grads.values()) for name in names}
 
-    def transform_gradients(self, loop: "FinetuneLoop", grads: dict[str, torch.Tensor]) -> None:
+    def transform_gradients(self, loop: FinetuneLoop, grads: dict[str, torch.Tensor]) -> None:
         """Change the combined gradients in place before clipping and the optimiser step."""
 
-    def after_step(self, loop: "FinetuneLoop", step: int) -> None:
+    def after_step(self, loop: FinetuneLoop, step: int) -> None:
         """After the optimiser step (e.g. keep the parameters on a constraint)."""
 
     def info(self) -> dict:

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import MemPruneError
 from .checkpoint import PartialStats, prompts_key
 from .distributed import Processes, reduce_stats
+from .errors import MemPruneError
 from .generate import GenerationSettings, call_plan, generate, uses_cfg
 from .masks import Masks, subset_overlap
+from .methods.wanda import SelectionSettings, select
 from .models import denoiser, layer_shapes, model_identity, output_linears
 from .prompts import PromptList, empty_prompts, read_prompts, seeded_subsets, write_prompts
 from .record import HALVES, ActivationRecorder, check_half
-from .methods.wanda import SelectionSettings, select
 from .stats import NeuronStats
 
 

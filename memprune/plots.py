@@ -6,9 +6,8 @@ import math
 from pathlib import Path
 
 import matplotlib
-
-import matplotlib.pyplot as plt  # no backend forced: notebooks keep their inline one, headless runs get Agg
 import matplotlib.figure
+import matplotlib.pyplot as plt  # no backend forced: notebooks keep their inline one, headless runs get Agg
 import matplotlib.ticker
 import numpy as np
 import pandas as pd

@@ -29,7 +29,7 @@ class PromptList:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def subset(self, indices) -> "PromptList":
+    def subset(self, indices) -> PromptList:
         pick = lambda values: None if values is None else [values[i] for i in indices]  # noqa: E731
         return PromptList(
             prompts=[self.prompts[i] for i in indices],

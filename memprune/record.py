@@ -82,7 +82,7 @@ class ActivationRecorder:
             raise MemPruneError("ActivationRecorder saw a FeedForward call before any denoiser call.")
         self.stats.update(layer, self.step, self._select_half(inputs.args[0].detach()))
 
-    def __enter__(self) -> "ActivationRecorder":
+    def __enter__(self) -> ActivationRecorder:
         try:
             for trace in self._traces:
                 trace.__enter__()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MemPruneError
 from .conditioning import encode_conditioning
+from .errors import MemPruneError
 from .finetune import FinetuneSettings, RetainData
 from .latents import vae_encode
 from .models import denoiser

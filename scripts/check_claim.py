@@ -6,7 +6,8 @@ import sys
 
 import pandas as pd
 
-from memprune.model_card import CARD_METRICS, metric_value as value
+from memprune.model_card import CARD_METRICS
+from memprune.model_card import metric_value as value
 
 MODELS = ("unedited", "edited", "random_control")
 ROWS = CARD_METRICS  # the rows a pruned folder's model card shows: one table for both

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from memprune.commands.defaults import split_testbed_memorized
 from memprune.commands.evaluate import with_testbed_defaults
 from memprune.evaluation.classifier import load_testbed_classifier
 from memprune.evaluation.run import evaluate
@@ -25,11 +26,10 @@ from memprune.evaluation.settings import EvaluateSettings
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator, subset_masks
 from memprune.masks import subset_overlap, summarize_overlap
+from memprune.methods.wanda import SelectionSettings
 from memprune.models import DEFAULT_MODEL, load_pipeline, resolve_device
 from memprune.plots import iou_by_layer, save_figure, sweep_curves
-from memprune.commands.defaults import split_testbed_memorized
 from memprune.prompts import read_prompts
-from memprune.methods.wanda import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep
 

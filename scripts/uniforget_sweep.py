@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from memprune.commands.defaults import split_testbed_memorized
 from memprune.commands.evaluate import with_testbed_defaults
 from memprune.evaluation.classifier import load_testbed_classifier
 from memprune.evaluation.run import evaluate
@@ -27,14 +28,13 @@ from memprune.evaluation.settings import EvaluateSettings
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
 from memprune.masks import Masks
+from memprune.methods.uniforget import UniForgetSettings, train_gates
+from memprune.methods.wanda import SelectionSettings
 from memprune.models import DEFAULT_MODEL, load_pipeline
-from memprune.commands.defaults import split_testbed_memorized
 from memprune.prompts import read_prompts
 from memprune.prune import apply_masks, undo
-from memprune.methods.wanda import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer
-from memprune.methods.uniforget import UniForgetSettings, train_gates
 
 
 def random_neuron_masks(masks: Masks, seed: int) -> Masks:

@@ -4,9 +4,9 @@ Writes metrics.csv (tidy model, group, metric, value), per_prompt.csv, generatio
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from ..attack.run import NO_THRESHOLD, AttackRun, AttackRunSettings, attack
 from ..errors import MemPruneError

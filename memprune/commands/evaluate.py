@@ -7,9 +7,9 @@ group), copy_similarity_ecdf.png (when training images are known) and run.json, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from ..errors import MemPruneError
 from ..evaluation.report import metrics_markdown, summary_table, threshold_lines

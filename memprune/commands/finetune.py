@@ -10,8 +10,14 @@ from typing import Any
 
 from .. import methods
 from ..errors import MemPruneError
-from ..finetune import (FinetuneSettings, apply_delta, check_disjoint, relative_change, trainable_parameters,
-                        verify_saved)
+from ..finetune import (
+    FinetuneSettings,
+    apply_delta,
+    check_disjoint,
+    relative_change,
+    trainable_parameters,
+    verify_saved,
+)
 from ..masks import file_sha256
 from ..model_card import write_card
 from ..models import denoiser, load_pipeline, resolve_device

@@ -5,8 +5,9 @@ selects first, into its own masks folder, which is then applied the same way.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import methods
 from ..errors import MemPruneError

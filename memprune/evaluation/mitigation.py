@@ -8,8 +8,8 @@ image and the share of images that reached the target are the metrics ``mitigati
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 import pandas as pd

@@ -10,8 +10,9 @@ one warm-up call each. The metrics are memprune.evaluation.scoring's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd

@@ -5,8 +5,8 @@ Nothing here runs a model: the memorization criterion is a function `broken(neur
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

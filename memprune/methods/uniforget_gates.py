@@ -56,7 +56,7 @@ class NeuronGates:
         self._sampled: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def for_denoiser(cls, net: nn.Module, **kwargs) -> "NeuronGates":
+    def for_denoiser(cls, net: nn.Module, **kwargs) -> NeuronGates:
         device = next(net.parameters()).device
         widths = {name: linear.in_features for name, linear in output_linears(net).items()}
         return cls(widths, device=kwargs.pop("device", device), **kwargs)
@@ -114,7 +114,7 @@ class NeuronGates:
                     raise MemPruneError(f"Gates for layer '{name}' do not match this model's FeedForward layers.")
                 self.log_alpha[name].copy_(value)
 
-    def apply(self, net: nn.Module) -> "GateHooks":
+    def apply(self, net: nn.Module) -> GateHooks:
         return GateHooks(net, self)
 
 

@@ -5,15 +5,21 @@ projection, and scores 20 memorized + 24 general captions (1 seed, DDIM 25) at a
 
     python scripts/testbed_probes/ff_knockout.py data/testbed
 """
-import sys, time, torch
+import sys
+import time
+
+import torch
+
 torch.set_num_threads(2)
 from pathlib import Path
+
+from memprune.evaluation.classifier import load_testbed_classifier
+from memprune.generate import GenerationSettings
 from memprune.models import load_pipeline, output_linears
 from memprune.prompts import read_prompts
-from memprune.generate import GenerationSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer
-from memprune.evaluation.classifier import load_testbed_classifier
+
 model = sys.argv[1] if len(sys.argv) > 1 else "data/testbed"
 pipe = load_pipeline(model)
 cap = Path(model) / "captions"

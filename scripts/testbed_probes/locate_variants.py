@@ -3,19 +3,24 @@ control captions) located on 10 memorized captions lower memorization of 20 othe
 
     python scripts/testbed_probes/locate_variants.py data/testbed
 """
-import sys, time, torch
+import sys
+
+import torch
+
 torch.set_num_threads(2)
 from pathlib import Path
+
+from memprune.evaluation.classifier import load_testbed_classifier
+from memprune.generate import GenerationSettings
+from memprune.locate import LocateSettings, Locator
+from memprune.masks import random_masks_like
+from memprune.methods.wanda import SelectionSettings
 from memprune.models import load_pipeline
 from memprune.prompts import read_prompts
-from memprune.generate import GenerationSettings
+from memprune.prune import apply_masks, undo
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer
-from memprune.evaluation.classifier import load_testbed_classifier
-from memprune.locate import LocateSettings, Locator
-from memprune.methods.wanda import SelectionSettings
-from memprune.prune import apply_masks, undo
-from memprune.masks import random_masks_like
+
 model = sys.argv[1] if len(sys.argv) > 1 else "data/testbed"
 steps = 25
 pipe = load_pipeline(model)
