@@ -114,7 +114,7 @@ def check_compiled_numbers(net, run, device) -> str:
         sumsq = (squares / squares.sum(-1, keepdim=True)).sum((0, 1))
         means = xd.mean(1)
         want = (sumsq, means.mean(0), (means - means.mean(0)).square().sum(0))
-        for g_, w in zip(got[:2], want[:2]):  # m2 of 2 samples is tiny and ill-conditioned: compare the others
+        for g_, w in zip(got[:2], want[:2], strict=True):  # m2 of 2 samples is tiny and ill-conditioned: compare the others
             worst = max(worst, ((g_.double() - w).abs().max() / w.abs().max()).item())
     path = "compiled (torch.compile)" if reduce.fused_available(device) else "eager"
     return f"{path} statistics vs float64 on {len(caught)} real activations: max rel diff {worst:.1e}"

@@ -140,8 +140,8 @@ def main():
         pipe.set_progress_bar_config(disable=True)
         dit_settings = GenerationSettings(steps=args.steps, batch_size=4, height=TINY_SIZE, width=TINY_SIZE)
         compare(f"tiny {name} pipeline (4 prompts)",
-                lambda pipe=pipe: list(generate(pipe, ["a red circle"] * 4, dit_settings, output_type="latent",
-                                                progress=False)),
+                lambda pipe=pipe, dit_settings=dit_settings: list(generate(pipe, ["a red circle"] * 4, dit_settings,
+                                                                           output_type="latent", progress=False)),
                 pipe.transformer, device, args.repeats)
 
     # On CPU real resolutions take minutes per call: smaller latents keep every layer shape (H, C) real.

@@ -8,6 +8,8 @@ import logging
 
 import click
 
+from .errors import MemPruneError  # imports nothing, so transformers is still not imported here
+
 
 class _LibraryChatter(logging.Filter):
     """Drops library notices that are not about the user's run (transformers announcing, on every command, that
@@ -27,8 +29,6 @@ def silence_library_chatter() -> None:
 
 
 silence_library_chatter()
-
-from .errors import MemPruneError
 
 
 class FriendlyGroup(click.Group):

@@ -42,7 +42,7 @@ def unet_order(layers) -> list[str]:
 
 
 def _comparison(overlap: pd.DataFrame) -> pd.Series:
-    return pd.Series([COMPARISON_LABELS.get((a, b), f"{a} vs {b}") for a, b in zip(overlap.group_a, overlap.group_b)],
+    return pd.Series([COMPARISON_LABELS.get((a, b), f"{a} vs {b}") for a, b in zip(overlap.group_a, overlap.group_b, strict=True)],
                      index=overlap.index)
 
 
@@ -53,7 +53,7 @@ def iou_heatmap(overlap: pd.DataFrame, group: str = "memorized") -> plt.Figure:
     table = table.loc[unet_order(table.index)]
     fig, ax = _subplots(figsize=(max(6, 0.18 * table.shape[1] + 3), max(3, 0.35 * table.shape[0] + 1.5)))
     image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(len(table.index)), [short_layer_name(l) for l in table.index], fontsize=8)
+    ax.set_yticks(range(len(table.index)), [short_layer_name(name) for name in table.index], fontsize=8)
     step_ticks = list(range(0, table.shape[1], max(1, table.shape[1] // 10)))
     ax.set_xticks(step_ticks, [str(table.columns[i]) for i in step_ticks])
     ax.set_xlabel("sampling step (0 = noisiest)")
@@ -75,7 +75,7 @@ def _iou_lines(overlap: pd.DataFrame, by: str, xlabel: str, title: str) -> plt.F
         ax.errorbar(x, means["mean"], yerr=means["std"], marker="o", capsize=2, label=comparison)
     if by == "layer":
         layers = unet_order(frame.groupby("layer", sort=False).size().index)
-        ax.set_xticks(range(len(layers)), [short_layer_name(l) for l in layers], rotation=60, ha="right", fontsize=8)
+        ax.set_xticks(range(len(layers)), [short_layer_name(name) for name in layers], rotation=60, ha="right", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mask IoU (mean ± std over pairs)")
     ax.set_ylim(0, 1)
@@ -117,7 +117,7 @@ def selected_share_by_layer(masks, timesteps: int = 10) -> plt.Figure:
     shares = {layer: union[layer].numel() / (masks.shapes[layer][0] * masks.shapes[layer][1]) for layer in unet_order(union)}
     fig, ax = _subplots(figsize=(8, 4))
     ax.bar(range(len(shares)), [100 * s for s in shares.values()])
-    ax.set_xticks(range(len(shares)), [short_layer_name(l) for l in shares], rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(range(len(shares)), [short_layer_name(name) for name in shares], rotation=60, ha="right", fontsize=8)
     ax.set_xlabel("FeedForward layer")
     ax.set_ylabel("weights selected (%)")
     ax.set_title(f"Share of output weights selected per layer (union of steps 0..{min(timesteps, len(masks.steps)) - 1})")
@@ -150,7 +150,7 @@ def sweep_curves(sweep: pd.DataFrame) -> plt.Figure:
     fig, axes = _subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     baseline = sweep[sweep.method == "none"]
     pruned = sweep[sweep.method != "none"]
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics, strict=True):
         for (method, tau), group in pruned.groupby(["method", "timesteps"]):
             points = group.groupby("zeroed_share")[metric].mean()
             style = "-o" if method == "wanda" else "--s"
@@ -198,7 +198,7 @@ def image_grid(result, group: str, max_prompts: int = 8):
     draw = ImageDraw.Draw(canvas)
     table = result.generations.set_index(["model", "source", "prompt_index", "seed"])
     positions, x = [], label_w
-    for index, (title, model, seed) in enumerate(columns):
+    for index, (_title, model, seed) in enumerate(columns):
         if index > 0 and model != columns[index - 1][1]:
             x += block_gap
         positions.append(x)
@@ -210,7 +210,7 @@ def image_grid(result, group: str, max_prompts: int = 8):
         caption = result.sources[source].prompts[i]
         caption = (caption[:28] + ("..." if len(caption) > 28 else "")).encode("latin-1", "replace").decode("latin-1")
         draw.text((4, y + cell_h // 2 - 5), caption, fill="black")
-        for (title, model, seed), x in zip(columns, positions):
+        for (_title, model, seed), x in zip(columns, positions, strict=True):
             if model is None:
                 image = result.training_images[source][i]
                 if image is None:
@@ -234,7 +234,7 @@ def copy_similarity_ecdf(result, groups=("memorized_held_out", "memorized")) -> 
     group = next(g for g in groups if g in result.groups)
     members = set(result.groups[group].members)
     table = result.generations
-    table = table[[(s, i) in members for s, i in zip(table.source, table.prompt_index)]]
+    table = table[[(s, i) in members for s, i in zip(table.source, table.prompt_index, strict=True)]]
     fig, ax = _subplots(figsize=(7, 4.2))
     for model, rows in table.groupby("model", sort=False):
         values = np.sort(rows.copy_reference_similarity.dropna().to_numpy())

@@ -71,6 +71,7 @@ def main():
     start = time.perf_counter()
 
     captions = Path(args.model) / "captions"
+    memorized = read_prompts(captions / "memorized.csv")  # all of them: UniForget's neutral prompts must avoid each
     located, held_out = split_testbed_memorized(args.model, args.out)
     used = args.out / "prompts_used.csv"
     neutral = read_prompts(captions / "general_heldout.csv")

@@ -198,7 +198,7 @@ def attack_model(name: str, pipe, prompts: PromptList, training: list[torch.Tens
             suffix = "_attacked" if attacked else ""
             row[f"copy_similarity{suffix}"] = float(similarity.mean())
             row[f"memorization_rate{suffix}"] = memorization_rate(similarity, threshold)
-            for seed, value in zip(seeds, similarity):
+            for seed, value in zip(seeds, similarity, strict=True):
                 generations.append({"model": name, "prompt_index": i, "caption": prompt, "seed": seed,
                                     "attacked": attacked, "copy_similarity": float(value),
                                     "is_copy": bool(value > threshold)})

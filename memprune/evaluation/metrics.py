@@ -69,7 +69,7 @@ def attribute_accuracy(predictions: list[dict], expected: list[dict]) -> float:
     """Share of (image, attribute) pairs predicted right, over the attributes both sides name (case-insensitive)."""
     alias = {"color": "colour"}
     hits = []
-    for predicted, truth in zip(predictions, expected):
+    for predicted, truth in zip(predictions, expected, strict=False):
         truth = {alias.get(k, k): v for k, v in truth.items() if v not in (None, "")}
         for key, value in predicted.items():
             key = alias.get(key, key)

@@ -184,7 +184,7 @@ def calibrate(percentile: float, backend: SimilarityBackend, groups: dict[str, G
             "description": f"{percentile:g}th percentile of the similarity of the unedited "
                            f"{calibration} generations to their OWN training image; backend {backend.name}",
         }
-    nearest_by_member = dict(zip(members, nearest.reshape(len(members), -1)))
+    nearest_by_member = dict(zip(members, nearest.reshape(len(members), -1), strict=True))
     return Threshold(value, strict, info, mode, calibration, nearest_by_member)
 
 

@@ -168,7 +168,7 @@ class NeMoRun:
                   "similarity_refined": None, "neurons": {}}
         if not memorized.any():
             return result  # not memorized by NeMo's criterion: nothing to localise
-        look = [seed for seed, keep in zip(seeds, memorized.tolist()) if keep]
+        look = [seed for seed, keep in zip(seeds, memorized.tolist(), strict=True) if keep]
         reference = vanilla[memorized]
 
         def similarity(neurons: Neurons) -> float:

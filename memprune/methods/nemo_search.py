@@ -130,7 +130,7 @@ def refine(candidates: Neurons, broken: Callable[[Neurons], bool]) -> Neurons:
 def neuron_masks(neurons: Neurons, shapes: dict[str, tuple[int, int]], steps: int, meta: dict | None = None) -> Masks:
     """Whole rows of each value weight, the same at every step 0..steps-1 (NeMo is step-independent)."""
     indices = {}
-    for layer, (rows, columns) in shapes.items():
+    for layer, (_rows, columns) in shapes.items():
         selected = torch.tensor(sorted(set(neurons.get(layer, []))), dtype=torch.int64)
         flat = (selected[:, None] * columns + torch.arange(columns, dtype=torch.int64)[None, :]).flatten()
         for step in range(steps):

@@ -117,7 +117,7 @@ def initial_latents(pipe, generators, count: int, size: tuple[int, int], dtype) 
     states = [g.get_state() for g in generator_list]
     net = denoiser(pipe)
     latents = pipe.prepare_latents(count, net.config.in_channels, size[0], size[1], dtype, net.device, generators, None)
-    for g, state in zip(generator_list, states):
+    for g, state in zip(generator_list, states, strict=True):
         g.set_state(state)
     return latents
 
@@ -149,7 +149,7 @@ def optimise_embeddings(pipe, prompts: list[str], conditioning: Conditioning, mo
             break
         loss = norms[still].sum()  # samples are independent: each leaf gets the gradient of its own norm
         gradients = torch.autograd.grad(loss, [leaves[active[p]] for p in still])
-        for position, gradient in zip(still, gradients):
+        for position, gradient in zip(still, gradients, strict=True):
             i = active[position]
             gradient = gradient.clone()
             gradient[:, 0] = 0  # the BOS token stays (Wen et al.)
