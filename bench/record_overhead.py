@@ -65,7 +65,8 @@ def unet_sampler(unet, device, dtype, latent: int, steps: int, text_tokens: int 
     if unet.config.addition_embed_type == "text_time":
         extra["added_cond_kwargs"] = {
             "text_embeds": torch.randn(2, 1280, generator=generator).to(device, dtype),
-            "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * 2, dtype=dtype, device=device),
+            "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * 2, dtype=dtype,
+                                     device=device),
         }
 
     def run():
@@ -98,7 +99,8 @@ def compare(name: str, run, net, device, repeats: int) -> float:
 
 
 def stats_bytes(stats) -> int:
-    return sum(t.numel() * t.element_size() for a in stats.accumulators.values() for t in (a.sumsq_normed, a.mean, a.m2))
+    return sum(t.numel() * t.element_size()
+               for a in stats.accumulators.values() for t in (a.sumsq_normed, a.mean, a.m2))
 
 
 def memory_check(device):
@@ -109,10 +111,12 @@ def memory_check(device):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with recorder:
-            for _ in generate(pipe, [f"a red circle {i}" for i in range(count)], GenerationSettings(steps=5, batch_size=50),
+            prompts = [f"a red circle {i}" for i in range(count)]
+            for _ in generate(pipe, prompts, GenerationSettings(steps=5, batch_size=50),
                               output_type="latent", before_call=recorder.new_generation, progress=False):
                 pass
-        peak = f", peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB" if device.type == "cuda" else ""
+        peak = (f", peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB"
+                if device.type == "cuda" else "")
         print(f"statistics after {count:>3} prompts: {stats_bytes(recorder.stats) / 2**10:.1f} KiB{peak}")
 
 
@@ -126,7 +130,8 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} CPU threads'}), "
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{args.threads} CPU threads"
+    print(f"device {device} ({where}), "
           f"{dtype}, {args.steps} steps, CFG batch 2, median of {args.repeats}")
 
     tiny = sd1_pipeline().to(device)
