@@ -66,8 +66,11 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-model_option = click.option("--model", default=None, help="Diffusers pipeline folder or hub id (default: the embedded testbed).")
+model_option = click.option("--model", default=None,
+                            help="Diffusers pipeline folder or hub id (default: the embedded testbed).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-dtype_option = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
-out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+dtype_option = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+                            show_default=True)
+out_option = click.option("--out", required=True, type=click.Path(file_okay=False),
+                          help="Output folder (must not exist).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")

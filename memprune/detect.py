@@ -60,7 +60,8 @@ class NoiseNormRecorder(Trace):
         batch = eps.shape[0]
         if batch % 2 or (self.expected is not None and batch != 2 * self.expected):
             raise MemPruneError(
-                f"The denoiser was called with a batch of {batch} for {self.expected} prompts: the detection score needs "
+                f"The denoiser was called with a batch of {batch} for {self.expected} prompts: "
+                "the detection score needs "
                 "the classifier-free guidance batch [unconditional, conditional] in one call."
             )
         self._steps.append(text_noise_norm(eps.detach()).cpu())
@@ -98,7 +99,8 @@ def generate_with_scores(pipe, prompts: list[str], settings: GenerationSettings,
         recorder.new_generation(next(calls))
 
     if not cfg:
-        for index, seed, image in generate(pipe, prompts, settings, output_type=output_type, progress=progress, desc=desc):
+        for index, seed, image in generate(pipe, prompts, settings, output_type=output_type, progress=progress,
+                                           desc=desc):
             yield index, seed, image, None
         return
     with recorder:

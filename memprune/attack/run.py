@@ -109,7 +109,8 @@ def read_threshold(folder: str | Path, settings: AttackRunSettings) -> tuple[flo
     folder = Path(folder)
     metrics_path = folder / "metrics.csv"
     if not metrics_path.is_file():
-        raise MemPruneError(f"--threshold-from '{folder}' has no metrics.csv: give an output folder of memprune evaluate.")
+        raise MemPruneError(f"--threshold-from '{folder}' has no metrics.csv: "
+                            "give an output folder of memprune evaluate.")
     metrics = pd.read_csv(metrics_path)
     rows = metrics[metrics.metric == "copy_threshold"] if "metric" in metrics else metrics.iloc[0:0]
     if rows.empty:
@@ -126,7 +127,8 @@ def read_threshold(folder: str | Path, settings: AttackRunSettings) -> tuple[flo
 
 def calibrate(pipe, backend, control: PromptList, pool: torch.Tensor, settings: AttackRunSettings, size,
               progress: bool) -> tuple[float, dict]:
-    """evaluate's threshold: percentile of the unedited control generations' similarity to their nearest training image."""
+    """evaluate's threshold: percentile of the unedited control generations' similarity to their nearest training
+    image."""
     images = [image.detach().to("cpu", torch.float32).clamp(0, 1) for _, _, image in generate(
         pipe, control.prompts, settings.generation, output_type="pt", progress=progress, desc="calibration")]
     nearest = backend.matrix(backend.features(torch.stack(images)), backend.features(pool)).max(dim=1).values.numpy()
@@ -135,7 +137,8 @@ def calibrate(pipe, backend, control: PromptList, pool: torch.Tensor, settings: 
         "value": value, "percentile": settings.threshold_percentile, "generations": len(nearest),
         "description": f"{settings.threshold_percentile:g}th percentile of the similarity of {len(nearest)} unedited "
                        f"generations of '{control.source}' to their nearest of {len(pool)} known training images "
-                       f"(seeds {settings.generation.seed}..{settings.generation.seed + settings.generation.seeds - 1}, "
+                       f"(seeds {settings.generation.seed}.."
+                       f"{settings.generation.seed + settings.generation.seeds - 1}, "
                        f"{settings.generation.steps} steps); backend {backend.name}",
     }
 
@@ -155,7 +158,8 @@ class AttackRun:
 
 
 def select_prompts(settings: AttackRunSettings) -> PromptList:
-    """The memorized prompts to attack: those with a training image, minus --exclude-prompts, the first --num-prompts."""
+    """The memorized prompts to attack: those with a training image, minus --exclude-prompts, the first
+    --num-prompts."""
     prompts = read_prompts(settings.prompts)
     if not prompts.images or not any(prompts.images):
         raise MemPruneError(f"Prompt file '{settings.prompts}' has no image column: the attack needs each memorized "
@@ -165,7 +169,8 @@ def select_prompts(settings: AttackRunSettings) -> PromptList:
         used = set(read_prompts(settings.exclude_prompts).prompts)
         held_out = [i for i in keep if prompts.prompts[i] not in used]
         if len(held_out) == len(keep) and not used & set(prompts.prompts):
-            raise MemPruneError(f"None of the captions in '{settings.exclude_prompts}' is a prompt of '{settings.prompts}': "
+            raise MemPruneError(f"None of the captions in '{settings.exclude_prompts}' is a prompt of "
+                                f"'{settings.prompts}': "
                                 "was it written by locate on another memorized file?")
         keep = held_out
     if not keep:
@@ -191,7 +196,8 @@ def attack_model(name: str, pipe, prompts: PromptList, training: list[torch.Tens
         row = {"model": name, "prompt_index": i, "caption": prompt, "image": prompts.images[i],
                "denoising_loss": result.loss_before, "denoising_loss_attacked": result.loss_after,
                "perturbation_norm_relative": result.relative_norm, "attack_seconds": result.seconds}
-        for attacked, cond in ((False, conditioning.cond), (True, conditioning.cond + result.delta.to(conditioning.cond))):
+        attacked_cond = conditioning.cond + result.delta.to(conditioning.cond)
+        for attacked, cond in ((False, conditioning.cond), (True, attacked_cond)):
             images = generate_from_embeddings(pipe, conditioning, cond, settings.generation, size)
             feats = backend.features(images)
             similarity = backend.paired(feats, train_features[i][None].expand_as(feats)).double().numpy()
@@ -213,7 +219,7 @@ def attack_metrics(per_prompt: pd.DataFrame, generations: pd.DataFrame, settings
     for model in models:
         prompts = per_prompt[per_prompt.model == model]
         gens = generations[generations.model == model]
-        add = lambda metric, value: rows.append((model, group, metric, float(value)))  # noqa: E731
+        add = lambda metric, value, model=model: rows.append((model, group, metric, float(value)))  # noqa: E731
         add("n_prompts", len(prompts))
         add("n_generations", len(gens) // 2)
         for attacked, suffix in ((False, ""), (True, "_attacked")):
@@ -237,7 +243,8 @@ def copy_threshold(settings: AttackRunSettings, pipe, backend, size, progress: b
         threshold, info = read_threshold(settings.threshold_from, settings)
     else:
         control = read_prompts(settings.control)
-        pool_paths = list(dict.fromkeys(p for p in (read_prompts(settings.prompts).images or []) + (control.images or []) if p))
+        known = (read_prompts(settings.prompts).images or []) + (control.images or [])
+        pool_paths = list(dict.fromkeys(p for p in known if p))
         if not pool_paths:
             raise MemPruneError(f"No training images in '{settings.prompts}' or '{settings.control}' to calibrate the "
                                 "copy threshold on: give --threshold.")

@@ -32,7 +32,8 @@ from .output import Timer, atomic_output_dir, refuse_output, write_run_json
 def run(options: dict[str, Any]) -> str:
     """`memprune finetune` with the CLI's options."""
     model = model_or_default(options["model"])
-    settings = FinetuneSettings(steps=options["steps"], lr=options["lr"], seed=options["seed"], params=options["params"],
+    settings = FinetuneSettings(steps=options["steps"], lr=options["lr"], seed=options["seed"],
+                                params=options["params"],
                                 batch_size=options["batch_size"], retain_prompts=options["retain_prompts"] or None,
                                 retain_images=options["retain_images"], sampling_steps=options["sampling_steps"])
     method_settings = methods.get(options["method"], "finetune").settings_from_options(options)
@@ -55,12 +56,14 @@ def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None
     memorized = inputs.memorized or testbed_file(model, "memorized")
     retain = inputs.retain
     if retain is not None and retain_images is not None:
-        raise MemPruneError("Give --retain FILE or --retain-images DIR, not both: the images' captions are the retain prompts.")
+        raise MemPruneError("Give --retain FILE or --retain-images DIR, not both: "
+                            "the images' captions are the retain prompts.")
     if retain is None and retain_images is None:
         # general_train, never general_heldout: evaluate measures utility on the held-out captions.
         retain = testbed_file(model, "general_train")
         if retain is None:
-            raise MemPruneError("--retain FILE (or --retain-images DIR) is required when --model is not a memprune testbed.")
+            raise MemPruneError("--retain FILE (or --retain-images DIR) is required "
+                                "when --model is not a memprune testbed.")
     if memorized is None:
         raise MemPruneError("--memorized FILE is required when --model is not a memprune testbed.")
     return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors)

@@ -68,7 +68,8 @@ def check_work_size(settings: LocateSettings, world: int) -> None:
     if world > calls:
         raise MemPruneError(
             f"--processes {world} is more than the work: {count} memorized prompts x {settings.generation.seeds} seeds "
-            f"in batches of {settings.generation.batch_size} make {calls} pipeline calls; use at most {calls} processes "
+            f"in batches of {settings.generation.batch_size} make {calls} pipeline calls; "
+            f"use at most {calls} processes "
             "or a smaller --batch-size.")
 
 

@@ -38,7 +38,8 @@ def mitigation_pipes(settings: EvaluateSettings, pipe, sources: dict[str, Prompt
         calibration = calibration_group(groups)
         prompts = [sources[source].prompts[i] for source, i in groups[calibration].members]
         seeds = list(range(generation.seed, generation.seed + generation.seeds))
-        wen = replace(wen, target=calibrate_target(pipe, prompts, generation.steps, seeds, guidance_scale(pipe, generation)))
+        target = calibrate_target(pipe, prompts, generation.steps, seeds, guidance_scale(pipe, generation))
+        wen = replace(wen, target=target)
         notes.append(f"Wen mitigation target noise norm {wen.target:.4g}: median first-step noise norm of the unedited "
                      f"model on the {len(prompts)} {calibration} prompts x {len(seeds)} seeds (lr {wen.lr:g}, at most "
                      f"{wen.max_iterations} iterations).")

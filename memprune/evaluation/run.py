@@ -48,7 +48,8 @@ class EvaluationResult:
     random_controls: dict[str, dict] = field(default_factory=dict)  # control name -> of, seed, zeroed weights
 
     def value(self, model: str, group: str, metric: str) -> float:
-        rows = self.metrics[(self.metrics.model == model) & (self.metrics.group == group) & (self.metrics.metric == metric)]
+        metrics = self.metrics
+        rows = metrics[(metrics.model == model) & (metrics.group == group) & (metrics.metric == metric)]
         if rows.empty:
             raise KeyError((model, group, metric))
         return float(rows.value.iloc[0])
@@ -140,8 +141,8 @@ def add_random_controls(pipes: dict, settings: EvaluateSettings, notes: list[str
             continue
         control_name = random_control_name(name)
         pipes[control_name] = control
-        controls[control_name] = {"of": name, "seed": settings.random_control_seed, "zeroed_weights": sum(counts.values()),
-                                  "tensors": len(counts)}
+        controls[control_name] = {"of": name, "seed": settings.random_control_seed,
+                                  "zeroed_weights": sum(counts.values()), "tensors": len(counts)}
         notes.append(f"'{control_name}': the unedited model with {sum(counts.values())} random weights zeroed, as many "
                      f"per tensor as '{name}' zeroes ({len(counts)} tensors, seed {settings.random_control_seed}).")
     return controls
