@@ -338,7 +338,8 @@ def run_finetune(pipe, settings: FinetuneSettings, retain: RetainData, hooks: Fi
                 for index, (name, loss) in enumerate(losses.items()):
                     last = index == len(losses) - 1
                     values = torch.autograd.grad(loss, tensors, retain_graph=not last, allow_unused=True)
-                    grads[name] = {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, tensors, values, strict=True)}
+                    grads[name] = {n: torch.zeros_like(p) if g is None else g
+                                   for n, p, g in zip(names, tensors, values, strict=True)}
                 combined = hooks.combine(grads, step) if len(grads) > 1 else grads["retain"]
                 hooks.transform_gradients(loop, combined)
                 for name, p in zip(names, tensors, strict=True):

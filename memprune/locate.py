@@ -121,8 +121,9 @@ class Locator:
     def stats(self, prompts: list[str], desc: str = "recording") -> NeuronStats:
         key = tuple(prompts)
         if key not in self._stats_cache:
-            self._stats_cache[key] = record_prompts(self.pipe, prompts, self.settings.generation, self.settings.half, desc=desc,
-                                                    progress=self.progress, processes=self.processes, partial=self.partial)
+            self._stats_cache[key] = record_prompts(self.pipe, prompts, self.settings.generation, self.settings.half,
+                                                    desc=desc, progress=self.progress, processes=self.processes,
+                                                    partial=self.partial)
         return self._stats_cache[key]
 
     def reference_stats(self, count: int) -> NeuronStats:
@@ -183,7 +184,8 @@ def subset_masks(locator: Locator, settings: LocateSettings, selection: Selectio
     for offset, (name, prompts) in enumerate(groups.items()):
         draws = seeded_subsets(len(prompts), settings.subsets, settings.subset_size, settings.sample_seed + 1 + offset)
         result[name] = [
-            locator.masks(prompts.subset(draw).prompts, selection, {"subset": draw}, f"{name} subset {i + 1}/{len(draws)}")
+            locator.masks(prompts.subset(draw).prompts, selection, {"subset": draw},
+                          f"{name} subset {i + 1}/{len(draws)}")
             for i, draw in enumerate(draws)
         ]
     return result

@@ -77,7 +77,8 @@ def denoiser(pipe) -> nn.Module:
             if not find_feedforwards(module):
                 raise MemPruneError(f"The pipeline's {name} has no FeedForward layers: memprune has nothing to record.")
             return module
-    raise MemPruneError("The pipeline has neither a unet nor a transformer: it is not a text-to-image diffusion pipeline.")
+    raise MemPruneError("The pipeline has neither a unet nor a transformer: "
+                        "it is not a text-to-image diffusion pipeline.")
 
 
 def pipeline_modules(pipe) -> list[nn.Module]:

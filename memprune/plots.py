@@ -42,7 +42,8 @@ def unet_order(layers) -> list[str]:
 
 
 def _comparison(overlap: pd.DataFrame) -> pd.Series:
-    return pd.Series([COMPARISON_LABELS.get((a, b), f"{a} vs {b}") for a, b in zip(overlap.group_a, overlap.group_b, strict=True)],
+    pairs = zip(overlap.group_a, overlap.group_b, strict=True)
+    return pd.Series([COMPARISON_LABELS.get((a, b), f"{a} vs {b}") for a, b in pairs],
                      index=overlap.index)
 
 
@@ -75,7 +76,8 @@ def _iou_lines(overlap: pd.DataFrame, by: str, xlabel: str, title: str) -> plt.F
         ax.errorbar(x, means["mean"], yerr=means["std"], marker="o", capsize=2, label=comparison)
     if by == "layer":
         layers = unet_order(frame.groupby("layer", sort=False).size().index)
-        ax.set_xticks(range(len(layers)), [short_layer_name(name) for name in layers], rotation=60, ha="right", fontsize=8)
+        ax.set_xticks(range(len(layers)), [short_layer_name(name) for name in layers], rotation=60, ha="right",
+                      fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mask IoU (mean ± std over pairs)")
     ax.set_ylim(0, 1)
@@ -114,13 +116,15 @@ def iou_vs_subset_size(overlap: pd.DataFrame) -> plt.Figure:
 def selected_share_by_layer(masks, timesteps: int = 10) -> plt.Figure:
     """Share of each layer's output weights in the union of steps 0..timesteps-1 (what `prune` would zero)."""
     union = masks.union_indices(min(timesteps, len(masks.steps)))
-    shares = {layer: union[layer].numel() / (masks.shapes[layer][0] * masks.shapes[layer][1]) for layer in unet_order(union)}
+    shares = {layer: union[layer].numel() / (masks.shapes[layer][0] * masks.shapes[layer][1])
+              for layer in unet_order(union)}
     fig, ax = _subplots(figsize=(8, 4))
     ax.bar(range(len(shares)), [100 * s for s in shares.values()])
     ax.set_xticks(range(len(shares)), [short_layer_name(name) for name in shares], rotation=60, ha="right", fontsize=8)
     ax.set_xlabel("FeedForward layer")
     ax.set_ylabel("weights selected (%)")
-    ax.set_title(f"Share of output weights selected per layer (union of steps 0..{min(timesteps, len(masks.steps)) - 1})")
+    ax.set_title("Share of output weights selected per layer "
+                 f"(union of steps 0..{min(timesteps, len(masks.steps)) - 1})")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -239,7 +243,8 @@ def copy_similarity_ecdf(result, groups=("memorized_held_out", "memorized")) -> 
     for model, rows in table.groupby("model", sort=False):
         values = np.sort(rows.copy_reference_similarity.dropna().to_numpy())
         if values.size:
-            ax.step(values, np.arange(1, values.size + 1) / values.size, where="post", label=f"{model} (n={values.size})")
+            ax.step(values, np.arange(1, values.size + 1) / values.size, where="post",
+                    label=f"{model} (n={values.size})")
     ax.axvline(result.threshold, color="black", linestyle="--", label=f"copy threshold {result.threshold:.3f}")
     strict = result.threshold_info.get("strict")
     if strict:

@@ -57,7 +57,8 @@ def _read_csv(path: Path, text: str) -> PromptList:
     caption_column = _first_present(columns, CAPTION_COLUMNS)
     if caption_column is None:
         raise MemPruneError(
-            f"Prompt file '{path}' has no caption column: name one of {', '.join(CAPTION_COLUMNS[:4])} in its header line."
+            f"Prompt file '{path}' has no caption column: "
+            f"name one of {', '.join(CAPTION_COLUMNS[:4])} in its header line."
         )
     rows = _csv_rows(path, reader, caption_column)
     label_column = _first_present(columns, LABEL_COLUMNS)
@@ -66,7 +67,8 @@ def _read_csv(path: Path, text: str) -> PromptList:
     for line_number, row in enumerate(rows, start=2):
         caption = row.get(caption_column)
         if caption is None:
-            raise MemPruneError(f"Prompt file '{path}' line {line_number} has no {caption_column} value: fix or remove that line.")
+            raise MemPruneError(f"Prompt file '{path}' line {line_number} has no {caption_column} value: "
+                                "fix or remove that line.")
         prompts.append(caption.strip())
     images = None
     if image_column:
@@ -93,7 +95,8 @@ def _csv_rows(path: Path, reader: csv.DictReader, caption_column: str) -> list[d
         except StopIteration:
             return rows
         except csv.Error as exc:
-            raise MemPruneError(f"Prompt file '{path}' line {start} is malformed CSV ({exc}): check its quotes.") from exc
+            raise MemPruneError(f"Prompt file '{path}' line {start} is malformed CSV ({exc}): "
+                                "check its quotes.") from exc
         if None in row:
             raise MemPruneError(f"Prompt file '{path}' line {start} has more fields than its header: quote captions "
                                 "that contain the delimiter.")

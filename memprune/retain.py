@@ -58,7 +58,8 @@ def read_image_captions(folder: str | Path) -> tuple[list[Path], list[str]]:
             image_column = next((c for c in ("file_name", "image", "file") if c in columns), None)
             caption_column = next((c for c in ("caption", "text", "prompt", "Caption") if c in columns), None)
             if image_column is None or caption_column is None:
-                raise MemPruneError(f"'{path}' needs an image column (file_name/image) and a caption column (caption/text).")
+                raise MemPruneError(f"'{path}' needs an image column (file_name/image) "
+                                    "and a caption column (caption/text).")
             images = [folder / row[image_column] for row in rows]
             missing = [p for p in images if not p.is_file()]
             if missing:

@@ -60,7 +60,8 @@ def main():
     pipe = load_pipeline(args.model, resolve_device(args.device))
     classifier = load_testbed_classifier(args.model)
     generation = GenerationSettings(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
-    baseline_settings = with_testbed_defaults(EvaluateSettings(model=args.model, exclude_prompts=str(used), generation=generation))
+    baseline_settings = with_testbed_defaults(EvaluateSettings(model=args.model, exclude_prompts=str(used),
+                                                               generation=generation))
     baseline = evaluate(baseline_settings, pipe=pipe,
                         attribute_classifier=classifier, progress=True)
     baseline.metrics.to_csv(args.out / "baseline_metrics.csv", index=False)
@@ -68,7 +69,8 @@ def main():
 
     settings = LocateSettings(model=args.model, memorized=str(captions / "memorized.csv"),
                               control=str(captions / "non_memorized_same_style.csv"),
-                              generation=GenerationSettings(steps=args.steps, batch_size=max(10, args.batch_size)), subsets=args.subsets)
+                              generation=GenerationSettings(steps=args.steps, batch_size=max(10, args.batch_size)),
+                              subsets=args.subsets)
     locator = Locator(pipe, settings)
     general = read_prompts(captions / "general_heldout.csv")
     general = general.subset(range(min(args.general_prompts, len(general))))

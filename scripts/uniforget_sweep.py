@@ -81,7 +81,8 @@ def main():
     pipe = load_pipeline(args.model)
     classifier = load_testbed_classifier(args.model)
     generation = GenerationSettings(steps=50, seeds=args.seeds, batch_size=16)
-    baseline_settings = with_testbed_defaults(EvaluateSettings(model=args.model, exclude_prompts=str(used), generation=generation))
+    baseline_settings = with_testbed_defaults(EvaluateSettings(model=args.model, exclude_prompts=str(used),
+                                                               generation=generation))
     baseline = evaluate(baseline_settings, pipe=pipe,
                         attribute_classifier=classifier, progress=False)
     scorer = Scorer(held_out=held_out, threshold=baseline.threshold, backend=make_backend("ssim"),
@@ -95,7 +96,8 @@ def main():
     wanda = locator.masks(located.prompts, SelectionSettings(ratio=0.01))
     seconds = time.perf_counter() - tic
     result = apply_masks(pipe, wanda, 10)
-    rows.append({"method": "wanda", "ratio": 0.01, "zeroed_weights": result.total_zeroed, "seconds": seconds, **scorer(pipe)})
+    rows.append({"method": "wanda", "ratio": 0.01, "zeroed_weights": result.total_zeroed, "seconds": seconds,
+                 **scorer(pipe)})
     undo(pipe, result)
     print(rows[-1], flush=True)
 

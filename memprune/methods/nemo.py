@@ -82,7 +82,8 @@ METHOD = MethodInfo(
 def check_reference(reference: str | None) -> str:
     """NeMo's non-memorized prompts must be a file (statistics and SSIM threshold), never the empty prompt."""
     if reference is None or reference == "empty":
-        raise MemPruneError("NeMo needs non-memorized prompts for its statistics and SSIM threshold: give --reference FILE.")
+        raise MemPruneError("NeMo needs non-memorized prompts for its statistics and SSIM threshold: "
+                            "give --reference FILE.")
     return reference
 
 
@@ -93,7 +94,8 @@ def settings_from_options(options: dict) -> NeMoSettings:
     if options.get("processes", 1) > 1 or options.get("resume") or options.get("height") or options.get("width"):
         raise MemPruneError("--processes, --resume, --height and --width are not supported with --method nemo yet.")
     if options.get("guidance_scale") not in (None, 0.0, 1.0):
-        raise MemPruneError("NeMo's criterion runs without guidance (as theirs): drop --guidance-scale with --method nemo.")
+        raise MemPruneError("NeMo's criterion runs without guidance (as theirs): "
+                            "drop --guidance-scale with --method nemo.")
     check_reference(options.get("reference"))
     seeds = options.get("seeds")
     return NeMoSettings(theta=options.get("theta", 5.0), min_theta=options.get("min_theta", 1.0),
@@ -138,14 +140,15 @@ class NeMoRun:
         with Deactivated(self.linears, neurons):
             for batch in self._chunks(seeds):
                 self.calls += 1
-                parts.append(noise_differences(*first_step(self.pipe, [prompt] * len(batch), batch, self.settings.steps)))
+                outputs = first_step(self.pipe, [prompt] * len(batch), batch, self.settings.steps)
+                parts.append(noise_differences(*outputs))
         return torch.cat(parts)
 
     def calibrate_threshold(self, prompts: list[str]) -> tuple[float, dict]:
         """Mean + threshold_std × std of the pairwise SSIM between seeds of non-memorized prompts (their 0.428)."""
         seeds = self.all_seeds()
-        values = torch.cat([pairwise_ssims(self.diffs(prompt, seeds))
-                            for prompt in tqdm(prompts, desc="NeMo SSIM threshold", disable=not self.progress, leave=False)])
+        bar = tqdm(prompts, desc="NeMo SSIM threshold", disable=not self.progress, leave=False)
+        values = torch.cat([pairwise_ssims(self.diffs(prompt, seeds)) for prompt in bar])
         mean, std = values.double().mean().item(), values.double().std().item()
         return mean + self.settings.threshold_std * std, {"pairwise_ssim_mean": mean, "pairwise_ssim_std": std,
                                                           "calibration_prompts": len(prompts)}

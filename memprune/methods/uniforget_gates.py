@@ -146,7 +146,8 @@ def uniforget_masks(gates: NeuronGates, shapes: dict[str, list[int]], steps: int
     for layer, closed in gates.closed(threshold).items():
         rows, columns = shapes[layer]
         if closed.numel() != columns:
-            raise MemPruneError(f"Gates of layer '{layer}' have {closed.numel()} neurons but its weight has {columns} columns.")
+            raise MemPruneError(f"Gates of layer '{layer}' have {closed.numel()} neurons "
+                                f"but its weight has {columns} columns.")
         dense = closed[None, :].expand(rows, columns)
         flat = dense.flatten().nonzero().squeeze(1)
         mask_shapes[layer] = (int(rows), int(columns))

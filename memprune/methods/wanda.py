@@ -18,7 +18,8 @@ from .base import MethodInfo
 METHOD = MethodInfo(
     name="wanda", kind="weight_edit",
     summary="Wanda scores |W|·a_mem of memorized vs reference prompts; per output row the top-k columns (k = ratio·H).",
-    reference="Chavhan et al. 2024, Memorized Images in Diffusion Models share a Subspace that can be Located and Deleted",
+    reference="Chavhan et al. 2024, Memorized Images in Diffusion Models share a Subspace "
+              "that can be Located and Deleted",
     needs="statistics",
 )
 
@@ -128,7 +129,8 @@ def select(
     for layer, weight in weights.items():
         for step in steps:
             if (layer, step) not in memorized.accumulators or (layer, step) not in reference.accumulators:
-                raise MemPruneError(f"No statistics for {layer} at step {step}: record both prompt sets with the same --steps.")
+                raise MemPruneError(f"No statistics for {layer} at step {step}: "
+                                    "record both prompt sets with the same --steps.")
             mem, ref = memorized[(layer, step)], reference[(layer, step)]
             if settings.granularity == "weight":
                 dense[(layer, step)] = wanda_mask(weight, mem.wanda_norm, ref.wanda_norm, k=kept[layer])
