@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,14 +120,20 @@ class Conditioning:
 
     def repeated(self, n: int, cond: torch.Tensor | None = None) -> Conditioning:
         """A one-prompt conditioning repeated to n rows (contiguous), optionally with other token embeddings."""
-        repeat = lambda kwargs: None if kwargs is None else _mapped(expand_rows(kwargs, n), torch.Tensor.contiguous)  # noqa: E731
+        def repeat(kwargs: dict) -> dict:
+            return _mapped(expand_rows(kwargs, n), torch.Tensor.contiguous)
+
         kwargs = self.kwargs if cond is None else {**self.kwargs, STATES: cond}
-        return Conditioning(repeat(kwargs), repeat(self.uncond_kwargs), self.prompts * n)
+        uncond = None if self.uncond_kwargs is None else repeat(self.uncond_kwargs)
+        return Conditioning(repeat(kwargs), uncond, self.prompts * n)
 
     def detached(self) -> Conditioning:
         """A copy of plain (not inference-mode) tensors without history, safe to use under autograd."""
-        copy = lambda kwargs: None if kwargs is None else _mapped(kwargs, lambda x: x.detach().clone())  # noqa: E731
-        return Conditioning(copy(self.kwargs), copy(self.uncond_kwargs), list(self.prompts))
+        def copy(kwargs: dict) -> dict:
+            return _mapped(kwargs, lambda x: x.detach().clone())
+
+        uncond = None if self.uncond_kwargs is None else copy(self.uncond_kwargs)
+        return Conditioning(copy(self.kwargs), uncond, list(self.prompts))
 
 
 def capture_conditioning(pipe, prompts: list[str], guidance_scale: float, **call_kwargs) -> tuple[tuple, dict]:
@@ -235,10 +242,10 @@ def text_noise_norm(eps: torch.Tensor) -> torch.Tensor:
 
 def pipeline_kwargs(conditioning: Conditioning, cond: torch.Tensor | None = None) -> dict:
     """The keyword arguments that make the pipeline use these embeddings (optionally replacing the prompt's)."""
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for path, names in PIPELINE_KEYWORDS.items():
         for source, name in ((conditioning.kwargs, names[0]), (conditioning.uncond_kwargs, names[1])):
-            value = source
+            value: Any = source
             for key in path:
                 value = value.get(key) if isinstance(value, dict) else None
             if value is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -155,7 +156,7 @@ def roc_summary(labels, scores) -> dict:
 
     labels, scores = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float)
     positives, negatives = int(labels.sum()), int((1 - labels).sum())
-    result = {"positives": positives, "negatives": negatives, "auc": None, "tpr_at_1pct_fpr": None}
+    result: dict[str, Any] = {"positives": positives, "negatives": negatives, "auc": None, "tpr_at_1pct_fpr": None}
     if positives == 0 or negatives == 0:
         result["note"] = "ROC needs both memorized and non-memorized prompts"
         return result

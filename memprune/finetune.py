@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,7 +200,7 @@ class FinetuneHooks:
     def combine(self, grads: dict[str, dict[str, torch.Tensor]], step: int) -> dict[str, torch.Tensor]:
         """One gradient per trained parameter from the per-loss gradients; default: their sum."""
         names = next(iter(grads.values())).keys()
-        return {name: sum(g[name] for g in grads.values()) for name in names}
+        return {name: functools.reduce(torch.add, (g[name] for g in grads.values())) for name in names}
 
     def transform_gradients(self, loop: FinetuneLoop, grads: dict[str, torch.Tensor]) -> None:
         """Change the combined gradients in place before clipping and the optimiser step."""

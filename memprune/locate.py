@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from .masks import Masks, subset_overlap
 from .methods.wanda import SelectionSettings, select
 from .models import denoiser, layer_shapes, model_identity, output_linears
 from .prompts import PromptList, empty_prompts, read_prompts, seeded_subsets, write_prompts
-from .record import HALVES, ActivationRecorder, check_half
+from .record import HALVES, ActivationRecorder, Half, check_half
 from .stats import NeuronStats
 
 
@@ -27,7 +28,7 @@ class LocateSettings:
     memorized_label: str | None = None  # keep only memorized prompts with this label (e.g. "VM")
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     selection: SelectionSettings = field(default_factory=SelectionSettings)
-    half: str = "both"
+    half: Half = "both"
     num_prompts: int | None = None  # locate on a seeded sample of this many memorized prompts
     sample_seed: int = 0
     subsets: int = 0  # N seeded subsets for the overlap analysis (0: none)
@@ -53,7 +54,7 @@ class LocateResult:
     subset_masks: dict[str, list[Masks]] = field(default_factory=dict)
 
 
-def record_prompts(pipe, prompts: list[str], generation: GenerationSettings, half: str = "both",
+def record_prompts(pipe, prompts: list[str], generation: GenerationSettings, half: Half = "both",
                    desc: str = "recording", progress: bool = True, processes: Processes | None = None,
                    partial: PartialStats | None = None) -> NeuronStats:
     """Generate every prompt with hooks on; return the statistics (latents are discarded, no VAE decode).
@@ -158,7 +159,7 @@ def locate(settings: LocateSettings, pipe, processes: Processes | None = None,
     memorized = memorized_prompts(settings)
     check_half(pipe, settings.half, uses_cfg(pipe, settings.generation))  # before any generation
     net = denoiser(pipe)
-    meta = {
+    meta: dict[str, Any] = {
         "model": model_identity(settings.model, pipe),
         "settings": {"half": settings.half, "reference": settings.reference, "generation": vars(settings.generation)},
         "prompts": memorized.prompts,

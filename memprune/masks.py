@@ -43,7 +43,7 @@ class Masks:
 
     @classmethod
     def from_dense(cls, dense: dict[Key, torch.Tensor], meta: dict | None = None) -> Masks:
-        shapes = {layer: tuple(mask.shape) for (layer, _), mask in dense.items()}
+        shapes = {layer: (mask.shape[0], mask.shape[1]) for (layer, _), mask in dense.items()}
         indices = {key: mask.flatten().nonzero().squeeze(1).cpu() for key, mask in dense.items()}
         return cls(indices=indices, shapes=shapes, meta=dict(meta or {}))
 

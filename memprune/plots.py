@@ -225,7 +225,7 @@ def image_grid(result, group: str, max_prompts: int = 8):
                 entry = table.loc[(model, source, i, result.generations.seed.min() + seed)]
                 value = entry["copy_reference_similarity"]
                 footer = "" if not np.isfinite(value) else f"{value:.2f}" + ("*" if value > result.threshold else "")
-            tile = tensor_to_pil(image).resize((cell_w, cell_h), Image.NEAREST)
+            tile = tensor_to_pil(image).resize((cell_w, cell_h), Image.Resampling.NEAREST)
             canvas.paste(tile, (x, y))
             if footer:
                 draw.text((x + 2, y + cell_h), footer, fill="black")

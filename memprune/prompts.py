@@ -87,7 +87,7 @@ def _read_csv(path: Path, text: str) -> PromptList:
 def _csv_rows(path: Path, reader: csv.DictReader, caption_column: str) -> list[dict]:
     """All rows, refusing what a lenient reader would silently turn into one long caption or shifted columns:
     an unterminated quote, a caption spanning lines, more fields than the header names."""
-    rows = []
+    rows: list[dict] = []
     while True:
         start = reader.line_num + 1  # the physical line the next record starts on
         try:

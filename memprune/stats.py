@@ -57,6 +57,12 @@ class Moments:
             raise ValueError("No rows were added.")
         return (self.m2 / max(self.count - 1, 1)).sqrt()
 
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the rows added; refuses when none were."""
+        if self.mean is None:
+            raise ValueError("No rows were added.")
+        return self.mean, self.std
+
 
 @dataclass
 class Accumulator:
@@ -70,7 +76,8 @@ class Accumulator:
 
     @classmethod
     def zeros(cls, width: int, device, dtype) -> Accumulator:
-        return cls(*(torch.zeros(width, device=device, dtype=dtype) for _ in FIELDS))
+        sumsq_normed, mean, m2 = (torch.zeros(width, device=device, dtype=dtype) for _ in FIELDS)
+        return cls(sumsq_normed, mean, m2)
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Reduce a (samples, tokens, H) activation into the accumulators, on its own device.
@@ -198,9 +205,8 @@ class NeuronStats:
         stats = cls(timesteps={int(k): v for k, v in sidecar["timesteps"].items()}, meta=sidecar.get("meta", {}))
         for key, (count, tokens) in sidecar["counts"].items():
             layer, step = key.rsplit("|", 1)
-            stats.accumulators[(layer, int(step))] = Accumulator(
-                *(tensors[f"{key}|{name}"] for name in FIELDS), count=count, tokens=tokens
-            )
+            sumsq_normed, mean, m2 = (tensors[f"{key}|{name}"] for name in FIELDS)
+            stats.accumulators[(layer, int(step))] = Accumulator(sumsq_normed, mean, m2, count=count, tokens=tokens)
         return stats
 
     def save(self, path: str | Path) -> None:

@@ -178,15 +178,15 @@ def generate_images(pipe, prompts: list[str], generation: GenerationSettings, de
                     progress: bool) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Images (P, S, 3, H, W), per-generation Wen scores (P, S) mean and first step (NaN without CFG)."""
     n, seeds = len(prompts), generation.seeds
-    images: list[list[torch.Tensor | None]] = [[None] * seeds for _ in range(n)]
+    images: dict[tuple[int, int], torch.Tensor] = {}
     mean = np.full((n, seeds), np.nan)
     first = np.full((n, seeds), np.nan)
     for index, seed, image, per_step in generate_with_scores(pipe, prompts, generation, "pt", progress, desc):
         s = seed - generation.seed
-        images[index][s] = image.detach().to("cpu", torch.float32).clamp(0, 1)
+        images[index, s] = image.detach().to("cpu", torch.float32).clamp(0, 1)
         if per_step is not None:
             mean[index, s], first[index, s] = summarize_steps(per_step)
-    return torch.stack([torch.stack(row) for row in images]), mean, first
+    return torch.stack([torch.stack([images[i, s] for s in range(seeds)]) for i in range(n)]), mean, first
 
 
 def _warm_up(pipe, prompt: str, generation: GenerationSettings) -> None:

@@ -51,6 +51,7 @@ Choices their paper/code leaves open or that we made differently (all in `NeMoSe
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -130,10 +131,11 @@ class NeMoRun:
                 first_step(self.pipe, batch, [self.settings.seed] * len(batch), self.settings.steps)
                 for name, rows in recorder.take().items():
                     moments[name].add(rows)
-        for name, moment in moments.items():
-            if not (torch.isfinite(moment.mean).all() and torch.isfinite(moment.std).all()):
+        statistics = {name: moment.mean_std() for name, moment in moments.items()}
+        for name, (mean, std) in statistics.items():
+            if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
                 raise MemPruneError(f"Activations of {name} contain NaN or inf: run in float32 or check the weights.")
-        return {name: (moment.mean, moment.std) for name, moment in moments.items()}
+        return statistics
 
     def diffs(self, prompt: str, seeds: list[int], neurons: Neurons | None = None) -> torch.Tensor:
         parts = []
@@ -156,7 +158,8 @@ class NeMoRun:
     def all_seeds(self) -> list[int]:
         return list(range(self.settings.seed, self.settings.seed + self.settings.seeds))
 
-    def locate_prompt(self, prompt: str, statistics: dict, threshold: float) -> dict:
+    def locate_prompt(self, prompt: str, statistics: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      threshold: float) -> dict:
         """NeMo for one memorized prompt: its refined neurons and what led to them."""
         from ..similarity import ssim
 
@@ -166,9 +169,10 @@ class NeMoRun:
         activations = {name: rows[0] for name, rows in recorder.take().items()}
         pairwise = max_pairwise_ssim(vanilla)
         memorized = pairwise > threshold
-        result = {"prompt": prompt, "max_pairwise_ssim": pairwise.max().item(), "memorized_seeds": int(memorized.sum()),
-                  "theta": None, "k": None, "broken": False, "initial": 0, "refined": 0, "similarity_initial": None,
-                  "similarity_refined": None, "neurons": {}}
+        result: dict[str, Any] = {
+            "prompt": prompt, "max_pairwise_ssim": pairwise.max().item(), "memorized_seeds": int(memorized.sum()),
+            "theta": None, "k": None, "broken": False, "initial": 0, "refined": 0, "similarity_initial": None,
+            "similarity_refined": None, "neurons": {}}
         if not memorized.any():
             return result  # not memorized by NeMo's criterion: nothing to localise
         look = [seed for seed, keep in zip(seeds, memorized.tolist(), strict=True) if keep]
@@ -200,7 +204,7 @@ def edit(pipe, settings: NeMoSettings, memorized: list[str], reference: list[str
         raise MemPruneError("NeMo needs non-memorized prompts: give --reference FILE with non-memorized captions.")
     run = NeMoRun(pipe, settings, progress)
     statistics = run.reference_statistics(reference)
-    calibration = {}
+    calibration: dict[str, Any] = {}
     threshold = settings.ssim_threshold
     if threshold is None:
         threshold, calibration = run.calibrate_threshold(reference[: settings.calibration_prompts])
@@ -210,7 +214,7 @@ def edit(pipe, settings: NeMoSettings, memorized: list[str], reference: list[str
         results.append(run.locate_prompt(prompt, statistics, threshold))
         bar.set_postfix(neurons=count(union([r["neurons"] for r in results])))
     neurons = union([result["neurons"] for result in results])
-    shapes = {name: tuple(linear.weight.shape) for name, linear in run.linears.items()}
+    shapes = {name: (linear.weight.shape[0], linear.weight.shape[1]) for name, linear in run.linears.items()}
     nemo_meta = {"ssim_threshold": threshold, **calibration, "criterion_calls": run.calls, "prompts": results,
                  "neurons": neurons}
     selection = {"method": "nemo", **asdict(settings)}

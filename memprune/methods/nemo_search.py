@@ -135,7 +135,7 @@ def neuron_masks(neurons: Neurons, shapes: dict[str, tuple[int, int]], steps: in
         flat = (selected[:, None] * columns + torch.arange(columns, dtype=torch.int64)[None, :]).flatten()
         for step in range(steps):
             indices[(layer, step)] = flat.clone()  # safetensors refuses tensors that share memory
-    return Masks(indices=indices, shapes={layer: tuple(shape) for layer, shape in shapes.items()},
+    return Masks(indices=indices, shapes={layer: (shape[0], shape[1]) for layer, shape in shapes.items()},
                  meta={**(meta or {}), "step_independent": True})
 
 

@@ -68,6 +68,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -222,7 +223,7 @@ def union_masks(a: Masks, b: Masks) -> Masks:
             f"with steps={len(b.steps) if a.meta.get('method') == METHOD.name else len(a.steps)}."
         )
     indices = {key: torch.unique(torch.cat([idx, b.indices[key]])) for key, idx in a.indices.items()}
-    meta = {"method": "union", "parts": [a.meta, b.meta]}
+    meta: dict[str, Any] = {"method": "union", "parts": [a.meta, b.meta]}
     for key in ("model",):
         if key in a.meta or key in b.meta:
             meta[key] = a.meta.get(key, b.meta.get(key))

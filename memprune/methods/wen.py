@@ -99,7 +99,8 @@ def _noise_norms(pipe, model_input, t, cond, conditioning: Conditioning, rows) -
 
 
 
-def _generators(generator, count: int) -> list[torch.Generator]:
+def _generators(generator, count: int) -> list[torch.Generator] | torch.Generator:
+    """A generator per prompt, or one generator for them all, passed on as it is (the pipeline draws from it)."""
     if generator is None:  # the pipeline would draw from the global RNG: fix seeds so both draws agree
         seeds = torch.randint(0, 2**62, (count,)).tolist()
         return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -211,14 +212,14 @@ def wrap(pipe, settings: WenSettings):
     """A callable with the pipeline's own call signature (so memprune.generate reads its default guidance scale)."""
     require_cfg_pipeline(pipe, "Wen's mitigation")
     signature = inspect.signature(type(pipe).__call__)
-    cls = type(f"Wen{type(pipe).__name__}", (WenPipeline,), {})
 
     def __call__(self, *args, **kwargs):
         return WenPipeline._call(self, *args, **kwargs)
 
-    __call__.__signature__ = signature
+    # a function takes any attribute, and inspect.signature reads this one (mypy does not model function attributes)
+    __call__.__signature__ = signature  # type: ignore[attr-defined]
     __call__.__doc__ = "The pipeline's call, after Wen's optimisation of the prompt embeddings."
-    cls.__call__ = __call__
+    cls = type(f"Wen{type(pipe).__name__}", (WenPipeline,), {"__call__": __call__})
     return cls(pipe, settings)
 
 
