@@ -71,7 +71,8 @@ def record_prompts(pipe, prompts: list[str], generation: GenerationSettings, hal
     recorder = ActivationRecorder(denoiser(pipe), half=half, cfg=cfg)
 
     def before_call():
-        processes.faults.before_call()
+        if processes.faults is not None:  # always set by Processes.__post_init__
+            processes.faults.before_call()
         recorder.new_generation()
 
     def after_call(call):

@@ -29,6 +29,13 @@ class PromptList:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def image(self, i: int) -> str:
+        """The training image file of prompt i; refuses a prompt without one."""
+        image = self.images[i] if self.images is not None else None
+        if not image:
+            raise MemPruneError(f"Prompt file '{self.source}' row {i + 1} has no training image.")
+        return image
+
     def subset(self, indices) -> PromptList:
         pick = lambda values: None if values is None else [values[i] for i in indices]  # noqa: E731
         return PromptList(

@@ -88,10 +88,16 @@ class AttackRunSettings:
 
     def check_inputs(self) -> None:
         """Refuse settings without memorized prompts or without a way to set the copy threshold."""
-        if self.prompts is None:
-            raise MemPruneError("--prompts is required: the attack needs the memorized prompts.")
+        _ = self.prompts_file
         if self.control is None and self.threshold is None and self.threshold_from is None:
             raise MemPruneError(NO_THRESHOLD)
+
+    @property
+    def prompts_file(self) -> str:
+        """--prompts, refused when missing."""
+        if self.prompts is None:
+            raise MemPruneError("--prompts is required: the attack needs the memorized prompts.")
+        return self.prompts
 
     def edited_models(self) -> dict[str, str]:
         """The names evaluate gives these folders (one --edited: "edited"; several: by folder, as --compare)."""
@@ -160,7 +166,7 @@ class AttackRun:
 def select_prompts(settings: AttackRunSettings) -> PromptList:
     """The memorized prompts to attack: those with a training image, minus --exclude-prompts, the first
     --num-prompts."""
-    prompts = read_prompts(settings.prompts)
+    prompts = read_prompts(settings.prompts_file)
     if not prompts.images or not any(prompts.images):
         raise MemPruneError(f"Prompt file '{settings.prompts}' has no image column: the attack needs each memorized "
                             "prompt's training image.")
@@ -177,7 +183,7 @@ def select_prompts(settings: AttackRunSettings) -> PromptList:
         raise MemPruneError(f"No prompt of '{settings.prompts}' is left to attack (all excluded or without an image).")
     keep = keep[: settings.num_prompts] if settings.num_prompts else keep
     for i in keep:
-        if not Path(prompts.images[i]).is_file():
+        if not Path(prompts.image(i)).is_file():
             raise MemPruneError(f"Prompt file '{settings.prompts}' row {i + 1}: training image '{prompts.images[i]}' "
                                 "does not exist.")
     return prompts.subset(keep)
@@ -193,7 +199,7 @@ def attack_model(name: str, pipe, prompts: PromptList, training: list[torch.Tens
         with torch.no_grad():
             conditioning = encode(pipe, [prompt], None, size)
         result = attack_prompt(pipe, prompt, training[i], settings.attack, conditioning)
-        row = {"model": name, "prompt_index": i, "caption": prompt, "image": prompts.images[i],
+        row = {"model": name, "prompt_index": i, "caption": prompt, "image": prompts.image(i),
                "denoising_loss": result.loss_before, "denoising_loss_attacked": result.loss_after,
                "perturbation_norm_relative": result.relative_norm, "attack_seconds": result.seconds}
         attacked_cond = conditioning.cond + result.delta.to(conditioning.cond)
@@ -242,8 +248,9 @@ def copy_threshold(settings: AttackRunSettings, pipe, backend, size, progress: b
     elif settings.threshold_from is not None:
         threshold, info = read_threshold(settings.threshold_from, settings)
     else:
+        assert settings.control is not None  # check_inputs: without a threshold a --control is given
         control = read_prompts(settings.control)
-        known = (read_prompts(settings.prompts).images or []) + (control.images or [])
+        known = (read_prompts(settings.prompts_file).images or []) + (control.images or [])
         pool_paths = list(dict.fromkeys(p for p in known if p))
         if not pool_paths:
             raise MemPruneError(f"No training images in '{settings.prompts}' or '{settings.control}' to calibrate the "
@@ -276,7 +283,7 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
     if not uses_cfg(pipe, settings.generation):
         notes.append("No classifier-free guidance (guidance scale <= 1): generations use the conditional branch only.")
     size = default_size(pipe)
-    training = [load_image(path, size) for path in prompts.images]
+    training = [load_image(prompts.image(i), size) for i in range(len(prompts))]
     train_features = backend.features(torch.stack(training))
     base_print = text_fingerprint(pipe)
     for folder in edited.values():  # refuse a foreign text side before minutes of attacking

@@ -74,8 +74,8 @@ def anchor_notes(model: str, anchors: str | None) -> list[str]:
     control = testbed_file(model, "control")
     if anchors is None or control is None:
         return []
-    control = Path(control)
-    if control.is_file() and Path(anchors).resolve() == control.resolve():
+    control_path = Path(control)
+    if control_path.is_file() and Path(anchors).resolve() == control_path.resolve():
         return ["the anchors are the testbed's same-style control captions, which `memprune evaluate` scores as its "
                 "control group: that group is not held out from this fine-tune."]
     return []
@@ -106,10 +106,12 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     module = methods.get(method, "finetune")
     protected = refuse_output(out, overwrite, model)  # before minutes of work, not after
     inputs = resolve_inputs(model, inputs or FinetuneInputs(), settings.retain_images)
+    assert inputs.memorized is not None  # resolve_inputs refuses a missing --memorized
     memorized = read_prompts(inputs.memorized).prompts
     if inputs.retain is not None:
         retain_prompts = read_prompts(inputs.retain).prompts
     else:
+        assert settings.retain_images is not None  # resolve_inputs: --retain or --retain-images
         retain_prompts = read_image_captions(settings.retain_images)[1]
     check_disjoint(memorized, retain_prompts)
     anchors = read_prompts(inputs.anchors).prompts if inputs.anchors else None

@@ -133,7 +133,9 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
     timer = Timer()
     try:
         with timer("load"):
-            pipe = load_pipeline(settings.model, group.device if group.distributed else resolve_device(device), dtype)
+            # a launcher's process group brings its own device per rank
+            target = group.device if group.device is not None else resolve_device(device)
+            pipe = load_pipeline(settings.model, target, dtype)
         with timer("locate"):
             result = locate(settings, pipe, processes=group, partial=partial)
         if group.is_main:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from .run import EvaluationResult
@@ -31,7 +32,7 @@ def _format(value: float) -> str:
     return f"{value:.4g}"
 
 
-def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids: list[str] = ()) -> str:
+def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids: Sequence[str] = ()) -> str:
     """A before/after table, one row per group and metric (written by hand: no tabulate dependency)."""
     table = before_after(result.metrics)
     generation = settings.generation
