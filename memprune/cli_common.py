@@ -8,6 +8,8 @@ import logging
 
 import click
 
+from .errors import MemPruneError  # imports nothing, so transformers is still not imported here
+
 
 class _LibraryChatter(logging.Filter):
     """Drops library notices that are not about the user's run (transformers announcing, on every command, that
@@ -27,8 +29,6 @@ def silence_library_chatter() -> None:
 
 
 silence_library_chatter()
-
-from .errors import MemPruneError
 
 
 class FriendlyGroup(click.Group):
@@ -66,8 +66,11 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-model_option = click.option("--model", default=None, help="Diffusers pipeline folder or hub id (default: the embedded testbed).")
+model_option = click.option("--model", default=None,
+                            help="Diffusers pipeline folder or hub id (default: the embedded testbed).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-dtype_option = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
-out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+dtype_option = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+                            show_default=True)
+out_option = click.option("--out", required=True, type=click.Path(file_okay=False),
+                          help="Output folder (must not exist).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")

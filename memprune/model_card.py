@@ -21,7 +21,8 @@ INFO = "memprune.json"
 # (group, metric, label, percentage?) shown on the card, when the evaluation has them
 CARD_METRICS = (
     ("memorized_held_out", "memorization_rate", "held-out memorized prompts: memorization rate", True),
-    ("memorized_held_out", "memorization_rate_strict", "held-out memorized prompts: memorization rate (strict threshold)", True),
+    ("memorized_held_out", "memorization_rate_strict",
+     "held-out memorized prompts: memorization rate (strict threshold)", True),
     ("memorized", "memorization_rate", "memorized prompts: memorization rate", True),
     ("memorized", "memorization_rate_strict", "memorized prompts: memorization rate (strict threshold)", True),
     ("memorized_held_out", "copy_similarity", "held-out memorized prompts: copy similarity", False),

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MemPruneError
 from .conditioning import encode_conditioning
+from .errors import MemPruneError
 from .finetune import FinetuneSettings, RetainData
 from .latents import vae_encode
 from .models import denoiser
@@ -33,12 +33,13 @@ def generated_retain_data(pipe, prompts: list[str], settings: FinetuneSettings) 
     prompts = sample_prompts(prompts, settings.retain_prompts, settings.seed)
     generation = GenerationSettings(steps=settings.sampling_steps, seeds=1, seed=settings.seed,
                                     guidance_scale=settings.guidance_scale, batch_size=8)
-    latents = [None] * len(prompts)
+    latents: dict[int, torch.Tensor] = {}
     for index, _, latent in generate(pipe, prompts, generation, output_type="latent", progress=settings.progress,
                                      desc="retain latents"):
         latents[index] = latent.detach().float()
     conditioning = encode_conditioning(pipe, prompts)
-    return RetainData(torch.stack(latents), conditioning, "generated", time.perf_counter() - start)
+    stacked = torch.stack([latents[i] for i in range(len(prompts))])
+    return RetainData(stacked, conditioning, "generated", time.perf_counter() - start)
 
 
 def read_image_captions(folder: str | Path) -> tuple[list[Path], list[str]]:
@@ -58,7 +59,8 @@ def read_image_captions(folder: str | Path) -> tuple[list[Path], list[str]]:
             image_column = next((c for c in ("file_name", "image", "file") if c in columns), None)
             caption_column = next((c for c in ("caption", "text", "prompt", "Caption") if c in columns), None)
             if image_column is None or caption_column is None:
-                raise MemPruneError(f"'{path}' needs an image column (file_name/image) and a caption column (caption/text).")
+                raise MemPruneError(f"'{path}' needs an image column (file_name/image) "
+                                    "and a caption column (caption/text).")
             images = [folder / row[image_column] for row in rows]
             missing = [p for p in images if not p.is_file()]
             if missing:
@@ -79,7 +81,7 @@ def _image_tensor(path: Path, size: int) -> torch.Tensor:
     image = Image.open(path).convert("RGB")
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                         Image.BICUBIC)
+                         Image.Resampling.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     image = image.crop((left, top, left + size, top + size))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -88,10 +88,16 @@ class AttackRunSettings:
 
     def check_inputs(self) -> None:
         """Refuse settings without memorized prompts or without a way to set the copy threshold."""
-        if self.prompts is None:
-            raise MemPruneError("--prompts is required: the attack needs the memorized prompts.")
+        _ = self.prompts_file
         if self.control is None and self.threshold is None and self.threshold_from is None:
             raise MemPruneError(NO_THRESHOLD)
+
+    @property
+    def prompts_file(self) -> str:
+        """--prompts, refused when missing."""
+        if self.prompts is None:
+            raise MemPruneError("--prompts is required: the attack needs the memorized prompts.")
+        return self.prompts
 
     def edited_models(self) -> dict[str, str]:
         """The names evaluate gives these folders (one --edited: "edited"; several: by folder, as --compare)."""
@@ -109,7 +115,8 @@ def read_threshold(folder: str | Path, settings: AttackRunSettings) -> tuple[flo
     folder = Path(folder)
     metrics_path = folder / "metrics.csv"
     if not metrics_path.is_file():
-        raise MemPruneError(f"--threshold-from '{folder}' has no metrics.csv: give an output folder of memprune evaluate.")
+        raise MemPruneError(f"--threshold-from '{folder}' has no metrics.csv: "
+                            "give an output folder of memprune evaluate.")
     metrics = pd.read_csv(metrics_path)
     rows = metrics[metrics.metric == "copy_threshold"] if "metric" in metrics else metrics.iloc[0:0]
     if rows.empty:
@@ -126,7 +133,8 @@ def read_threshold(folder: str | Path, settings: AttackRunSettings) -> tuple[flo
 
 def calibrate(pipe, backend, control: PromptList, pool: torch.Tensor, settings: AttackRunSettings, size,
               progress: bool) -> tuple[float, dict]:
-    """evaluate's threshold: percentile of the unedited control generations' similarity to their nearest training image."""
+    """evaluate's threshold: percentile of the unedited control generations' similarity to their nearest training
+    image."""
     images = [image.detach().to("cpu", torch.float32).clamp(0, 1) for _, _, image in generate(
         pipe, control.prompts, settings.generation, output_type="pt", progress=progress, desc="calibration")]
     nearest = backend.matrix(backend.features(torch.stack(images)), backend.features(pool)).max(dim=1).values.numpy()
@@ -135,7 +143,8 @@ def calibrate(pipe, backend, control: PromptList, pool: torch.Tensor, settings: 
         "value": value, "percentile": settings.threshold_percentile, "generations": len(nearest),
         "description": f"{settings.threshold_percentile:g}th percentile of the similarity of {len(nearest)} unedited "
                        f"generations of '{control.source}' to their nearest of {len(pool)} known training images "
-                       f"(seeds {settings.generation.seed}..{settings.generation.seed + settings.generation.seeds - 1}, "
+                       f"(seeds {settings.generation.seed}.."
+                       f"{settings.generation.seed + settings.generation.seeds - 1}, "
                        f"{settings.generation.steps} steps); backend {backend.name}",
     }
 
@@ -155,8 +164,9 @@ class AttackRun:
 
 
 def select_prompts(settings: AttackRunSettings) -> PromptList:
-    """The memorized prompts to attack: those with a training image, minus --exclude-prompts, the first --num-prompts."""
-    prompts = read_prompts(settings.prompts)
+    """The memorized prompts to attack: those with a training image, minus --exclude-prompts, the first
+    --num-prompts."""
+    prompts = read_prompts(settings.prompts_file)
     if not prompts.images or not any(prompts.images):
         raise MemPruneError(f"Prompt file '{settings.prompts}' has no image column: the attack needs each memorized "
                             "prompt's training image.")
@@ -165,14 +175,15 @@ def select_prompts(settings: AttackRunSettings) -> PromptList:
         used = set(read_prompts(settings.exclude_prompts).prompts)
         held_out = [i for i in keep if prompts.prompts[i] not in used]
         if len(held_out) == len(keep) and not used & set(prompts.prompts):
-            raise MemPruneError(f"None of the captions in '{settings.exclude_prompts}' is a prompt of '{settings.prompts}': "
+            raise MemPruneError(f"None of the captions in '{settings.exclude_prompts}' is a prompt of "
+                                f"'{settings.prompts}': "
                                 "was it written by locate on another memorized file?")
         keep = held_out
     if not keep:
         raise MemPruneError(f"No prompt of '{settings.prompts}' is left to attack (all excluded or without an image).")
     keep = keep[: settings.num_prompts] if settings.num_prompts else keep
     for i in keep:
-        if not Path(prompts.images[i]).is_file():
+        if not Path(prompts.image(i)).is_file():
             raise MemPruneError(f"Prompt file '{settings.prompts}' row {i + 1}: training image '{prompts.images[i]}' "
                                 "does not exist.")
     return prompts.subset(keep)
@@ -188,17 +199,18 @@ def attack_model(name: str, pipe, prompts: PromptList, training: list[torch.Tens
         with torch.no_grad():
             conditioning = encode(pipe, [prompt], None, size)
         result = attack_prompt(pipe, prompt, training[i], settings.attack, conditioning)
-        row = {"model": name, "prompt_index": i, "caption": prompt, "image": prompts.images[i],
+        row = {"model": name, "prompt_index": i, "caption": prompt, "image": prompts.image(i),
                "denoising_loss": result.loss_before, "denoising_loss_attacked": result.loss_after,
                "perturbation_norm_relative": result.relative_norm, "attack_seconds": result.seconds}
-        for attacked, cond in ((False, conditioning.cond), (True, conditioning.cond + result.delta.to(conditioning.cond))):
+        attacked_cond = conditioning.cond + result.delta.to(conditioning.cond)
+        for attacked, cond in ((False, conditioning.cond), (True, attacked_cond)):
             images = generate_from_embeddings(pipe, conditioning, cond, settings.generation, size)
             feats = backend.features(images)
             similarity = backend.paired(feats, train_features[i][None].expand_as(feats)).double().numpy()
             suffix = "_attacked" if attacked else ""
             row[f"copy_similarity{suffix}"] = float(similarity.mean())
             row[f"memorization_rate{suffix}"] = memorization_rate(similarity, threshold)
-            for seed, value in zip(seeds, similarity):
+            for seed, value in zip(seeds, similarity, strict=True):
                 generations.append({"model": name, "prompt_index": i, "caption": prompt, "seed": seed,
                                     "attacked": attacked, "copy_similarity": float(value),
                                     "is_copy": bool(value > threshold)})
@@ -213,7 +225,7 @@ def attack_metrics(per_prompt: pd.DataFrame, generations: pd.DataFrame, settings
     for model in models:
         prompts = per_prompt[per_prompt.model == model]
         gens = generations[generations.model == model]
-        add = lambda metric, value: rows.append((model, group, metric, float(value)))  # noqa: E731
+        add = lambda metric, value, model=model: rows.append((model, group, metric, float(value)))  # noqa: E731
         add("n_prompts", len(prompts))
         add("n_generations", len(gens) // 2)
         for attacked, suffix in ((False, ""), (True, "_attacked")):
@@ -236,8 +248,10 @@ def copy_threshold(settings: AttackRunSettings, pipe, backend, size, progress: b
     elif settings.threshold_from is not None:
         threshold, info = read_threshold(settings.threshold_from, settings)
     else:
+        assert settings.control is not None  # check_inputs: without a threshold a --control is given
         control = read_prompts(settings.control)
-        pool_paths = list(dict.fromkeys(p for p in (read_prompts(settings.prompts).images or []) + (control.images or []) if p))
+        known = (read_prompts(settings.prompts_file).images or []) + (control.images or [])
+        pool_paths = list(dict.fromkeys(p for p in known if p))
         if not pool_paths:
             raise MemPruneError(f"No training images in '{settings.prompts}' or '{settings.control}' to calibrate the "
                                 "copy threshold on: give --threshold.")
@@ -269,7 +283,7 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
     if not uses_cfg(pipe, settings.generation):
         notes.append("No classifier-free guidance (guidance scale <= 1): generations use the conditional branch only.")
     size = default_size(pipe)
-    training = [load_image(path, size) for path in prompts.images]
+    training = [load_image(prompts.image(i), size) for i in range(len(prompts))]
     train_features = backend.features(torch.stack(training))
     base_print = text_fingerprint(pipe)
     for folder in edited.values():  # refuse a foreign text side before minutes of attacking

@@ -31,8 +31,10 @@ def text_fingerprint(pipe) -> dict[str, str]:
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
         if encoder is not None:
-            config = {k: v for k, v in encoder.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-            prints[f"{name}_config"] = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+            config = {k: v for k, v in encoder.config.to_dict().items()
+                      if not k.startswith("_") and k != "transformers_version"}
+            config_json = json.dumps(config, sort_keys=True, default=str)
+            prints[f"{name}_config"] = hashlib.sha256(config_json.encode()).hexdigest()
             prints[f"{name}_weights"] = _state_hash(encoder)
     return prints
 
@@ -69,6 +71,7 @@ def check_same_text_side(base: dict[str, str], edited: dict[str, str], folder: s
     for key in sorted(set(base) | set(edited)):
         if base.get(key) != edited.get(key):
             part = key.replace("_config", " configuration").replace("_weights", " weights")
-            raise MemPruneError(f"Edited model '{folder}' has another {part} than --model: the attack perturbs the base "
+            raise MemPruneError(f"Edited model '{folder}' has another {part} than --model: "
+                                "the attack perturbs the base "
                                 "model's text embeddings, so both must share the tokenizer and text encoder.")
 

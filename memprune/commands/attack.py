@@ -4,9 +4,10 @@ Writes metrics.csv (tidy model, group, metric, value), per_prompt.csv, generatio
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from ..attack.run import NO_THRESHOLD, AttackRun, AttackRunSettings, attack
 from ..errors import MemPruneError
@@ -19,7 +20,7 @@ SUMMARY_METRICS = ["memorization_rate", "memorization_rate_attacked", "copy_simi
 def with_testbed_defaults(settings: AttackRunSettings) -> AttackRunSettings:
     """The testbed's memorized captions as --prompts and, unless a threshold is given, its same-style captions as
     --control; off a testbed both must be given."""
-    values = {}
+    values: dict[str, Any] = {}  # AttackRunSettings fields, by name
     testbed = defaults.is_testbed(settings.model)
     if settings.prompts is None:
         if not testbed:

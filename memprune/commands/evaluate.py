@@ -7,9 +7,10 @@ group), copy_similarity_ecdf.png (when training images are known) and run.json, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Literal
 
 from ..errors import MemPruneError
 from ..evaluation.report import metrics_markdown, summary_table, threshold_lines
@@ -27,7 +28,7 @@ def with_testbed_defaults(settings: EvaluateSettings) -> EvaluateSettings:
 
     Idempotent; "none" stays in the settings (as given) and means "no such group".
     """
-    values = {}
+    values: dict[str, Any] = {}  # EvaluateSettings fields, by role name
     if defaults.is_testbed(settings.model):
         for role in TESTBED_ROLES:
             if getattr(settings, role) is None:
@@ -46,7 +47,7 @@ def run_evaluation(settings: EvaluateSettings, pipe=None, edited_pipe=None, devi
     """memprune.evaluation.run.evaluate with the command's inputs: the testbed's default prompt files and, on a
     testbed, its attribute classifier."""
     settings = with_testbed_defaults(settings)
-    classifier = "testbed" if defaults.is_testbed(settings.model) else None
+    classifier: Literal["testbed"] | None = "testbed" if defaults.is_testbed(settings.model) else None
     return evaluate(settings, pipe=pipe, edited_pipe=edited_pipe, attribute_classifier=classifier, device=device,
                     dtype=dtype, progress=progress, log=log)
 

@@ -10,8 +10,14 @@ from typing import Any
 
 from .. import methods
 from ..errors import MemPruneError
-from ..finetune import (FinetuneSettings, apply_delta, check_disjoint, relative_change, trainable_parameters,
-                        verify_saved)
+from ..finetune import (
+    FinetuneSettings,
+    apply_delta,
+    check_disjoint,
+    relative_change,
+    trainable_parameters,
+    verify_saved,
+)
 from ..masks import file_sha256
 from ..model_card import write_card
 from ..models import denoiser, load_pipeline, resolve_device
@@ -26,7 +32,8 @@ from .output import Timer, atomic_output_dir, refuse_output, write_run_json
 def run(options: dict[str, Any]) -> str:
     """`memprune finetune` with the CLI's options."""
     model = model_or_default(options["model"])
-    settings = FinetuneSettings(steps=options["steps"], lr=options["lr"], seed=options["seed"], params=options["params"],
+    settings = FinetuneSettings(steps=options["steps"], lr=options["lr"], seed=options["seed"],
+                                params=options["params"],
                                 batch_size=options["batch_size"], retain_prompts=options["retain_prompts"] or None,
                                 retain_images=options["retain_images"], sampling_steps=options["sampling_steps"])
     method_settings = methods.get(options["method"], "finetune").settings_from_options(options)
@@ -49,12 +56,14 @@ def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None
     memorized = inputs.memorized or testbed_file(model, "memorized")
     retain = inputs.retain
     if retain is not None and retain_images is not None:
-        raise MemPruneError("Give --retain FILE or --retain-images DIR, not both: the images' captions are the retain prompts.")
+        raise MemPruneError("Give --retain FILE or --retain-images DIR, not both: "
+                            "the images' captions are the retain prompts.")
     if retain is None and retain_images is None:
         # general_train, never general_heldout: evaluate measures utility on the held-out captions.
         retain = testbed_file(model, "general_train")
         if retain is None:
-            raise MemPruneError("--retain FILE (or --retain-images DIR) is required when --model is not a memprune testbed.")
+            raise MemPruneError("--retain FILE (or --retain-images DIR) is required "
+                                "when --model is not a memprune testbed.")
     if memorized is None:
         raise MemPruneError("--memorized FILE is required when --model is not a memprune testbed.")
     return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors)
@@ -65,8 +74,8 @@ def anchor_notes(model: str, anchors: str | None) -> list[str]:
     control = testbed_file(model, "control")
     if anchors is None or control is None:
         return []
-    control = Path(control)
-    if control.is_file() and Path(anchors).resolve() == control.resolve():
+    control_path = Path(control)
+    if control_path.is_file() and Path(anchors).resolve() == control_path.resolve():
         return ["the anchors are the testbed's same-style control captions, which `memprune evaluate` scores as its "
                 "control group: that group is not held out from this fine-tune."]
     return []
@@ -97,10 +106,12 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     module = methods.get(method, "finetune")
     protected = refuse_output(out, overwrite, model)  # before minutes of work, not after
     inputs = resolve_inputs(model, inputs or FinetuneInputs(), settings.retain_images)
+    assert inputs.memorized is not None  # resolve_inputs refuses a missing --memorized
     memorized = read_prompts(inputs.memorized).prompts
     if inputs.retain is not None:
         retain_prompts = read_prompts(inputs.retain).prompts
     else:
+        assert settings.retain_images is not None  # resolve_inputs: --retain or --retain-images
         retain_prompts = read_image_captions(settings.retain_images)[1]
     check_disjoint(memorized, retain_prompts)
     anchors = read_prompts(inputs.anchors).prompts if inputs.anchors else None

@@ -68,7 +68,8 @@ def check_work_size(settings: LocateSettings, world: int) -> None:
     if world > calls:
         raise MemPruneError(
             f"--processes {world} is more than the work: {count} memorized prompts x {settings.generation.seeds} seeds "
-            f"in batches of {settings.generation.batch_size} make {calls} pipeline calls; use at most {calls} processes "
+            f"in batches of {settings.generation.batch_size} make {calls} pipeline calls; "
+            f"use at most {calls} processes "
             "or a smaller --batch-size.")
 
 
@@ -132,7 +133,9 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
     timer = Timer()
     try:
         with timer("load"):
-            pipe = load_pipeline(settings.model, group.device if group.distributed else resolve_device(device), dtype)
+            # a launcher's process group brings its own device per rank
+            target = group.device if group.device is not None else resolve_device(device)
+            pipe = load_pipeline(settings.model, target, dtype)
         with timer("locate"):
             result = locate(settings, pipe, processes=group, partial=partial)
         if group.is_main:

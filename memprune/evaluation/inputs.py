@@ -39,7 +39,8 @@ def check_edited(model: str, edited: str) -> str:
     try:
         source = json.loads(info_path.read_text())["source"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise MemPruneError(f"'{info_path}' is not a valid memprune.json (no 'source'): re-run memprune prune.") from exc
+        raise MemPruneError(f"'{info_path}' is not a valid memprune.json (no 'source'): "
+                            "re-run memprune prune.") from exc
     if not same_model(str(source), str(model)):
         raise MemPruneError(
             f"Edited model '{edited}' was edited from '{source}', not from --model '{model}': "
@@ -83,7 +84,8 @@ def check_training_images(prompts: PromptList) -> None:
     """Every named training image must exist (read_prompts resolves them; see prompts._image_path)."""
     for index, image in enumerate(prompts.images or []):
         if image and not Path(image).is_file():
-            raise MemPruneError(f"Prompt file '{prompts.source}' row {index + 1}: training image '{image}' does not exist.")
+            raise MemPruneError(f"Prompt file '{prompts.source}' row {index + 1}: "
+                                f"training image '{image}' does not exist.")
 
 
 def build_groups(settings: EvaluateSettings, sources: dict[str, PromptList],

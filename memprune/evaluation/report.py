@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from .run import EvaluationResult
@@ -14,7 +15,8 @@ SUMMARY_METRICS = ["memorization_rate", "copy_similarity", "similarity_to_unedit
 
 def threshold_lines(result: EvaluationResult, prefix: str = "") -> list[str]:
     """Which threshold each memorization rate used, in words."""
-    lines = [f"{prefix}Copy threshold {result.threshold:.4g} (memorization_rate): {result.threshold_info['description']}."]
+    lines = [f"{prefix}Copy threshold {result.threshold:.4g} (memorization_rate): "
+             f"{result.threshold_info['description']}."]
     strict = result.threshold_info.get("strict")
     if strict:
         lines.append(f"{prefix}Strict copy threshold {strict['value']:.4g} (memorization_rate_strict): "
@@ -30,7 +32,7 @@ def _format(value: float) -> str:
     return f"{value:.4g}"
 
 
-def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids: list[str] = ()) -> str:
+def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids: Sequence[str] = ()) -> str:
     """A before/after table, one row per group and metric (written by hand: no tabulate dependency)."""
     table = before_after(result.metrics)
     generation = settings.generation
@@ -38,7 +40,8 @@ def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids
     lines = [
         "# memprune evaluate",
         "",
-        f"- Model: `{settings.model}`" + "".join(f"; {name}: `{folder}`" for name, folder in settings.edited_models().items()),
+        f"- Model: `{settings.model}`"
+        + "".join(f"; {name}: `{folder}`" for name, folder in settings.edited_models().items()),
         f"- Similarity backend: {result.backend}",
         *threshold_lines(result, "- "),
         f"- Generation: {generation.steps} steps, seeds {generation.seed}..{generation.seed + generation.seeds - 1}, "
@@ -53,8 +56,10 @@ def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids
     for (group, metric), row in table.iterrows():
         lines.append(f"| {group} | {metric} | " + " | ".join(_format(row.get(m)) for m in models) + " |")
     if grids:
-        lines += ["", "## Image grids", "", "Rows: prompts; columns: training image (where known), unedited model by seed, "
-                  "each edited model by seed. The number under a generation is its copy similarity (* above the threshold).", ""]
+        lines += ["", "## Image grids", "",
+                  "Rows: prompts; columns: training image (where known), unedited model by seed, "
+                  "each edited model by seed. "
+                  "The number under a generation is its copy similarity (* above the threshold).", ""]
         lines += [f"![{Path(g).stem}]({g})" for g in grids]
     return "\n".join(lines) + "\n"
 

@@ -10,8 +10,9 @@ one warm-up call each. The metrics are memprune.evaluation.scoring's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -47,7 +48,8 @@ class EvaluationResult:
     random_controls: dict[str, dict] = field(default_factory=dict)  # control name -> of, seed, zeroed weights
 
     def value(self, model: str, group: str, metric: str) -> float:
-        rows = self.metrics[(self.metrics.model == model) & (self.metrics.group == group) & (self.metrics.metric == metric)]
+        metrics = self.metrics
+        rows = metrics[(metrics.model == model) & (metrics.group == group) & (metrics.metric == metric)]
         if rows.empty:
             raise KeyError((model, group, metric))
         return float(rows.value.iloc[0])
@@ -139,8 +141,8 @@ def add_random_controls(pipes: dict, settings: EvaluateSettings, notes: list[str
             continue
         control_name = random_control_name(name)
         pipes[control_name] = control
-        controls[control_name] = {"of": name, "seed": settings.random_control_seed, "zeroed_weights": sum(counts.values()),
-                                  "tensors": len(counts)}
+        controls[control_name] = {"of": name, "seed": settings.random_control_seed,
+                                  "zeroed_weights": sum(counts.values()), "tensors": len(counts)}
         notes.append(f"'{control_name}': the unedited model with {sum(counts.values())} random weights zeroed, as many "
                      f"per tensor as '{name}' zeroes ({len(counts)} tensors, seed {settings.random_control_seed}).")
     return controls
@@ -176,15 +178,15 @@ def generate_images(pipe, prompts: list[str], generation: GenerationSettings, de
                     progress: bool) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Images (P, S, 3, H, W), per-generation Wen scores (P, S) mean and first step (NaN without CFG)."""
     n, seeds = len(prompts), generation.seeds
-    images: list[list[torch.Tensor | None]] = [[None] * seeds for _ in range(n)]
+    images: dict[tuple[int, int], torch.Tensor] = {}
     mean = np.full((n, seeds), np.nan)
     first = np.full((n, seeds), np.nan)
     for index, seed, image, per_step in generate_with_scores(pipe, prompts, generation, "pt", progress, desc):
         s = seed - generation.seed
-        images[index][s] = image.detach().to("cpu", torch.float32).clamp(0, 1)
+        images[index, s] = image.detach().to("cpu", torch.float32).clamp(0, 1)
         if per_step is not None:
             mean[index, s], first[index, s] = summarize_steps(per_step)
-    return torch.stack([torch.stack(row) for row in images]), mean, first
+    return torch.stack([torch.stack([images[i, s] for s in range(seeds)]) for i in range(n)]), mean, first
 
 
 def _warm_up(pipe, prompt: str, generation: GenerationSettings) -> None:

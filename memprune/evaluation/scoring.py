@@ -54,7 +54,8 @@ class Generated:
     seconds: dict[Key, float]  # generation time of the whole file
 
     def shape(self, source: str) -> tuple[int, int]:
-        return tuple(self.images["unedited", source].shape[:2])
+        images = self.images["unedited", source]
+        return images.shape[0], images.shape[1]
 
     def per_image_seconds(self, model: str, sources: set[str]) -> float:
         return (sum(self.seconds[model, s] for s in sources)
@@ -98,8 +99,8 @@ class Scores:
 def score(settings, backend: SimilarityBackend, sources: dict[str, PromptList], groups: dict[str, Group],
           models: list[str], generated: Generated, cfg: bool, classifier: AttributeClassifier | None) -> Scores:
     """Every metric of every model and group (module docstring); `settings` is the run's EvaluateSettings."""
-    size = next(iter(generated.images.values())).shape[-2:]
-    training = read_training_images(backend, sources, tuple(size))
+    height, width = next(iter(generated.images.values())).shape[-2:]
+    training = read_training_images(backend, sources, (height, width))
     similarities = similarities_of(backend, generated, training)
     threshold = calibrate(settings.threshold_percentile, backend, groups, training, similarities)
     reference = copy_references(generated, groups, threshold.mode, similarities)
@@ -125,9 +126,11 @@ def read_training_images(backend: SimilarityBackend, sources: dict[str, PromptLi
     for source, prompts in sources.items():
         paths = prompts.images or [None] * len(prompts)
         training.images[source] = [load_image(path, size) if path else None for path in paths]
-        known = [i for i, image in enumerate(training.images[source]) if image is not None]
-        encoded = backend.features(torch.stack([training.images[source][i] for i in known])) if known else None
+        known = {i: image for i, image in enumerate(training.images[source]) if image is not None}
         training.features[source] = [None] * len(prompts)
+        if not known:
+            continue
+        encoded = backend.features(torch.stack(list(known.values())))
         for row, i in enumerate(known):
             training.features[source][i] = encoded[row]
             if paths[i] not in pool_paths:
@@ -184,7 +187,7 @@ def calibrate(percentile: float, backend: SimilarityBackend, groups: dict[str, G
             "description": f"{percentile:g}th percentile of the similarity of the unedited "
                            f"{calibration} generations to their OWN training image; backend {backend.name}",
         }
-    nearest_by_member = dict(zip(members, nearest.reshape(len(members), -1)))
+    nearest_by_member = dict(zip(members, nearest.reshape(len(members), -1), strict=True))
     return Threshold(value, strict, info, mode, calibration, nearest_by_member)
 
 

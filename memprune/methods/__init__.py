@@ -69,7 +69,8 @@ def get(name: str, kind: str | None = None) -> ModuleType:
         raise MemPruneError(f"Unknown method '{name}': use one of {', '.join(sorted(methods))}.")
     module = methods[name]
     if kind is not None and module.METHOD.kind != kind:
-        raise MemPruneError(f"Method '{name}' is a {module.METHOD.kind.replace('_', ' ')}, not a {kind.replace('_', ' ')}.")
+        raise MemPruneError(f"Method '{name}' is a {module.METHOD.kind.replace('_', ' ')}, "
+                            f"not a {kind.replace('_', ' ')}.")
     return module
 
 
