@@ -379,3 +379,37 @@ def test_evaluate_and_attack_print_backend_threshold_and_wen_lines_once(saved_pi
     assert attack.exit_code == 0, attack.output
     for start in ("Similarity backend:", "Copy threshold:"):
         assert sum(start in line for line in attack.output.splitlines()) == 1, (start, attack.output)
+
+
+# ------------------------------------------------------------------------------------ the same classes elsewhere
+def test_resume_from_a_corrupt_partial_settings_file_is_named(saved_pipelines, prompt_file, tmp_path):
+    settings = tmp_path / "out.partial" / "settings.json"
+    settings.parent.mkdir()
+    settings.write_text('{"command": "loc')
+    result = run("locate", "--model", saved_pipelines["sd1"], "--memorized", prompt_file, "--resume", "--out",
+                 tmp_path / "out", *FAST)
+    assert_refused(result, f"'{settings}' is not valid JSON")
+    assert f"delete '{settings.parent}' to start over" in one_sentence(result.output)
+    assert not (tmp_path / "out").exists()
+
+
+def test_attack_names_a_corrupt_model_index_of_an_edited_folder(saved_pipelines, inputs):
+    edited = inputs / "edited"
+    shutil.copytree(saved_pipelines["sd1"], edited)
+    (edited / "model_index.json").write_bytes(b"\x00\xff not json")
+    result = run("attack", "--model", saved_pipelines["sd1"], "--edited", edited, "--prompts", inputs / "attacked.csv",
+                 "--threshold", 0.5, "--out", inputs / "out", *FAST)
+    assert_refused(result, f"'{edited / 'model_index.json'}' is not UTF-8 text")
+    one_sentence(result.output)
+    assert not (inputs / "out").exists()
+
+
+def test_finetune_says_when_retain_prompts_asks_for_more_captions_than_the_file_holds(saved_pipelines, inputs):
+    out = inputs / "tuned"
+    result = run("finetune", "--model", saved_pipelines["sd1"], "--memorized", inputs / "attacked.csv", "--retain",
+                 inputs / "retain.txt", "--retain-prompts", 5, "--steps", 1, "--batch-size", 2, "--sampling-steps", 1,
+                 "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    note = "--retain-prompts 5 is more than the 2 retain captions: all 2 were used."
+    assert f"Note: {note}" in result.output
+    assert json.loads((out / "memprune.json").read_text())["notes"] == [note]
