@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 import numpy as np
 import pytest
-from helpers import assert_refused, run
 from PIL import Image
 
+from helpers import assert_refused, run
 from memprune.cli import main
 
 DEAD_PID = 2**22 + 1  # larger than any PID: no process runs under it
