@@ -270,7 +270,7 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
         notes.append(check_edited(settings.model, folder))
     prompts = select_prompts(settings)
     if settings.threshold_from is not None:
-        read_threshold(settings.threshold_from, settings)  # refuse a folder that is not an evaluate output before loading
+        read_threshold(settings.threshold_from, settings)  # not an evaluate output: refused before loading
     backend = make_backend(settings.similarity, settings.sscd)
     log(f"Similarity backend: {backend.description}")
     target = resolve_device(device)
