@@ -305,7 +305,7 @@ def test_the_next_prune_removes_a_killed_runs_folder_and_says_so(saved_pipelines
     assert live.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "pruned"])
 
 
-def test_the_next_detect_removes_a_killed_runs_staging(saved_pipelines, prompt_file, tmp_path):
+def test_the_next_detect_removes_a_killed_runs_staging(saved_pipelines, prompt_file, tmp_path, umask_022):
     out = tmp_path / "scores.csv"
     leftover = tmp_path / f".scores.csv.run-{DEAD_PID}-abcd"
     leftover.mkdir()
@@ -315,6 +315,7 @@ def test_the_next_detect_removes_a_killed_runs_staging(saved_pipelines, prompt_f
     assert result.exit_code == 0, result.output
     removed_line(result.output, out, leftover)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memorized.csv", "scores.csv", "scores.json"]
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(out.with_suffix(".json").stat().st_mode) == 0o644
 
 
 @pytest.mark.parametrize("command", ["finetune", "locate", "evaluate", "attack", "prune --method uniforget"])
