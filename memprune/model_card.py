@@ -43,7 +43,8 @@ def _front_matter(info: dict) -> str:
 
 
 def _edit_section(info: dict) -> list[str]:
-    method = info.get("method") or info.get("selection", {}).get("method") or "wanda"
+    selection = info.get("selection")
+    method = info.get("method") or (selection.get("method") if isinstance(selection, dict) else None) or "wanda"
     lines = ["## What was edited", "", f"- Base model: `{info.get('source', 'unknown')}`", f"- Method: {method}"]
     if "total_zeroed" in info:
         zeroed = info.get("zeroed_weights", {})

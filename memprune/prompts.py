@@ -170,7 +170,17 @@ def read_prompts(path: str | Path, label: str | None = None) -> PromptList:
             raise MemPruneError(f"Prompt file '{path}' holds no prompts with label '{label}'.")
     if len(prompts) == 0:
         raise MemPruneError(f"Prompt file '{path}' holds no prompts: give at least one caption.")
+    if not any(prompts.prompts):  # captions are stripped: every row is empty or blank
+        raise MemPruneError(f"Prompt file '{path}' holds only empty captions ({len(prompts)} rows): give at least one "
+                            "caption.")
     return prompts
+
+
+def require_available(count: int | None, available: int, option: str, what: str = "prompts") -> None:
+    """Refuse asking for more prompts than there are, rather than silently using fewer: every command that takes a
+    count of prompts (locate's --num-prompts and --subset-size, attack's --num-prompts) says it the same way."""
+    if count is not None and count > available:
+        raise MemPruneError(f"{option} {count} is more than the {available} {what}: give at most {available}.")
 
 
 def normalise_caption(prompt: str) -> str:

@@ -82,6 +82,12 @@ def _staging_prefix(out: Path, kind: str) -> str:
     return f".{out.name}.{kind}-{os.getpid()}-"
 
 
+def staging_dir(out: str | Path, kind: str = "tmp") -> Path:
+    """A new temporary sibling folder of `out`, named with this process's PID (stale_staging knows it is live)."""
+    out = Path(out).absolute()
+    return Path(tempfile.mkdtemp(prefix=_staging_prefix(out, kind), dir=out.parent))
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

@@ -25,7 +25,7 @@ perturbation_norm_relative, attack_seconds_per_prompt, n_prompts, n_generations,
 """
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..cli_types import require_finite
 from ..conditioning import default_size, encode
 from ..errors import MemPruneError
 from ..evaluation.inputs import check_edited
@@ -43,7 +44,8 @@ from ..evaluation.metrics import calibrate_threshold, memorization_rate
 from ..evaluation.settings import edited_model_names
 from ..generate import GenerationSettings, generate, uses_cfg
 from ..models import DEFAULT_MODEL, load_pipeline, resolve_device
-from ..prompts import PromptList, read_prompts
+from ..prompts import PromptList, read_prompts, require_available
+from ..readback import read_metrics_csv, read_run_settings
 from ..similarity import load_image, make_backend
 from .embedding import AttackSettings, attack_prompt, generate_from_embeddings
 from .text_side import check_same_text_side, text_fingerprint, text_side
@@ -75,6 +77,8 @@ class AttackRunSettings:
             raise MemPruneError("--steps and --seeds must be at least 1.")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise MemPruneError(f"--num-prompts must be at least 1, got {self.num_prompts}.")
+        if self.threshold is not None:
+            require_finite(self.threshold, "--threshold")  # settings built in code bypass the CLI's check
         if self.threshold is not None and self.threshold_from is not None:
             raise MemPruneError("Give either --threshold or --threshold-from, not both.")
         if not 0 < self.threshold_percentile <= 100:
@@ -117,17 +121,19 @@ def read_threshold(folder: str | Path, settings: AttackRunSettings) -> tuple[flo
     if not metrics_path.is_file():
         raise MemPruneError(f"--threshold-from '{folder}' has no metrics.csv: "
                             "give an output folder of memprune evaluate.")
-    metrics = pd.read_csv(metrics_path)
-    rows = metrics[metrics.metric == "copy_threshold"] if "metric" in metrics else metrics.iloc[0:0]
+    metrics = read_metrics_csv(metrics_path)
+    rows = metrics[metrics.metric == "copy_threshold"]
     if rows.empty:
         raise MemPruneError(f"'{metrics_path}' has no copy_threshold row: give an output folder of memprune evaluate.")
-    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
-    theirs = run.get("settings", {})
+    theirs = read_run_settings(folder)
     if theirs and (theirs.get("sscd") is not None) != (settings.sscd is not None) or (
             theirs and settings.sscd is None and theirs.get("similarity") != settings.similarity):
         raise MemPruneError(f"The evaluate run in '{folder}' used another similarity backend "
                             f"({theirs.get('sscd') or theirs.get('similarity')}): use the same --similarity/--sscd.")
     value = float(rows.value.iloc[0])
+    if not math.isfinite(value):
+        raise MemPruneError(f"'{metrics_path}' has a copy_threshold of {value}, not a finite number: give an output "
+                            "folder of memprune evaluate.")
     return value, {"value": value, "source": str(metrics_path), "description": f"copy_threshold of '{metrics_path}'"}
 
 
@@ -181,6 +187,9 @@ def select_prompts(settings: AttackRunSettings) -> PromptList:
         keep = held_out
     if not keep:
         raise MemPruneError(f"No prompt of '{settings.prompts}' is left to attack (all excluded or without an image).")
+    excluded = ", not in --exclude-prompts" if settings.exclude_prompts is not None else ""
+    require_available(settings.num_prompts, len(keep), "--num-prompts",
+                      f"prompts of '{settings.prompts}' to attack (with a training image{excluded})")
     keep = keep[: settings.num_prompts] if settings.num_prompts else keep
     for i in keep:
         if not Path(prompts.image(i)).is_file():
@@ -274,6 +283,8 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
     for folder in edited.values():
         notes.append(check_edited(settings.model, folder))
     prompts = select_prompts(settings)
+    if settings.threshold_from is not None:
+        read_threshold(settings.threshold_from, settings)  # not an evaluate output: refused before loading
     backend = make_backend(settings.similarity, settings.sscd)
     log(f"Similarity backend: {backend.description}")
     target = resolve_device(device)

@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 from ..errors import MemPruneError
+from ..readback import read_json_object
 
 
 def _state_hash(module) -> str:
@@ -50,7 +51,7 @@ def text_side(source: str) -> types.SimpleNamespace | None:
     index_path = Path(source).expanduser() / "model_index.json"
     if not index_path.is_file():
         return None
-    index = json.loads(index_path.read_text())
+    index = read_json_object(index_path, "it is not a diffusers pipeline folder")
     parts = {}
     for name in TEXT_COMPONENTS:
         entry = index.get(name)

@@ -13,6 +13,7 @@ from ..attack.run import NO_THRESHOLD, AttackRun, AttackRunSettings, attack
 from ..errors import MemPruneError
 from ..runinfo import atomic_output_dir, check_output_dir, write_run_json
 from . import defaults
+from .output import ProgressLog
 
 SUMMARY_METRICS = ["memorization_rate", "memorization_rate_attacked", "copy_similarity", "copy_similarity_attacked"]
 
@@ -39,7 +40,8 @@ def attack_to_folder(settings: AttackRunSettings, out, overwrite: bool = False, 
     settings = with_testbed_defaults(settings)
     protected = [p for p in (settings.model, *settings.edited) if p and Path(p).exists()]
     check_output_dir(out, overwrite, protected)
-    result = attack(settings, device=device, dtype=dtype, progress=progress, log=log)
+    progress_log = ProgressLog(log)
+    result = attack(settings, device=device, dtype=dtype, progress=progress, log=progress_log)
     with atomic_output_dir(out, overwrite, protected) as staging:
         result.metrics.to_csv(staging / "metrics.csv", index=False)
         result.per_prompt.to_csv(staging / "per_prompt.csv", index=False)
@@ -49,14 +51,16 @@ def attack_to_folder(settings: AttackRunSettings, out, overwrite: bool = False, 
         write_run_json(staging, settings, inputs, result.timings, similarity_backend=result.backend,
                        copy_threshold=result.threshold_info, notes=result.notes,
                        models={"unedited": settings.model, **settings.edited_models()})
-    return summary(result, out)
+    return summary(result, out, progress_log)
 
 
-def summary(result: AttackRun, out) -> str:
+def summary(result: AttackRun, out, printed: ProgressLog | None = None) -> str:
+    """The lines the command prints at the end, less those `printed` already printed while it ran."""
     table = result.metrics[result.metrics.metric.isin(SUMMARY_METRICS)]
     lines = [f"Similarity backend: {result.backend}",
              f"Copy threshold: {result.threshold:.4f} ({result.threshold_info['description']}).",
-             *[f"Note: {note}" for note in result.notes],
-             table.pivot_table(index="model", columns="metric", values="value", sort=False).round(4).to_string(),
-             f"Metrics: {Path(out) / 'metrics.csv'}; per prompt: {Path(out) / 'per_prompt.csv'}"]
+             *[f"Note: {note}" for note in result.notes]]
+    lines = printed.unsaid(lines) if printed is not None else lines
+    lines += [table.pivot_table(index="model", columns="metric", values="value", sort=False).round(4).to_string(),
+              f"Metrics: {Path(out) / 'metrics.csv'}; per prompt: {Path(out) / 'per_prompt.csv'}"]
     return "\n".join(lines)

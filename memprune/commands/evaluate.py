@@ -19,6 +19,7 @@ from ..evaluation.settings import PROMPT_ROLES, EvaluateSettings
 from ..prune import PRUNE_INFO
 from ..runinfo import atomic_output_dir, check_output_dir, write_run_json
 from . import defaults
+from .output import ProgressLog
 
 TESTBED_ROLES = ("memorized", "control", "general")  # the prompt roles a testbed fills when not given
 
@@ -58,7 +59,8 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
     settings = with_testbed_defaults(settings)
     protected = [p for p in (settings.model, *settings.edited_models().values()) if p and Path(p).exists()]
     check_output_dir(out, overwrite, protected)
-    result = run_evaluation(settings, device=device, dtype=dtype, progress=progress, log=log)
+    progress_log = ProgressLog(log)
+    result = run_evaluation(settings, device=device, dtype=dtype, progress=progress, log=progress_log)
     with atomic_output_dir(out, overwrite, protected) as staging:
         result.metrics.to_csv(staging / "metrics.csv", index=False)
         result.generations.to_csv(staging / "generations.csv", index=False)
@@ -67,7 +69,7 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
         write_run_json(staging, settings, _inputs(settings), result.timings, similarity_backend=result.backend,
                        copy_threshold=result.threshold_info, notes=result.notes, random_controls=result.random_controls,
                        groups={name: len(group.members) for name, group in result.groups.items()})
-    return summary(result, out)
+    return summary(result, out, progress_log)
 
 
 def write_grids(result: EvaluationResult, folder: Path, grid_prompts: int) -> list[str]:
@@ -102,9 +104,11 @@ def _inputs(settings: EvaluateSettings) -> dict[str, str | None]:
     return inputs
 
 
-def summary(result: EvaluationResult, out) -> str:
+def summary(result: EvaluationResult, out, printed: ProgressLog | None = None) -> str:
+    """The lines the command prints at the end, less those `printed` already printed while it ran."""
     lines = [f"Similarity backend: {result.backend}", *threshold_lines(result)]
     lines += [f"Note: {note}" for note in result.notes]
+    lines = printed.unsaid(lines) if printed is not None else lines
     lines.append(summary_table(result))
     lines.append(f"Metrics: {Path(out) / 'metrics.csv'} and {Path(out) / 'metrics.md'}")
     return "\n".join(lines)

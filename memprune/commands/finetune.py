@@ -81,6 +81,15 @@ def anchor_notes(model: str, anchors: str | None) -> list[str]:
     return []
 
 
+def retain_count_notes(settings: FinetuneSettings, available: int) -> list[str]:
+    """--retain-prompts is a cap with a default (128), so a smaller retain file is not refused; the summary and
+    memprune.json say how many were used instead of capping silently."""
+    if settings.retain_images is None and settings.retain_prompts is not None and settings.retain_prompts > available:
+        return [f"--retain-prompts {settings.retain_prompts} is more than the {available} retain captions: all "
+                f"{available} were used."]
+    return []
+
+
 def _file_record(path) -> dict | None:
     if path is None:
         return None
@@ -115,7 +124,7 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
         retain_prompts = read_image_captions(settings.retain_images)[1]
     check_disjoint(memorized, retain_prompts)
     anchors = read_prompts(inputs.anchors).prompts if inputs.anchors else None
-    notes = []
+    notes = retain_count_notes(settings, len(retain_prompts))
     if anchors is not None:
         check_disjoint(memorized, anchors, "anchor")
         notes += anchor_notes(model, inputs.anchors)
