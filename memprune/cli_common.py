@@ -28,6 +28,7 @@ def silence_library_chatter() -> None:
 
 silence_library_chatter()
 
+from .cli_types import FiniteFloatRange
 from .errors import MemPruneError
 
 
@@ -71,3 +72,7 @@ device_option = click.option("--device", default="auto", show_default=True, help
 dtype_option = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+# [-1, 1] holds every backend's similarity range; the settings refuse a value outside the chosen backend's.
+fixed_threshold_option = click.option(
+    "--fixed-threshold", multiple=True, type=FiniteFloatRange(-1, 1),
+    help="Also report memorization_rate@T at this fixed copy threshold (repeatable; the field uses 0.7 and 0.5).")
