@@ -169,8 +169,8 @@ def load_reference(path: str | Path, extractor: FeatureExtractor | None, batch_s
         except (KeyError, ValueError, OSError) as exc:
             raise MemPruneError(f"--fid-reference '{path}' is not an .npz with 'mu' and 'sigma' arrays "
                                 "(as clean-fid and pytorch-fid write).") from exc
-        features = np.asarray(data["features"], np.float64) if "features" in data else None
-        return Reference(mu, sigma, features, f"reference statistics '{path}'")
+        kept = np.asarray(data["features"], np.float64) if "features" in data else None
+        return Reference(mu, sigma, kept, f"reference statistics '{path}'")
     if not path.exists():
         raise MemPruneError(f"--fid-reference '{path}' does not exist: give a folder of images or an .npz with mu "
                             "and sigma.")

@@ -119,19 +119,20 @@ def generated_batches(pipe, prompts: list[str], generation: GenerationSettings, 
 def fid_rows(utility: Utility, pipes: dict, generation: GenerationSettings, progress: bool,
              batch_size: int = 64) -> list[tuple[str, str, str, float]]:
     """FID/KID (and clip_score) of every model on the FID captions, one generation each with the first seed."""
-    prompts = utility.fid_prompts
+    prompts, extractor, reference = utility.fid_prompts, utility.extractor, utility.reference
+    assert prompts is not None and extractor is not None and reference is not None, "prepare_utility loads them"
     one_seed = replace(generation, seeds=1)
     rows = []
     for model, pipe in pipes.items():
         features, clip_values = [], []
         for indices, images in generated_batches(pipe, prompts.prompts, one_seed, progress, f"{model}: FID captions",
                                                  batch_size):
-            features.append(utility.extractor(images).double().numpy())
+            features.append(extractor(images).double().numpy())
             if utility.clip is not None:
                 clip_values.append(utility.clip.scores(images, [prompts.prompts[i] for i in indices]).numpy())
         count = float(len(prompts))
         rows += [(model, FID_GROUP, "n_prompts", count), (model, FID_GROUP, "n_generations", count)]
-        values = fid_kid(np.concatenate(features), utility.reference)
+        values = fid_kid(np.concatenate(features), reference)
         rows += [(model, FID_GROUP, name, value) for name, value in values.items()]
         if clip_values:
             rows.append((model, FID_GROUP, "clip_score", float(np.concatenate(clip_values).mean())))
