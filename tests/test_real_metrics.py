@@ -215,6 +215,7 @@ def test_fixed_thresholds_and_sscd_gen_fallback_by_hand(real_metrics):
             assert result.value(model, "memorized", f"memorization_rate@{t:g}") == pytest.approx(expected)
     assert not ((result.metrics.model == "unedited") & result.metrics.metric.str.startswith("memorization_rate")).any()
     assert result.threshold_info["fixed"] == [0.5, 0.7]
+    assert {"fid_unedited", "fid_edited", "fid_random_control"} <= set(result.timings)
 
 
 def test_clip_score_against_the_models_own_embeddings(real_metrics):

@@ -98,7 +98,7 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None,
     tic = time.perf_counter()
     scores = score(settings, backend, sources, groups, list(pipes), generated, cfg, classifier)
     metrics = scores.metrics
-    extra = utility_rows(utility, pipes, generated.images, sources, groups, settings.generation, progress)
+    extra = utility_rows(utility, pipes, generated.images, sources, groups, settings.generation, progress, timings)
     if not extra.empty:
         metrics = sort_metrics(pd.concat([metrics, extra], ignore_index=True), list(pipes))
     timings["metrics"] = round(time.perf_counter() - tic, 3)

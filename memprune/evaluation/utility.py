@@ -9,6 +9,7 @@ any generation, so a wrong file is refused before hours of work.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -117,13 +118,14 @@ def generated_batches(pipe, prompts: list[str], generation: GenerationSettings, 
 
 
 def fid_rows(utility: Utility, pipes: dict, generation: GenerationSettings, progress: bool,
-             batch_size: int = 64) -> list[tuple[str, str, str, float]]:
+             timings: dict[str, float] | None = None, batch_size: int = 64) -> list[tuple[str, str, str, float]]:
     """FID/KID (and clip_score) of every model on the FID captions, one generation each with the first seed."""
     prompts, extractor, reference = utility.fid_prompts, utility.extractor, utility.reference
     assert prompts is not None and extractor is not None and reference is not None, "prepare_utility loads them"
     one_seed = replace(generation, seeds=1)
     rows = []
     for model, pipe in pipes.items():
+        tic = time.perf_counter()
         features, clip_values = [], []
         for indices, images in generated_batches(pipe, prompts.prompts, one_seed, progress, f"{model}: FID captions",
                                                  batch_size):
@@ -136,15 +138,18 @@ def fid_rows(utility: Utility, pipes: dict, generation: GenerationSettings, prog
         rows += [(model, FID_GROUP, name, value) for name, value in values.items()]
         if clip_values:
             rows.append((model, FID_GROUP, "clip_score", float(np.concatenate(clip_values).mean())))
+        if timings is not None:
+            timings[f"fid_{model}"] = round(time.perf_counter() - tic, 3)  # generation and features of the captions
     return rows
 
 
 def utility_rows(utility: Utility, pipes: dict, images: dict, sources: dict[str, PromptList], groups: dict,
-                 generation: GenerationSettings, progress: bool) -> pd.DataFrame:
+                 generation: GenerationSettings, progress: bool,
+                 timings: dict[str, float] | None = None) -> pd.DataFrame:
     """Every utility metric row (model, group, metric, value); empty when none was asked."""
     rows = []
     if utility.clip is not None:
         rows += clip_score_rows(utility.clip, images, sources, groups, list(pipes))
     if utility.reference is not None:
-        rows += fid_rows(utility, pipes, generation, progress)
+        rows += fid_rows(utility, pipes, generation, progress, timings)
     return pd.DataFrame(rows, columns=["model", "group", "metric", "value"])
