@@ -288,6 +288,8 @@ def test_bad_metric_inputs(real_metrics, saved_pipelines, tmp_path):
     not_torchscript = tmp_path / "inception.pt"
     not_torchscript.write_text("not a model")
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(5), sigma=np.eye(5))
+    torch.jit.script(torch.nn.Identity()).save(str(tmp_path / "identity.pt"))
     cases = [
         (["--fixed-threshold", 1.5], "1.5 is not in the range -1<=x<=1"),
         (["--fixed-threshold", "nan"], "'nan' is not a finite number"),
@@ -300,6 +302,10 @@ def test_bad_metric_inputs(real_metrics, saved_pipelines, tmp_path):
         (["--fid-reference", settings.fid_reference, "--inception", tmp_path / "none.pt"], "does not exist"),
         (["--fid-reference", settings.fid_reference, "--inception", not_torchscript], "is not a TorchScript file"),
         (["--fid-reference", tmp_path / "bad.npz", "--inception", settings.inception], "not an .npz with 'mu'"),
+        (["--fid-reference", tmp_path / "wide.npz", "--inception", settings.inception], "holds statistics of 5 "
+                                                                                          "features, the Inception"),
+        (["--fid-reference", settings.fid_reference, "--inception", tmp_path / "identity.pt"],
+         "is not the FID Inception network"),
         (["--fid-reference", settings.fid_reference, "--inception", settings.inception, "--fid-count", 9,
           "--fid-prompts", settings.fid_prompts],
          "--fid-count 9 is more than the 5 captions"),

@@ -122,6 +122,7 @@ def inception_extractor(path: str | Path, device: str | torch.device = "cpu", ba
             outputs.append(features.float().cpu().flatten(1))
         return torch.cat(outputs)
 
+    extract(torch.zeros(1, 3, 8, 8))  # refuse a wrong network now, not after hours of generation
     return extract
 
 

@@ -80,6 +80,11 @@ def prepare_utility(settings, device, log: Callable[[str], None], notes: list[st
     if settings.fid_reference is not None:
         utility.extractor = extractor or inception_extractor(settings.inception, device)
         utility.reference = load_reference(settings.fid_reference, utility.extractor)
+        width = utility.extractor(torch.zeros(1, 3, 8, 8)).shape[1]
+        if utility.reference.mu.shape[0] != width:
+            raise MemPruneError(f"--fid-reference '{settings.fid_reference}' holds statistics of "
+                                f"{utility.reference.mu.shape[0]} features, the Inception network gives {width}: "
+                                "make them with the same network.")
         utility.fid_prompts = fid_prompt_list(settings.fid_prompts, settings.fid_count)
         has_features = utility.reference.features is not None
         kid = "FID and KID" if has_features else "FID (no KID: the statistics hold no features)"
