@@ -8,6 +8,7 @@ from .cli_common import (
     MethodChoice,
     device_option,
     dtype_option,
+    fixed_threshold_option,
     model_option,
     out_option,
     overwrite_option,
@@ -186,14 +187,21 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr
               help="wen: at most this many optimisation steps per image.")
 @click.option("--wen-target", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="wen: target first-step noise norm (default: median of the unedited model's non-memorized prompts).")
+@fixed_threshold_option
+@click.option("--clip-model", default=None, help="CLIP score with this transformers CLIPModel folder (or hub id).")
+@click.option("--fid-reference", default=None, type=click.Path(),
+              help="FID/KID against this folder of images or .npz of mu/sigma (clean-fid/pytorch-fid statistics).")
+@click.option("--fid-prompts", default=None, type=click.Path(), help="FID captions (default: the shipped 10,000 COCO).")
+@click.option("--fid-count", default=None, type=click.IntRange(min=2), help="Use the first N FID captions.")
+@click.option("--inception", default=None, type=click.Path(), help="FID Inception TorchScript file (clean-fid's).")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def evaluate(model, edited, compare, memorized, reference, control, general, exclude_prompts, seeds, seed, steps,
              guidance_scale, batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes,
-             random_control, random_control_seed, mitigation, wen_lr, wen_iterations, wen_target, device, dtype, out,
-             overwrite):
+             random_control, random_control_seed, mitigation, wen_lr, wen_iterations, wen_target, fixed_threshold,
+             clip_model, fid_reference, fid_prompts, fid_count, inception, device, dtype, out, overwrite):
     """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
     from .commands.evaluate import evaluate_to_folder
     from .evaluation.settings import EvaluateSettings
@@ -207,6 +215,8 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
         attributes=attributes,
         random_control=random_control, random_control_seed=random_control_seed,
         mitigation=mitigation, wen_lr=wen_lr, wen_iterations=wen_iterations, wen_target=wen_target,
+        fixed_thresholds=fixed_threshold, clip_model=clip_model, fid_reference=fid_reference, fid_prompts=fid_prompts,
+        fid_count=fid_count, inception=inception,
     )
     click.echo(evaluate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype),
                                   log=click.echo))
@@ -324,6 +334,7 @@ def card(folder, evaluation, name):
               help="Copy threshold (default: calibrated as evaluate does).")
 @click.option("--threshold-from", default=None, type=click.Path(file_okay=False),
               help="An evaluate output folder: use its copy_threshold.")
+@fixed_threshold_option
 @click.option("--control", default=None, type=click.Path(),
               help="Non-memorized prompts with training images that calibrate the threshold (testbed default: "
                    "same-style).")
@@ -338,7 +349,7 @@ def card(folder, evaluation, name):
 @overwrite_option
 def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, seed, guidance_scale, attack_steps,
            attack_lr, bound, noise_samples, attack_seed, threshold, threshold_from, control, threshold_percentile,
-           similarity, sscd, device, dtype, out, overwrite):
+           fixed_threshold, similarity, sscd, device, dtype, out, overwrite):
     """DoRI-style robustness check: optimise a bounded prompt-embedding perturbation toward each memorized training
     image, then count copies on fresh seeds (memorization_rate_attacked) for the unedited and every edited model."""
     from .attack.embedding import AttackSettings
@@ -348,7 +359,7 @@ def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, s
     settings = AttackRunSettings(
         model=model or DEFAULT_MODEL, edited=tuple(edited), prompts=prompts, exclude_prompts=exclude_prompts,
         num_prompts=num_prompts, control=control, threshold=threshold, threshold_from=threshold_from,
-        threshold_percentile=threshold_percentile, similarity=similarity, sscd=sscd,
+        threshold_percentile=threshold_percentile, similarity=similarity, sscd=sscd, fixed_thresholds=fixed_threshold,
         generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale),
         attack=AttackSettings(attack_steps=attack_steps, attack_lr=attack_lr, bound=bound, noise_samples=noise_samples,
                               attack_seed=attack_seed),

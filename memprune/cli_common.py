@@ -8,7 +8,8 @@ import logging
 
 import click
 
-from .errors import MemPruneError  # imports nothing, so transformers is still not imported here
+from .cli_types import FiniteFloatRange
+from .errors import MemPruneError  # neither imports transformers, so the filter below is in place in time
 
 
 class _LibraryChatter(logging.Filter):
@@ -74,3 +75,7 @@ dtype_option = click.option("--dtype", type=click.Choice(["float32", "float16", 
 out_option = click.option("--out", required=True, type=click.Path(file_okay=False),
                           help="Output folder (must not exist).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+# [-1, 1] holds every backend's similarity range; the settings refuse a value outside the chosen backend's.
+fixed_threshold_option = click.option(
+    "--fixed-threshold", multiple=True, type=FiniteFloatRange(-1, 1),
+    help="Also report memorization_rate@T at this fixed copy threshold (repeatable; the field uses 0.7 and 0.5).")

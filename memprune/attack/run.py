@@ -21,7 +21,8 @@ tokenizer or text encoder differ from the base model's is refused (memprune.atta
 Metrics (tidy model, group, metric, value; group ``memorized_held_out`` with ``exclude_prompts``, else
 ``memorized``): memorization_rate, copy_similarity (baseline, same fresh seeds), memorization_rate_attacked,
 copy_similarity_attacked, denoising_loss(_attacked) (the objective on the attack's draws, before and after),
-perturbation_norm_relative, attack_seconds_per_prompt, n_prompts, n_generations, and copy_threshold (unedited).
+perturbation_norm_relative, attack_seconds_per_prompt, n_prompts, n_generations, and copy_threshold (unedited);
+with ``fixed_thresholds``, memorization_rate@<t> and memorization_rate_attacked@<t> at each fixed threshold t.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 from ..cli_types import require_finite
 from ..conditioning import default_size, encode
 from ..errors import MemPruneError
+from ..evaluation.fixed_thresholds import backend_name, check_fixed_thresholds, fixed_rates
 from ..evaluation.inputs import check_edited
 from ..evaluation.metrics import calibrate_threshold, memorization_rate
 from ..evaluation.settings import edited_model_names
@@ -67,6 +69,7 @@ class AttackRunSettings:
     threshold_percentile: float = 95.0
     similarity: str = "ssim"
     sscd: str | None = None
+    fixed_thresholds: tuple[float, ...] = ()  # memorization_rate(_attacked)@<t> beside the calibrated rates
     generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(steps=50, seeds=2,
                                                                                        seed=GENERATION_SEED))
     attack: AttackSettings = field(default_factory=AttackSettings)
@@ -85,6 +88,7 @@ class AttackRunSettings:
             raise MemPruneError(f"--threshold-percentile must be in (0, 100], got {self.threshold_percentile}.")
         if self.sscd is None and self.similarity not in ("ssim", "l2"):
             raise MemPruneError(f"Unknown similarity '{self.similarity}': use ssim or l2, or give --sscd FILE.")
+        self.fixed_thresholds = check_fixed_thresholds(self.fixed_thresholds, backend_name(self.similarity, self.sscd))
         seeds = range(self.generation.seed, self.generation.seed + self.generation.seeds)
         if self.attack.attack_seed in seeds:
             raise MemPruneError(f"--attack-seed {self.attack.attack_seed} is one of the generation seeds "
@@ -241,6 +245,8 @@ def attack_metrics(per_prompt: pd.DataFrame, generations: pd.DataFrame, settings
             values = gens[gens.attacked == attacked].copy_similarity.to_numpy()
             add(f"memorization_rate{suffix}", memorization_rate(values, threshold))
             add(f"copy_similarity{suffix}", values.mean())
+            for metric, rate in fixed_rates(values, settings.fixed_thresholds, f"memorization_rate{suffix}").items():
+                add(metric, rate)
         add("denoising_loss", prompts.denoising_loss.mean())
         add("denoising_loss_attacked", prompts.denoising_loss_attacked.mean())
         add("perturbation_norm_relative", prompts.perturbation_norm_relative.mean())

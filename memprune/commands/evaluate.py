@@ -99,6 +99,8 @@ def _inputs(settings: EvaluateSettings) -> dict[str, str | None]:
     inputs = {role: settings.prompt_file(role) for role in PROMPT_ROLES}
     inputs["exclude_prompts"] = settings.exclude_prompts
     inputs["sscd"] = settings.sscd
+    inputs.update(clip_model=settings.clip_model, inception=settings.inception, fid_reference=settings.fid_reference,
+                  fid_prompts=settings.fid_prompts)
     for name, folder in settings.edited_models().items():
         inputs[f"{name}_memprune_json"] = str(Path(folder) / PRUNE_INFO)
     return inputs

@@ -10,7 +10,7 @@ from .schema import before_after
 from .settings import EvaluateSettings
 
 SUMMARY_METRICS = ["memorization_rate", "copy_similarity", "similarity_to_unedited", "diversity", "attribute_accuracy",
-                   "detection_auc", "seconds_per_image"]
+                   "detection_auc", "seconds_per_image", "clip_score", "fid", "kid"]
 
 
 def threshold_lines(result: EvaluationResult, prefix: str = "") -> list[str]:
@@ -21,6 +21,13 @@ def threshold_lines(result: EvaluationResult, prefix: str = "") -> list[str]:
     if strict:
         lines.append(f"{prefix}Strict copy threshold {strict['value']:.4g} (memorization_rate_strict): "
                      f"{strict['description']}.")
+    if result.threshold_info.get("fixed"):
+        values = ", ".join(f"{t:g}" for t in result.threshold_info["fixed"])
+        lines.append(f"{prefix}Fixed copy thresholds {values} (memorization_rate@<threshold>): the share of "
+                     "generations strictly above each, over the same generations as memorization_rate.")
+    if result.backend.startswith("SSCD"):
+        lines.append(f"{prefix}With SSCD, copy_similarity is the field's SSCD_Orig and similarity_to_unedited its "
+                     "SSCD_Gen (to the unedited model's generation, same seed).")
     return lines
 
 
@@ -66,7 +73,8 @@ def metrics_markdown(result: EvaluationResult, settings: EvaluateSettings, grids
 
 def summary_table(result: EvaluationResult) -> str:
     """The headline metrics, one row per group and metric, one column per model (empty string when none)."""
-    table = result.metrics[result.metrics.metric.isin(SUMMARY_METRICS)]
+    metric = result.metrics.metric
+    table = result.metrics[metric.isin(SUMMARY_METRICS) | metric.str.startswith("memorization_rate@")]
     if table.empty:
         return ""
     return before_after(table).round(4).to_string()

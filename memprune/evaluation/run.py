@@ -25,11 +25,13 @@ from ..models import load_pipeline, resolve_device
 from ..prompts import PromptList
 from ..similarity import make_backend
 from .classifier import AttributeClassifier, load_testbed_classifier
+from .fixed_thresholds import sscd_gen_note
 from .inputs import Group, build_groups, check_edited, read_sources
 from .mitigation import add_mitigation_metrics, mitigation_pipes
-from .schema import random_control_name
+from .schema import random_control_name, sort_metrics
 from .scoring import Generated, score
 from .settings import EvaluateSettings
+from .utility import prepare_utility, utility_rows
 
 
 @dataclass
@@ -73,6 +75,8 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None,
     groups, group_notes = build_groups(settings, sources, roles)
     notes += group_notes
     classifier = _classifier(attribute_classifier, settings, groups, notes, log)
+    notes += [note for note in [sscd_gen_note(sources[roles["memorized"]])] if note]
+    utility = prepare_utility(settings, resolve_device(device), log, notes)
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -95,8 +99,11 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None,
 
     tic = time.perf_counter()
     scores = score(settings, backend, sources, groups, list(pipes), generated, cfg, classifier)
-    timings["metrics"] = round(time.perf_counter() - tic, 3)
     metrics = scores.metrics
+    extra = utility_rows(utility, pipes, generated.images, sources, groups, settings.generation, progress, timings)
+    if not extra.empty:
+        metrics = sort_metrics(pd.concat([metrics, extra], ignore_index=True), list(pipes))
+    timings["metrics"] = round(time.perf_counter() - tic, 3)
     if mitigated:
         metrics = add_mitigation_metrics(metrics, settings.generation.seeds, mitigated, records, groups, list(pipes))
     return EvaluationResult(metrics=metrics, generations=scores.generations, threshold=scores.threshold.value,

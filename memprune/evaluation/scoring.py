@@ -30,6 +30,7 @@ from ..detect import roc_summary
 from ..prompts import PromptList
 from ..similarity import SimilarityBackend, load_image
 from .classifier import AttributeClassifier
+from .fixed_thresholds import fixed_rates
 from .inputs import Group, calibration_group
 from .metrics import (
     attribute_accuracy,
@@ -86,6 +87,7 @@ class Threshold:
     mode: str  # "training_image" or "unedited_generation"
     calibrated_on: str  # the group
     nearest: dict[tuple[str, int], np.ndarray]  # (source, prompt) of the calibration group -> per-seed similarity
+    fixed: tuple[float, ...] = ()  # --fixed-threshold values: memorization_rate@<t> beside the calibrated rate
 
 
 @dataclass
@@ -103,6 +105,9 @@ def score(settings, backend: SimilarityBackend, sources: dict[str, PromptList], 
     training = read_training_images(backend, sources, (height, width))
     similarities = similarities_of(backend, generated, training)
     threshold = calibrate(settings.threshold_percentile, backend, groups, training, similarities)
+    threshold.fixed = tuple(settings.fixed_thresholds)
+    if threshold.fixed:
+        threshold.info["fixed"] = list(threshold.fixed)
     reference = copy_references(generated, groups, threshold.mode, similarities)
     attributes = attribute_scores(classifier, groups, sources, generated, models)
     generations = generation_table(settings.generation.seed, sources, generated, similarities, threshold, reference)
@@ -270,6 +275,8 @@ def group_rows(model: str, name: str, group: Group, seeds: int, backend: Similar
         add("memorization_rate", memorization_rate(reference_values, threshold.value))
         if threshold.strict is not None:
             add("memorization_rate_strict", memorization_rate(reference_values, threshold.strict))
+        for metric, rate in fixed_rates(reference_values, threshold.fixed).items():
+            add(metric, rate)
     copy_values = _pick(similarities.copy, model, group.members)
     if np.isfinite(copy_values).any():
         add("copy_similarity", np.nanmean(copy_values))
