@@ -188,7 +188,8 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
 @model_option
 @click.option("--method", type=MethodChoice("finetune"), default="gradproj", show_default=True,
               help="A registered finetune method; gradproj: project updates off the memorized captions' text subspace; doco: adversarial "
-                   "concept-domain correction with gradient surgery; plain: the step-matched control.")
+                   "concept-domain correction with gradient surgery; plain: the step-matched control; adversarial: "
+                   "DoRI's adversarial fine-tuning against the embedding attack.")
 @click.option("--memorized", default=None, type=click.Path(), help="Memorized captions (testbed default: its memorized.csv).")
 @click.option("--retain", default=None, type=click.Path(),
               help="Retain captions the unedited model generates the fine-tuning data from "
@@ -206,12 +207,18 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
 @click.option("--retain-prompts", default=128, show_default=True, type=click.IntRange(min=0), help="Seeded sample of retain captions generated (0: all).")
 @click.option("--sampling-steps", default=20, show_default=True, type=click.IntRange(min=1), help="Sampling steps of the retain generations.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--rounds", default=None, type=click.IntRange(min=1),
+              help="adversarial: attack + fine-tune rounds, each of --steps steps [default: 2].")
+@click.option("--attack-steps", default=None, type=click.IntRange(min=0),
+              help="adversarial: attack steps per memorized image and round [default: 50].")
+@click.option("--from", "from_dir", default=None, type=click.Path(file_okay=False),
+              help="Start from this edit of --model (e.g. a pruned folder) instead of --model itself.")
 @device_option
 @out_option
 @overwrite_option
 def finetune(model, method, memorized, retain, retain_images, anchors, params, energy, steps, lr, batch_size,
-             retain_prompts, sampling_steps, seed, device, out, overwrite):
-    """Fine-tune the denoiser on retain data (gradient projection, DoCo, or the plain control) and save it."""
+             retain_prompts, sampling_steps, seed, rounds, attack_steps, from_dir, device, out, overwrite):
+    """Fine-tune the denoiser on retain data (gradient projection, DoCo, adversarial or the plain control); save it."""
     options = dict(locals())
     from .commands import finetune as command
 
