@@ -188,8 +188,7 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
 @model_option
 @click.option("--method", type=MethodChoice("finetune"), default="gradproj", show_default=True,
               help="A registered finetune method; gradproj: project updates off the memorized captions' text subspace; doco: adversarial "
-                   "concept-domain correction with gradient surgery; plain: the step-matched control; adversarial: "
-                   "DoRI's adversarial fine-tuning against the embedding attack.")
+                   "concept-domain correction with gradient surgery; plain: the step-matched control.")
 @click.option("--memorized", default=None, type=click.Path(), help="Memorized captions (testbed default: its memorized.csv).")
 @click.option("--retain", default=None, type=click.Path(),
               help="Retain captions the unedited model generates the fine-tuning data from "
