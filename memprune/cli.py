@@ -276,12 +276,18 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
 @click.option("--sampling-steps", default=20, show_default=True, type=click.IntRange(min=1),
               help="Sampling steps of the retain generations.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--rounds", default=None, type=click.IntRange(min=1),
+              help="adversarial: attack + fine-tune rounds, each of --steps steps [default: 2].")
+@click.option("--attack-steps", default=None, type=click.IntRange(min=0),
+              help="adversarial: attack steps per memorized image and round [default: 50].")
+@click.option("--from", "from_dir", default=None, type=click.Path(file_okay=False),
+              help="Start from this edit of --model (e.g. a pruned folder) instead of --model itself.")
 @device_option
 @out_option
 @overwrite_option
 def finetune(model, method, memorized, retain, retain_images, anchors, params, energy, steps, lr, batch_size,
-             retain_prompts, sampling_steps, seed, device, out, overwrite):
-    """Fine-tune the denoiser on retain data (gradient projection, DoCo, or the plain control) and save it."""
+             retain_prompts, sampling_steps, seed, rounds, attack_steps, from_dir, device, out, overwrite):
+    """Fine-tune the denoiser on retain data (gradient projection, DoCo, adversarial or the plain control); save it."""
     options = dict(locals())
     from .commands import finetune as command
 

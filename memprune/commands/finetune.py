@@ -37,7 +37,8 @@ def run(options: dict[str, Any]) -> str:
                                 batch_size=options["batch_size"], retain_prompts=options["retain_prompts"] or None,
                                 retain_images=options["retain_images"], sampling_steps=options["sampling_steps"])
     method_settings = methods.get(options["method"], "finetune").settings_from_options(options)
-    inputs = FinetuneInputs(memorized=options["memorized"], retain=options["retain"], anchors=options["anchors"])
+    inputs = FinetuneInputs(memorized=options["memorized"], retain=options["retain"], anchors=options["anchors"],
+                            from_dir=options.get("from_dir"))
     # float32 only (no --dtype): Adam on half-precision weights loses small updates.
     return finetune_to_folder(model, options["method"], options["out"], settings, inputs, method_settings,
                               overwrite=options["overwrite"], device=options["device"])
@@ -50,6 +51,7 @@ class FinetuneInputs:
     memorized: str | None = None
     retain: str | None = None
     anchors: str | None = None  # doco only (default: the retain prompts)
+    from_dir: str | None = None  # --from: an edit of the model to start from (e.g. a pruned folder)
 
 
 def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None) -> FinetuneInputs:
@@ -66,7 +68,29 @@ def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None
                                 "when --model is not a memprune testbed.")
     if memorized is None:
         raise MemPruneError("--memorized FILE is required when --model is not a memprune testbed.")
-    return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors)
+    return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors, from_dir=inputs.from_dir)
+
+
+def check_started_from(model: str, folder: str) -> dict:
+    """Refuse a --from folder that is not a memprune edit of --model (its memprune.json names another source);
+    return what memprune.json of the result records about it."""
+    from ..evaluation.inputs import same_model
+    from ..models import check_model_source
+
+    check_model_source(folder)
+    info_path = Path(folder).expanduser() / PRUNE_INFO
+    try:
+        edit = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        source = edit.get("source")
+    except (json.JSONDecodeError, AttributeError):
+        edit, source = {}, None
+    if source is None:
+        raise MemPruneError(f"--from '{folder}' has no valid {PRUNE_INFO} naming its source model, so it cannot be "
+                            f"checked to be an edit of --model '{model}': give a folder memprune wrote.")
+    if not same_model(str(source), str(model)):
+        raise MemPruneError(f"--from '{folder}' was edited from '{source}', not from --model '{model}': "
+                            f"use --model {source} or a folder edited from '{model}'.")
+    return {"path": str(Path(folder).resolve()), "method": edit.get("method")}
 
 
 def anchor_notes(model: str, anchors: str | None) -> list[str]:
@@ -113,10 +137,13 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     """The `memprune finetune` command as a function: check inputs, fine-tune, save atomically, verify."""
     settings = settings or FinetuneSettings()
     module = methods.get(method, "finetune")
-    protected = refuse_output(out, overwrite, model)  # before minutes of work, not after
-    inputs = resolve_inputs(model, inputs or FinetuneInputs(), settings.retain_images)
+    inputs = inputs or FinetuneInputs()
+    started_from = check_started_from(model, inputs.from_dir) if inputs.from_dir else None
+    protected = refuse_output(out, overwrite, model, inputs.from_dir)  # before minutes of work, not after
+    inputs = resolve_inputs(model, inputs, settings.retain_images)
     assert inputs.memorized is not None  # resolve_inputs refuses a missing --memorized
-    memorized = read_prompts(inputs.memorized).prompts
+    memorized_list = read_prompts(inputs.memorized)
+    memorized = memorized_list.prompts
     if inputs.retain is not None:
         retain_prompts = read_prompts(inputs.retain).prompts
     else:
@@ -130,7 +157,7 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
         notes += anchor_notes(model, inputs.anchors)
     timer = Timer()
     with timer("load"):
-        pipe = load_pipeline(model, resolve_device(device), dtype)
+        pipe = load_pipeline(inputs.from_dir or model, resolve_device(device), dtype)
     trainable_parameters(denoiser(pipe), settings.params)  # fail now on --params naming nothing
     with timer("retain_data"):
         if settings.retain_images:
@@ -140,7 +167,7 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     method_settings = method_settings if method_settings is not None else module.settings_from_options({})
     with timer("finetune"):
         result = module.train(pipe, settings, method_settings=method_settings, memorized_prompts=memorized,
-                              retain=retain, anchor_prompts=anchors)
+                              retain=retain, anchor_prompts=anchors, memorized_images=memorized_list.images)
     delta, history, method_info = result.delta, result.history, result.info
     net = denoiser(pipe)
     params = dict(net.named_parameters())
@@ -165,6 +192,8 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
         "method_info": _jsonable(method_info),
         "notes": notes,
     }
+    if started_from is not None:
+        info["started_from"] = started_from  # the edit the delta was added to; "source" stays the base model
     with atomic_output_dir(out, overwrite, protected) as staging:
         with timer("save"):
             pipe.to("cpu").save_pretrained(str(staging), safe_serialization=True)
