@@ -11,9 +11,8 @@ from typing import Any
 
 from ..attack.run import NO_THRESHOLD, AttackRun, AttackRunSettings, attack
 from ..errors import MemPruneError
-from ..runinfo import atomic_output_dir, check_output_dir, write_run_json
 from . import defaults
-from .output import ProgressLog
+from .output import ProgressLog, atomic_output_dir, refuse_output, write_run_json
 
 SUMMARY_METRICS = ["memorization_rate", "memorization_rate_attacked", "copy_similarity", "copy_similarity_attacked"]
 
@@ -38,8 +37,7 @@ def attack_to_folder(settings: AttackRunSettings, out, overwrite: bool = False, 
                      progress: bool = True, log: Callable[[str], None] | None = None) -> str:
     """The `memprune attack` command as a function: writes the folder, returns the summary to print."""
     settings = with_testbed_defaults(settings)
-    protected = [p for p in (settings.model, *settings.edited) if p and Path(p).exists()]
-    check_output_dir(out, overwrite, protected)
+    protected = refuse_output(out, overwrite, settings.model, *settings.edited)
     progress_log = ProgressLog(log)
     result = attack(settings, device=device, dtype=dtype, progress=progress, log=progress_log)
     with atomic_output_dir(out, overwrite, protected) as staging:

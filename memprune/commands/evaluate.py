@@ -17,9 +17,8 @@ from ..evaluation.report import metrics_markdown, summary_table, threshold_lines
 from ..evaluation.run import EvaluationResult, evaluate
 from ..evaluation.settings import PROMPT_ROLES, EvaluateSettings
 from ..prune import PRUNE_INFO
-from ..runinfo import atomic_output_dir, check_output_dir, write_run_json
 from . import defaults
-from .output import ProgressLog
+from .output import ProgressLog, atomic_output_dir, refuse_output, write_run_json
 
 TESTBED_ROLES = ("memorized", "control", "general")  # the prompt roles a testbed fills when not given
 
@@ -57,8 +56,7 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
                        progress: bool = True, log: Callable[[str], None] | None = None) -> str:
     """The `memprune evaluate` command as a function: writes the folder, returns the summary to print."""
     settings = with_testbed_defaults(settings)
-    protected = [p for p in (settings.model, *settings.edited_models().values()) if p and Path(p).exists()]
-    check_output_dir(out, overwrite, protected)
+    protected = refuse_output(out, overwrite, settings.model, *settings.edited_models().values())
     progress_log = ProgressLog(log)
     result = run_evaluation(settings, device=device, dtype=dtype, progress=progress, log=progress_log)
     with atomic_output_dir(out, overwrite, protected) as staging:
