@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Lint and type-check first (seconds), then the suite (minutes); configuration in pyproject.toml.
 test: $(STAMP)
+	$(BIN)/ruff check memprune tests bench scripts
+	$(BIN)/mypy memprune
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

@@ -118,14 +118,16 @@ def timing_prompts(args, work: Path) -> tuple[Path, Path]:
     for name in ("memorized.csv", "non_memorized_same_style.csv"):
         prompts = read_prompts(captions / name)  # resolves the image paths
         count = min(args.timing_prompts, len(prompts))
-        pd.DataFrame({"caption": prompts.prompts[:count], "image": prompts.images[:count]}).to_csv(folder / name, index=False)
+        frame = pd.DataFrame({"caption": prompts.prompts[:count], "image": prompts.images[:count]})
+        frame.to_csv(folder / name, index=False)
         files.append(folder / name)
     return files[0], files[1]
 
 
 def timing_run(args, work: Path, folders: list[Path], mitigation: list, env, log) -> None:
     """seconds_per_image_ratio of every model in one short evaluate run of its own, with nothing else scored, so it can
-    be run when the machine is otherwise idle (the long evaluate's timings drift with whatever else the machine does)."""
+    be run when the machine is otherwise idle (the long evaluate's timings drift with whatever else the machine
+    does)."""
     memorized, control = timing_prompts(args, work)
     compare = [x for folder in folders for x in ("--compare", folder)]
     if mitigation:  # Wen's target as the long evaluate calibrated it, so the timed mitigation does the same work
@@ -133,8 +135,9 @@ def timing_run(args, work: Path, folders: list[Path], mitigation: list, env, log
         target = metrics[metrics.metric == "mitigation_target"].value
         mitigation = [*mitigation, "--wen-target", float(target.iloc[0])] if len(target) else mitigation
     run(memprune("evaluate", "--model", args.model, *compare, *mitigation, "--memorized", memorized, "--reference",
-                 control, "--control", "none", "--general", "none", "--no-attributes", "--grid-prompts", 0, "--seeds", 1,
-                 "--steps", args.steps, "--no-random-control", "--out", work / "timing", "--overwrite"), env, log)
+                 control, "--control", "none", "--general", "none", "--no-attributes", "--grid-prompts", 0,
+                 "--seeds", 1, "--steps", args.steps, "--no-random-control", "--out", work / "timing", "--overwrite"),
+        env, log)
 
 
 def with_timing(evaluation: pd.DataFrame, timing: pd.DataFrame) -> pd.DataFrame:
@@ -156,7 +159,8 @@ def main(argv=None) -> int:
     parser.add_argument("--uniforget-steps", type=int, default=50)
     parser.add_argument("--finetune-steps", type=int, default=None, help="(default: memprune finetune's)")
     parser.add_argument("--attack-prompts", type=int, default=10, help="held-out memorized captions attacked")
-    parser.add_argument("--timing-prompts", type=int, default=16, help="memorized (and control) captions of the timing run")
+    parser.add_argument("--timing-prompts", type=int, default=16,
+                        help="memorized (and control) captions of the timing run")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every step")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 1 seed, tiny budgets")
     parser.add_argument("--timing-only", action="store_true",
@@ -194,14 +198,17 @@ def main(argv=None) -> int:
                 edit_seconds["wen"] = 0.0  # nothing to build: its cost is per image (seconds_per_image_ratio)
             seconds_file.write_text(json.dumps(edit_seconds, indent=1))
             run(memprune("evaluate", "--model", args.model, *compare, *mitigation, *exclude, "--seeds", args.seeds,
-                         "--steps", args.steps, "--no-random-control", "--out", work / "evaluate", "--overwrite"), env, log)
+                         "--steps", args.steps, "--no-random-control", "--out", work / "evaluate", "--overwrite"),
+                env, log)
             attack_edited = [x for folder in folders for x in ("--edited", folder)]
             # evaluate's copy threshold exactly (same backend), so attacked and unattacked rates share one threshold
-            run(memprune("attack", "--model", args.model, *attack_edited, *exclude, "--num-prompts", args.attack_prompts,
+            run(memprune("attack", "--model", args.model, *attack_edited, *exclude,
+                         "--num-prompts", args.attack_prompts,
                          "--steps", args.steps, "--threshold-from", work / "evaluate", "--out", work / "attack",
                          "--overwrite"), env, log)
         timing_run(args, work, folders, mitigation, env, log)
-    evaluation = with_timing(pd.read_csv(work / "evaluate" / "metrics.csv"), pd.read_csv(work / "timing" / "metrics.csv"))
+    evaluation = with_timing(pd.read_csv(work / "evaluate" / "metrics.csv"),
+                             pd.read_csv(work / "timing" / "metrics.csv"))
     attack = pd.read_csv(work / "attack" / "metrics.csv")
     metrics = comparison_metrics(evaluation, attack, edit_seconds)
     metrics.to_csv(work / "comparison.csv", index=False)

@@ -63,8 +63,9 @@ def unet_sampler(unet, device, dtype, latent, steps, batch, text_tokens=77):
     extra = {}
     if unet.config.addition_embed_type == "text_time":
         px = latent * 8
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(n, 1280, generator=g).to(device, dtype),
-                                      "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * n, dtype=dtype, device=device)}
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(n, 1280, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * n, dtype=dtype, device=device)}
 
     def run():
         with torch.inference_mode():
@@ -114,7 +115,8 @@ def check_compiled_numbers(net, run, device) -> str:
         sumsq = (squares / squares.sum(-1, keepdim=True)).sum((0, 1))
         means = xd.mean(1)
         want = (sumsq, means.mean(0), (means - means.mean(0)).square().sum(0))
-        for g_, w in zip(got[:2], want[:2]):  # m2 of 2 samples is tiny and ill-conditioned: compare the others
+        # m2 of 2 samples is tiny and ill-conditioned: compare the others
+        for g_, w in zip(got[:2], want[:2], strict=True):
             worst = max(worst, ((g_.double() - w).abs().max() / w.abs().max()).item())
     path = "compiled (torch.compile)" if reduce.fused_available(device) else "eager"
     return f"{path} statistics vs float64 on {len(caught)} real activations: max rel diff {worst:.1e}"
@@ -147,7 +149,8 @@ def measure(name, run, net, device, repeats):
             sync(device)
             times[key].append(time.perf_counter() - start)
     med = {key: statistics.median(v) for key, v in times.items()}
-    print(f"{name:<40} plain {med['plain']:7.3f} s   fused {med['fused']:7.3f} s (x{med['fused'] / med['plain']:5.3f})   "
+    print(f"{name:<40} plain {med['plain']:7.3f} s   "
+          f"fused {med['fused']:7.3f} s (x{med['fused'] / med['plain']:5.3f})   "
           f"eager {med['eager']:7.3f} s (x{med['eager'] / med['plain']:5.3f})", flush=True)
 
 

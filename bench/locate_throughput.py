@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from memprune.generate import GenerationSettings  # noqa: E402
 from memprune.commands.locate import locate_to_folder  # noqa: E402
+from memprune.generate import GenerationSettings  # noqa: E402
 from memprune.locate import LocateSettings  # noqa: E402
 from memprune.masks import Masks  # noqa: E402
 from memprune.models import DEFAULT_MODEL  # noqa: E402
@@ -44,7 +44,8 @@ def max_relative_difference(a: NeuronStats, b: NeuronStats) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder, or 'tiny' (the SD1-like test pipeline)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="pipeline folder, or 'tiny' (the SD1-like test pipeline)")
     parser.add_argument("--prompts", default=None, help="memorized prompts (default: the testbed's memorized.csv)")
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
@@ -79,17 +80,19 @@ def main():
         recording = json.loads((out / "run.json").read_text())["timings_s"]["locate"]
         results[n] = (total, recording)
         prompts_done = 2 * args.num_prompts
-        line = (f"{n} process{'es' if n > 1 else '  '}: end to end {total:7.1f} s ({prompts_done / total:6.2f} prompts/s), "
+        line = (f"{n} process{'es' if n > 1 else '  '}: "
+                f"end to end {total:7.1f} s ({prompts_done / total:6.2f} prompts/s), "
                 f"recording {recording:7.1f} s ({prompts_done / recording:6.2f} prompts/s)")
         if n != args.processes[0]:
             first = args.processes[0]
             base_total, base_recording = results[first]
             same = all(torch.equal(a, b) for a, b in zip(Masks.load(work / f"p{first}").indices.values(),
-                                                          Masks.load(out).indices.values()))
+                                                          Masks.load(out).indices.values(), strict=False))
             diff = max(max_relative_difference(NeuronStats.load(work / f"p{first}" / "stats" / f"{s}.safetensors"),
                                                NeuronStats.load(out / "stats" / f"{s}.safetensors"))
                        for s in ("memorized", "reference"))
-            line += (f"   speed-up vs {first}: end to end x{base_total / total:4.2f}, recording x{base_recording / recording:4.2f}"
+            line += (f"   speed-up vs {first}: end to end x{base_total / total:4.2f}, "
+                     f"recording x{base_recording / recording:4.2f}"
                      f"   masks equal: {same}, stats max rel diff {diff:.1e}")
         print(line, flush=True)
 

@@ -61,7 +61,8 @@ def main():
     torch.set_default_dtype(torch.float32)
     params = sum(p.numel() for p in unet.parameters())
     ff_weights = sum(linear.weight.numel() for linear in output_linears(unet).values())
-    print(f"{args.config} UNet: {params / 1e9:.2f} B parameters ({args.dtype}), {len(output_linears(unet))} FeedForwards "
+    print(f"{args.config} UNet: {params / 1e9:.2f} B parameters ({args.dtype}), "
+          f"{len(output_linears(unet))} FeedForwards "
           f"with {ff_weights / 1e6:.0f} M output weights; built in {time.perf_counter() - start:.0f} s (not timed); "
           f"{args.threads} CPU threads", flush=True)
     masks = random_masks(unet, args.ratio, args.timesteps)

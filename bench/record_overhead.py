@@ -22,11 +22,10 @@ import torch
 from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_dit_pipelines import DIT_BUILDERS, TINY_SIZE  # noqa: E402
-from tiny_pipelines import sd1_pipeline  # noqa: E402
-
 from memprune.generate import GenerationSettings, generate  # noqa: E402
 from memprune.record import ActivationRecorder  # noqa: E402
+from tiny_dit_pipelines import DIT_BUILDERS, TINY_SIZE  # noqa: E402
+from tiny_pipelines import sd1_pipeline  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -66,7 +65,8 @@ def unet_sampler(unet, device, dtype, latent: int, steps: int, text_tokens: int 
     if unet.config.addition_embed_type == "text_time":
         extra["added_cond_kwargs"] = {
             "text_embeds": torch.randn(2, 1280, generator=generator).to(device, dtype),
-            "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * 2, dtype=dtype, device=device),
+            "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * 2, dtype=dtype,
+                                     device=device),
         }
 
     def run():
@@ -99,7 +99,8 @@ def compare(name: str, run, net, device, repeats: int) -> float:
 
 
 def stats_bytes(stats) -> int:
-    return sum(t.numel() * t.element_size() for a in stats.accumulators.values() for t in (a.sumsq_normed, a.mean, a.m2))
+    return sum(t.numel() * t.element_size()
+               for a in stats.accumulators.values() for t in (a.sumsq_normed, a.mean, a.m2))
 
 
 def memory_check(device):
@@ -110,10 +111,12 @@ def memory_check(device):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with recorder:
-            for _ in generate(pipe, [f"a red circle {i}" for i in range(count)], GenerationSettings(steps=5, batch_size=50),
+            prompts = [f"a red circle {i}" for i in range(count)]
+            for _ in generate(pipe, prompts, GenerationSettings(steps=5, batch_size=50),
                               output_type="latent", before_call=recorder.new_generation, progress=False):
                 pass
-        peak = f", peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB" if device.type == "cuda" else ""
+        peak = (f", peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB"
+                if device.type == "cuda" else "")
         print(f"statistics after {count:>3} prompts: {stats_bytes(recorder.stats) / 2**10:.1f} KiB{peak}")
 
 
@@ -127,7 +130,8 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} CPU threads'}), "
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{args.threads} CPU threads"
+    print(f"device {device} ({where}), "
           f"{dtype}, {args.steps} steps, CFG batch 2, median of {args.repeats}")
 
     tiny = sd1_pipeline().to(device)
@@ -141,8 +145,8 @@ def main():
         pipe.set_progress_bar_config(disable=True)
         dit_settings = GenerationSettings(steps=args.steps, batch_size=4, height=TINY_SIZE, width=TINY_SIZE)
         compare(f"tiny {name} pipeline (4 prompts)",
-                lambda pipe=pipe: list(generate(pipe, ["a red circle"] * 4, dit_settings, output_type="latent",
-                                                progress=False)),
+                lambda pipe=pipe, dit_settings=dit_settings: list(generate(pipe, ["a red circle"] * 4, dit_settings,
+                                                                           output_type="latent", progress=False)),
                 pipe.transformer, device, args.repeats)
 
     # On CPU real resolutions take minutes per call: smaller latents keep every layer shape (H, C) real.

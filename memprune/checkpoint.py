@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import MemPruneError
+from .readback import read_json_object
 from .runinfo import Log, notice
 from .stats import NeuronStats
 
@@ -109,7 +110,7 @@ def open_partial(out: str | Path, fingerprint: dict, resume: bool, overwrite: bo
     settings_path = folder / SETTINGS_FILE
     existing = settings_path.is_file()
     if existing and resume:
-        saved = json.loads(settings_path.read_text())
+        saved = read_json_object(settings_path, f"delete '{folder}' to start over")
         name = first_difference(saved, fingerprint)
         if name is not None:
             raise MemPruneError(f"Cannot resume from '{folder}': {describe_difference(name, saved, fingerprint)}; "

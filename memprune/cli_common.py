@@ -8,6 +8,9 @@ import logging
 
 import click
 
+from .cli_types import FiniteFloatRange
+from .errors import MemPruneError  # neither imports transformers, so the filter below is in place in time
+
 
 class _LibraryChatter(logging.Filter):
     """Drops library notices that are not about the user's run (transformers announcing, on every command, that
@@ -27,8 +30,6 @@ def silence_library_chatter() -> None:
 
 
 silence_library_chatter()
-
-from .errors import MemPruneError
 
 
 class FriendlyGroup(click.Group):
@@ -66,14 +67,21 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-model_option = click.option("--model", default=None, help="Diffusers pipeline folder or hub id (default: the embedded testbed).")
+model_option = click.option("--model", default=None,
+                            help="Diffusers pipeline folder or hub id (default: the embedded testbed).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-dtype_option = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+dtype_option = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+                            show_default=True)
 save_dtype_option = click.option(
     "--dtype", type=click.Choice(["keep", "float32", "float16", "bfloat16"]), default="keep", show_default=True,
     help="Dtype of the saved pipeline's components; keep: each component in the dtype of the source's weights.")
-out_option = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+out_option = click.option("--out", required=True, type=click.Path(file_okay=False),
+                          help="Output folder (must not exist).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+# [-1, 1] holds every backend's similarity range; the settings refuse a value outside the chosen backend's.
+fixed_threshold_option = click.option(
+    "--fixed-threshold", multiple=True, type=FiniteFloatRange(-1, 1),
+    help="Also report memorization_rate@T at this fixed copy threshold (repeatable; the field uses 0.7 and 0.5).")
 
 
 def size_options(command):

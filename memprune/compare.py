@@ -46,14 +46,16 @@ COLUMNS = (
 def _tidy(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     missing = [c for c in TIDY if c not in frame.columns]
     if missing:
-        raise MemPruneError(f"The {name} metrics have no column '{missing[0]}': expected the tidy model, group, metric, "
+        raise MemPruneError(f"The {name} metrics have no column '{missing[0]}': "
+                            "expected the tidy model, group, metric, "
                             "value schema of memprune evaluate/attack.")
     return frame[TIDY]
 
 
 def comparison_metrics(evaluation: pd.DataFrame, attack: pd.DataFrame | None = None,
                        edit_seconds: dict[str, float] | None = None) -> pd.DataFrame:
-    """evaluate's metrics, the attack's *_attacked metrics and edit_seconds per model, one row per (model, group, metric).
+    """evaluate's metrics, the attack's *_attacked metrics and edit_seconds per model, one row per
+    (model, group, metric).
 
     Attack metrics that evaluate also reports (the attack's own non-attacked baseline) are left to evaluate, which
     ran every model on the same seeds; a key present twice otherwise is refused.

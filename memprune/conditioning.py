@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ from .models import denoiser
 from .trace import Trace
 
 STATES = "encoder_hidden_states"
-INPUT_KEYWORDS = ("sample", "hidden_states", "timestep", "return_dict")  # a denoiser call's own inputs, not conditioning
+# a denoiser call's own inputs, not conditioning
+INPUT_KEYWORDS = ("sample", "hidden_states", "timestep", "return_dict")
 # Denoiser keyword (a path into its kwargs) -> the pipeline's keywords for the prompt and the negative prompt.
 PIPELINE_KEYWORDS = {
     (STATES,): ("prompt_embeds", "negative_prompt_embeds"),
@@ -95,7 +97,8 @@ class Conditioning:
     def uncond(self) -> torch.Tensor:
         """(B, T, D) token embeddings of the negative prompt."""
         if self.uncond_kwargs is None:
-            raise MemPruneError("This conditioning was encoded without classifier-free guidance: it has no negative prompt.")
+            raise MemPruneError("This conditioning was encoded without classifier-free guidance: "
+                                "it has no negative prompt.")
         return self.uncond_kwargs[STATES]
 
     def select(self, idx: torch.Tensor) -> dict:
@@ -111,19 +114,26 @@ class Conditioning:
         """Denoiser kwargs of the classifier-free-guidance batch [negative prompt, `cond`] for `rows`."""
         uncond = rows_of(self.uncond_kwargs, torch.tensor(rows), len(self))
         if uncond is None:
-            raise MemPruneError("This conditioning was encoded without classifier-free guidance: it has no negative prompt.")
+            raise MemPruneError("This conditioning was encoded without classifier-free guidance: "
+                                "it has no negative prompt.")
         return concatenated([uncond, self.with_cond(cond, rows)])
 
-    def repeated(self, n: int, cond: torch.Tensor | None = None) -> "Conditioning":
+    def repeated(self, n: int, cond: torch.Tensor | None = None) -> Conditioning:
         """A one-prompt conditioning repeated to n rows (contiguous), optionally with other token embeddings."""
-        repeat = lambda kwargs: None if kwargs is None else _mapped(expand_rows(kwargs, n), torch.Tensor.contiguous)  # noqa: E731
-        kwargs = self.kwargs if cond is None else {**self.kwargs, STATES: cond}
-        return Conditioning(repeat(kwargs), repeat(self.uncond_kwargs), self.prompts * n)
+        def repeat(kwargs: dict) -> dict:
+            return _mapped(expand_rows(kwargs, n), torch.Tensor.contiguous)
 
-    def detached(self) -> "Conditioning":
+        kwargs = self.kwargs if cond is None else {**self.kwargs, STATES: cond}
+        uncond = None if self.uncond_kwargs is None else repeat(self.uncond_kwargs)
+        return Conditioning(repeat(kwargs), uncond, self.prompts * n)
+
+    def detached(self) -> Conditioning:
         """A copy of plain (not inference-mode) tensors without history, safe to use under autograd."""
-        copy = lambda kwargs: None if kwargs is None else _mapped(kwargs, lambda x: x.detach().clone())  # noqa: E731
-        return Conditioning(copy(self.kwargs), copy(self.uncond_kwargs), list(self.prompts))
+        def copy(kwargs: dict) -> dict:
+            return _mapped(kwargs, lambda x: x.detach().clone())
+
+        uncond = None if self.uncond_kwargs is None else copy(self.uncond_kwargs)
+        return Conditioning(copy(self.kwargs), uncond, list(self.prompts))
 
 
 def capture_conditioning(pipe, prompts: list[str], guidance_scale: float, **call_kwargs) -> tuple[tuple, dict]:
@@ -174,7 +184,8 @@ def require_cfg_pipeline(pipe, what: str) -> None:
     from .generate import guidance_distilled
 
     if guidance_distilled(pipe):
-        raise MemPruneError(f"{what} needs classifier-free guidance, and {type(pipe).__name__} is guidance-distilled: its "
+        raise MemPruneError(f"{what} needs classifier-free guidance, and {type(pipe).__name__} is "
+                            "guidance-distilled: its "
                             "guidance scale is an input of the transformer and it has no unconditional prediction.")
     if not hasattr(pipe, "encode_prompt") or getattr(pipe, "vae", None) is None:
         raise MemPruneError(f"{what} needs a text-to-image pipeline with encode_prompt and a VAE (SD 1.x/2.x, SDXL, "
@@ -188,7 +199,8 @@ def encode(pipe, prompts: list[str], negative_prompt=None, size: tuple[int, int]
     require_cfg_pipeline(pipe, "Encoding a prompt and its negative prompt")
     with torch.no_grad():
         negative = {} if negative_prompt is None else {"negative_prompt": negative_prompt}  # PixArt's default is ""
-        _, kwargs = capture_conditioning(pipe, prompts, 2.0, **negative, **_call_kwargs(pipe, size or default_size(pipe)))
+        _, kwargs = capture_conditioning(pipe, prompts, 2.0, **negative,
+                                         **_call_kwargs(pipe, size or default_size(pipe)))
     n = 2 * len(prompts)
     if kwargs.get(STATES) is None or kwargs[STATES].shape[0] != n:
         raise MemPruneError("The pipeline's denoiser call holds no [negative, prompt] batch of encoder_hidden_states: "
@@ -238,10 +250,10 @@ def text_noise_norm(eps: torch.Tensor) -> torch.Tensor:
 
 def pipeline_kwargs(conditioning: Conditioning, cond: torch.Tensor | None = None) -> dict:
     """The keyword arguments that make the pipeline use these embeddings (optionally replacing the prompt's)."""
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for path, names in PIPELINE_KEYWORDS.items():
         for source, name in ((conditioning.kwargs, names[0]), (conditioning.uncond_kwargs, names[1])):
-            value = source
+            value: Any = source
             for key in path:
                 value = value.get(key) if isinstance(value, dict) else None
             if value is not None:

@@ -39,7 +39,8 @@ def zeroed_counts(base: torch.nn.Module, edited: torch.nn.Module) -> dict[str, i
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
     """A per-tensor generator: the same tensor gets the same random choice whatever else is in the model."""
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little"))
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def copy_denoiser_only(pipe):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -60,7 +61,8 @@ class NoiseNormRecorder(Trace):
         batch = eps.shape[0]
         if batch % 2 or (self.expected is not None and batch != 2 * self.expected):
             raise MemPruneError(
-                f"The denoiser was called with a batch of {batch} for {self.expected} prompts: the detection score needs "
+                f"The denoiser was called with a batch of {batch} for {self.expected} prompts: "
+                "the detection score needs "
                 "the classifier-free guidance batch [unconditional, conditional] in one call."
             )
         self._steps.append(text_noise_norm(eps.detach()).cpu())
@@ -98,7 +100,8 @@ def generate_with_scores(pipe, prompts: list[str], settings: GenerationSettings,
         recorder.new_generation(next(calls))
 
     if not cfg:
-        for index, seed, image in generate(pipe, prompts, settings, output_type=output_type, progress=progress, desc=desc):
+        for index, seed, image in generate(pipe, prompts, settings, output_type=output_type, progress=progress,
+                                           desc=desc):
             yield index, seed, image, None
         return
     with recorder:
@@ -153,7 +156,7 @@ def roc_summary(labels, scores) -> dict:
 
     labels, scores = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float)
     positives, negatives = int(labels.sum()), int((1 - labels).sum())
-    result = {"positives": positives, "negatives": negatives, "auc": None, "tpr_at_1pct_fpr": None}
+    result: dict[str, Any] = {"positives": positives, "negatives": negatives, "auc": None, "tpr_at_1pct_fpr": None}
     if positives == 0 or negatives == 0:
         result["note"] = "ROC needs both memorized and non-memorized prompts"
         return result

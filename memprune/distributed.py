@@ -149,7 +149,8 @@ def _raise_on_sigterm(signum, frame):
 def _is_communication_error(exc: BaseException) -> bool:
     """A rank that only lost its peers (a sibling died first) is not the cause of the failure."""
     dist_error = getattr(torch.distributed, "DistError", ())
-    return isinstance(exc, dist_error) or any(word in str(exc) for word in ("Connection closed", "Connection reset", "gloo"))
+    return isinstance(exc, dist_error) or any(word in str(exc)
+                                              for word in ("Connection closed", "Connection reset", "gloo"))
 
 
 def _worker(rank: int, world: int, port: int, threads: int, report_dir: str, target, kwargs: dict) -> None:
@@ -180,10 +181,12 @@ def _failure_message(report: Path, world: int, rank: int, exit_code: int | None)
     if causes:
         first = min(causes, key=lambda e: e["time"])
         detail = first["message"] if first["memprune"] else f"{first['type']}: {first['message']}"
-        return f"Process {first['rank']} of {world} failed ({detail}); the other processes were stopped and nothing was written."
+        return (f"Process {first['rank']} of {world} failed ({detail}); "
+                "the other processes were stopped and nothing was written.")
     code = exit_code if exit_code is not None else 0
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-    return f"Process {rank} of {world} {how} without a message; the other processes were stopped and nothing was written."
+    return (f"Process {rank} of {world} {how} without a message; "
+            "the other processes were stopped and nothing was written.")
 
 
 def spawn(world: int, target, kwargs: dict, threads: int | None = None):
@@ -193,7 +196,8 @@ def spawn(world: int, target, kwargs: dict, threads: int | None = None):
     import torch.multiprocessing as mp
 
     if launched_world_size() > 1:
-        raise MemPruneError("--processes starts its own processes: do not combine it with accelerate launch or torchrun.")
+        raise MemPruneError("--processes starts its own processes: "
+                            "do not combine it with accelerate launch or torchrun.")
     threads = threads or max(1, torch.get_num_threads() // world)
     with tempfile.TemporaryDirectory(prefix="memprune-ranks-") as report_dir:
         context = mp.start_processes(_worker, args=(world, free_port(), threads, report_dir, target, kwargs),
@@ -201,7 +205,8 @@ def spawn(world: int, target, kwargs: dict, threads: int | None = None):
         try:
             while not context.join():
                 pass
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:  # join() has already stopped the other processes
+        # join() has already stopped the other processes
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             message = _failure_message(Path(report_dir), world, exc.error_index, getattr(exc, "exit_code", None))
             raise MemPruneError(message) from None
         return json.loads((Path(report_dir) / "result.json").read_text())["result"]

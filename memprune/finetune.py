@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,9 +95,10 @@ class FinetuneSettings:
     @property
     def size(self) -> tuple[int, int] | None:
         """(height, width) asked for, None for the pipeline's default; one side given means a square."""
-        if self.height is None and self.width is None:
+        side = self.height or self.width
+        if side is None:
             return None
-        return (self.height or self.width, self.width or self.height)
+        return (self.height or side, self.width or side)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -200,22 +202,22 @@ class FinetuneHooks:
 
     retain_target = "data"  # "data": the diffusion loss's target; "teacher": the frozen model's prediction
 
-    def setup(self, loop: "FinetuneLoop") -> None:
+    def setup(self, loop: FinetuneLoop) -> None:
         """Before the first step (build subspaces, discriminators, ...)."""
 
-    def losses(self, loop: "FinetuneLoop", step: int) -> dict[str, torch.Tensor]:
+    def losses(self, loop: FinetuneLoop, step: int) -> dict[str, torch.Tensor]:
         """Losses beyond the retain loss, by name; each gets its own gradient (see combine)."""
         return {}
 
     def combine(self, grads: dict[str, dict[str, torch.Tensor]], step: int) -> dict[str, torch.Tensor]:
         """One gradient per trained parameter from the per-loss gradients; default: their sum."""
         names = next(iter(grads.values())).keys()
-        return {name: sum(g[name] for g in grads.values()) for name in names}
+        return {name: functools.reduce(torch.add, (g[name] for g in grads.values())) for name in names}
 
-    def transform_gradients(self, loop: "FinetuneLoop", grads: dict[str, torch.Tensor]) -> None:
+    def transform_gradients(self, loop: FinetuneLoop, grads: dict[str, torch.Tensor]) -> None:
         """Change the combined gradients in place before clipping and the optimiser step."""
 
-    def after_step(self, loop: "FinetuneLoop", step: int) -> None:
+    def after_step(self, loop: FinetuneLoop, step: int) -> None:
         """After the optimiser step (e.g. keep the parameters on a constraint)."""
 
     def info(self) -> dict:
@@ -349,10 +351,11 @@ def run_finetune(pipe, settings: FinetuneSettings, retain: RetainData, hooks: Fi
                 for index, (name, loss) in enumerate(losses.items()):
                     last = index == len(losses) - 1
                     values = torch.autograd.grad(loss, tensors, retain_graph=not last, allow_unused=True)
-                    grads[name] = {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, tensors, values)}
+                    grads[name] = {n: torch.zeros_like(p) if g is None else g
+                                   for n, p, g in zip(names, tensors, values, strict=True)}
                 combined = hooks.combine(grads, step) if len(grads) > 1 else grads["retain"]
                 hooks.transform_gradients(loop, combined)
-                for name, p in zip(names, tensors):
+                for name, p in zip(names, tensors, strict=True):
                     p.grad = combined[name]
                 grad_norm = (torch.nn.utils.clip_grad_norm_(tensors, settings.max_grad_norm)
                              if settings.max_grad_norm > 0 else torch.tensor(float("nan")))

@@ -67,7 +67,8 @@ RESOLUTION_BINNED_SAMPLE_SIZES = (32, 64, 128, 256)
 def pipeline_call_kwargs(pipe, settings: GenerationSettings) -> dict:
     """Per-family call arguments: the asked image size, and PixArt's options that would fail or warn otherwise."""
     parameters = inspect.signature(pipe.__call__).parameters
-    kwargs = {name: value for name, value in (("height", settings.height), ("width", settings.width)) if value is not None}
+    kwargs = {name: value for name, value in (("height", settings.height), ("width", settings.width))
+              if value is not None}
     if "use_resolution_binning" in parameters:
         config = getattr(getattr(pipe, "transformer", None), "config", {})
         # Binning raises for other sample sizes, and would replace a size the user asked for.

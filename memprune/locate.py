@@ -3,19 +3,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .errors import MemPruneError
 from .checkpoint import PartialStats, prompts_key
 from .distributed import Processes, reduce_stats
+from .errors import MemPruneError
 from .generate import GenerationSettings, call_plan, generate, uses_cfg
 from .masks import Masks, subset_overlap
+from .methods.wanda import SelectionSettings, select
 from .models import denoiser, layer_shapes, model_identity, output_linears
 from .prompts import PromptList, empty_prompts, read_prompts, seeded_subsets, write_prompts
-from .record import HALVES, ActivationRecorder, check_half
-from .methods.wanda import SelectionSettings, select
+from .record import HALVES, ActivationRecorder, Half, check_half
 from .stats import NeuronStats
 
 
@@ -27,7 +28,7 @@ class LocateSettings:
     memorized_label: str | None = None  # keep only memorized prompts with this label (e.g. "VM")
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     selection: SelectionSettings = field(default_factory=SelectionSettings)
-    half: str = "both"
+    half: Half = "both"
     num_prompts: int | None = None  # locate on a seeded sample of this many memorized prompts
     sample_seed: int = 0
     subsets: int = 0  # N seeded subsets for the overlap analysis (0: none)
@@ -53,7 +54,7 @@ class LocateResult:
     subset_masks: dict[str, list[Masks]] = field(default_factory=dict)
 
 
-def record_prompts(pipe, prompts: list[str], generation: GenerationSettings, half: str = "both",
+def record_prompts(pipe, prompts: list[str], generation: GenerationSettings, half: Half = "both",
                    desc: str = "recording", progress: bool = True, processes: Processes | None = None,
                    partial: PartialStats | None = None) -> NeuronStats:
     """Generate every prompt with hooks on; return the statistics (latents are discarded, no VAE decode).
@@ -70,7 +71,8 @@ def record_prompts(pipe, prompts: list[str], generation: GenerationSettings, hal
     recorder = ActivationRecorder(denoiser(pipe), half=half, cfg=cfg)
 
     def before_call():
-        processes.faults.before_call()
+        if processes.faults is not None:  # always set by Processes.__post_init__
+            processes.faults.before_call()
         recorder.new_generation()
 
     def after_call(call):
@@ -121,8 +123,9 @@ class Locator:
     def stats(self, prompts: list[str], desc: str = "recording") -> NeuronStats:
         key = tuple(prompts)
         if key not in self._stats_cache:
-            self._stats_cache[key] = record_prompts(self.pipe, prompts, self.settings.generation, self.settings.half, desc=desc,
-                                                    progress=self.progress, processes=self.processes, partial=self.partial)
+            self._stats_cache[key] = record_prompts(self.pipe, prompts, self.settings.generation, self.settings.half,
+                                                    desc=desc, progress=self.progress, processes=self.processes,
+                                                    partial=self.partial)
         return self._stats_cache[key]
 
     def reference_stats(self, count: int) -> NeuronStats:
@@ -166,7 +169,7 @@ def locate(settings: LocateSettings, pipe, processes: Processes | None = None,
     memorized = memorized_prompts(settings)
     check_half(pipe, settings.half, uses_cfg(pipe, settings.generation))  # before any generation
     net = denoiser(pipe)
-    meta = {
+    meta: dict[str, Any] = {
         "model": model_identity(settings.model, pipe),
         "settings": {"half": settings.half, "reference": settings.reference, "generation": vars(settings.generation)},
         "prompts": memorized.prompts,
@@ -193,7 +196,8 @@ def subset_masks(locator: Locator, settings: LocateSettings, selection: Selectio
     for offset, (name, prompts) in enumerate(groups.items()):
         draws = seeded_subsets(len(prompts), settings.subsets, settings.subset_size, settings.sample_seed + 1 + offset)
         result[name] = [
-            locator.masks(prompts.subset(draw).prompts, selection, {"subset": draw}, f"{name} subset {i + 1}/{len(draws)}")
+            locator.masks(prompts.subset(draw).prompts, selection, {"subset": draw},
+                          f"{name} subset {i + 1}/{len(draws)}")
             for i, draw in enumerate(draws)
         ]
     return result

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import combinations, product
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -64,8 +65,8 @@ class Masks:
                 self.indices[key] = converted[id(idx)]
 
     @classmethod
-    def from_dense(cls, dense: dict[Key, torch.Tensor], meta: dict | None = None) -> "Masks":
-        shapes = {layer: tuple(mask.shape) for (layer, _), mask in dense.items()}
+    def from_dense(cls, dense: dict[Key, torch.Tensor], meta: dict | None = None) -> Masks:
+        shapes = {layer: (mask.shape[0], mask.shape[1]) for (layer, _), mask in dense.items()}
         indices = {key: sparse_indices(mask) for key, mask in dense.items()}
         return cls(indices=indices, shapes=shapes, meta=dict(meta or {}))
 
@@ -107,7 +108,7 @@ class Masks:
     def count(self) -> dict[Key, int]:
         return {key: int(idx.numel()) for key, idx in self.indices.items()}
 
-    def iou(self, other: "Masks") -> pd.DataFrame:
+    def iou(self, other: Masks) -> pd.DataFrame:
         """IoU per (layer, step) present in both."""
         rows = [
             {"layer": layer, "step": step, "iou": iou(idx, other.indices[(layer, step)])}
@@ -151,7 +152,7 @@ class Masks:
         return folder / MASKS_FILE
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Masks":
+    def load(cls, folder: str | Path) -> Masks:
         given = Path(folder)
         folder = given.parent if given.is_file() else given  # a file of the folder (masks.safetensors) names it too
         if not (folder / MASKS_FILE).is_file() or not (folder / MASKS_META).is_file():

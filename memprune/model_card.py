@@ -21,7 +21,8 @@ INFO = "memprune.json"
 # (group, metric, label, percentage?) shown on the card, when the evaluation has them
 CARD_METRICS = (
     ("memorized_held_out", "memorization_rate", "held-out memorized prompts: memorization rate", True),
-    ("memorized_held_out", "memorization_rate_strict", "held-out memorized prompts: memorization rate (strict threshold)", True),
+    ("memorized_held_out", "memorization_rate_strict",
+     "held-out memorized prompts: memorization rate (strict threshold)", True),
     ("memorized", "memorization_rate", "memorized prompts: memorization rate", True),
     ("memorized", "memorization_rate_strict", "memorized prompts: memorization rate (strict threshold)", True),
     ("memorized_held_out", "copy_similarity", "held-out memorized prompts: copy similarity", False),
@@ -42,7 +43,8 @@ def _front_matter(info: dict) -> str:
 
 
 def _edit_section(info: dict) -> list[str]:
-    method = info.get("method") or info.get("selection", {}).get("method") or "wanda"
+    selection = info.get("selection")
+    method = info.get("method") or (selection.get("method") if isinstance(selection, dict) else None) or "wanda"
     lines = ["## What was edited", "", f"- Base model: `{info.get('source', 'unknown')}`", f"- Method: {method}"]
     if "total_zeroed" in info:
         zeroed = info.get("zeroed_weights", {})

@@ -4,11 +4,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from .errors import MemPruneError
+
+if TYPE_CHECKING:  # an nn.Module with diffusers' `config` (Any to mypy: diffusers is not followed, see pyproject)
+    from diffusers import ModelMixin
 
 # The embedded memorization testbed shipped with the repository (see data/testbed/MODEL_CARD.md).
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "data" / "testbed")
@@ -69,7 +73,7 @@ def load_pipeline(model: str | None = None, device: str | torch.device = "cpu", 
 
     model = model or DEFAULT_MODEL
     check_model_source(model)
-    kwargs = {"use_safetensors": True, **(components or {})}
+    kwargs: dict[str, object] = {"use_safetensors": True, **(components or {})}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
@@ -84,7 +88,7 @@ def load_pipeline(model: str | None = None, device: str | torch.device = "cpu", 
     return pipe
 
 
-def denoiser(pipe) -> nn.Module:
+def denoiser(pipe) -> ModelMixin:
     """The network called once per sampling step: `unet` (SD 1.x/2.x/SDXL) or `transformer` (DiT-style)."""
     for name in ("unet", "transformer"):
         module = getattr(pipe, name, None)
@@ -92,7 +96,8 @@ def denoiser(pipe) -> nn.Module:
             if not find_feedforwards(module):
                 raise MemPruneError(f"The pipeline's {name} has no FeedForward layers: memprune has nothing to record.")
             return module
-    raise MemPruneError("The pipeline has neither a unet nor a transformer: it is not a text-to-image diffusion pipeline.")
+    raise MemPruneError("The pipeline has neither a unet nor a transformer: "
+                        "it is not a text-to-image diffusion pipeline.")
 
 
 def pipeline_modules(pipe) -> list[nn.Module]:
@@ -109,7 +114,8 @@ def find_feedforwards(model: nn.Module) -> dict[str, nn.Module]:
 
 def output_linear(feedforward: nn.Module) -> nn.Linear:
     """The FeedForward's last nn.Linear (H -> C): its input is the recorded activation."""
-    linears = [m for m in feedforward.net.modules() if isinstance(m, nn.Linear)]
+    net = feedforward.net
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)] if isinstance(net, nn.Module) else []
     if not linears:
         raise MemPruneError("A FeedForward layer has no nn.Linear in its net: unsupported architecture.")
     return linears[-1]
@@ -125,7 +131,7 @@ def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {name: list(linear.weight.shape) for name, linear in output_linears(model).items()}
 
 
-def _attention_classes() -> tuple[type, ...]:
+def _attention_classes() -> tuple[type[nn.Module], ...]:
     from diffusers.models.attention_processor import Attention
 
     classes = [Attention]
@@ -147,7 +153,8 @@ def find_cross_attentions(model: nn.Module) -> dict[str, nn.Module]:
 def value_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The value projection (to_v, text width -> inner width) of every cross-attention, keyed by its module name
     (e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v`): NeMo's neurons are its output units."""
-    return {f"{name}.to_v": attention.to_v for name, attention in find_cross_attentions(model).items()}
+    # find_cross_attentions keeps only attentions whose to_v is an nn.Linear
+    return {f"{name}.to_v": cast(nn.Linear, attention.to_v) for name, attention in find_cross_attentions(model).items()}
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:

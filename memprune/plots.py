@@ -6,9 +6,8 @@ import math
 from pathlib import Path
 
 import matplotlib
-
-import matplotlib.pyplot as plt  # no backend forced: notebooks keep their inline one, headless runs get Agg
 import matplotlib.figure
+import matplotlib.pyplot as plt  # no backend forced: notebooks keep their inline one, headless runs get Agg
 import matplotlib.ticker
 import numpy as np
 import pandas as pd
@@ -43,7 +42,8 @@ def unet_order(layers) -> list[str]:
 
 
 def _comparison(overlap: pd.DataFrame) -> pd.Series:
-    return pd.Series([COMPARISON_LABELS.get((a, b), f"{a} vs {b}") for a, b in zip(overlap.group_a, overlap.group_b)],
+    pairs = zip(overlap.group_a, overlap.group_b, strict=True)
+    return pd.Series([COMPARISON_LABELS.get((a, b), f"{a} vs {b}") for a, b in pairs],
                      index=overlap.index)
 
 
@@ -54,7 +54,7 @@ def iou_heatmap(overlap: pd.DataFrame, group: str = "memorized") -> plt.Figure:
     table = table.loc[unet_order(table.index)]
     fig, ax = _subplots(figsize=(max(6, 0.18 * table.shape[1] + 3), max(3, 0.35 * table.shape[0] + 1.5)))
     image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(len(table.index)), [short_layer_name(l) for l in table.index], fontsize=8)
+    ax.set_yticks(range(len(table.index)), [short_layer_name(name) for name in table.index], fontsize=8)
     step_ticks = list(range(0, table.shape[1], max(1, table.shape[1] // 10)))
     ax.set_xticks(step_ticks, [str(table.columns[i]) for i in step_ticks])
     ax.set_xlabel("sampling step (0 = noisiest)")
@@ -76,7 +76,8 @@ def _iou_lines(overlap: pd.DataFrame, by: str, xlabel: str, title: str) -> plt.F
         ax.errorbar(x, means["mean"], yerr=means["std"], marker="o", capsize=2, label=comparison)
     if by == "layer":
         layers = unet_order(frame.groupby("layer", sort=False).size().index)
-        ax.set_xticks(range(len(layers)), [short_layer_name(l) for l in layers], rotation=60, ha="right", fontsize=8)
+        ax.set_xticks(range(len(layers)), [short_layer_name(name) for name in layers], rotation=60, ha="right",
+                      fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mask IoU (mean ± std over pairs)")
     ax.set_ylim(0, 1)
@@ -115,13 +116,15 @@ def iou_vs_subset_size(overlap: pd.DataFrame) -> plt.Figure:
 def selected_share_by_layer(masks, timesteps: int = 10) -> plt.Figure:
     """Share of each layer's output weights in the union of steps 0..timesteps-1 (what `prune` would zero)."""
     union = masks.union_indices(min(timesteps, len(masks.steps)))
-    shares = {layer: union[layer].numel() / (masks.shapes[layer][0] * masks.shapes[layer][1]) for layer in unet_order(union)}
+    shares = {layer: union[layer].numel() / (masks.shapes[layer][0] * masks.shapes[layer][1])
+              for layer in unet_order(union)}
     fig, ax = _subplots(figsize=(8, 4))
     ax.bar(range(len(shares)), [100 * s for s in shares.values()])
-    ax.set_xticks(range(len(shares)), [short_layer_name(l) for l in shares], rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(range(len(shares)), [short_layer_name(name) for name in shares], rotation=60, ha="right", fontsize=8)
     ax.set_xlabel("FeedForward layer")
     ax.set_ylabel("weights selected (%)")
-    ax.set_title(f"Share of output weights selected per layer (union of steps 0..{min(timesteps, len(masks.steps)) - 1})")
+    ax.set_title("Share of output weights selected per layer "
+                 f"(union of steps 0..{min(timesteps, len(masks.steps)) - 1})")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -151,7 +154,7 @@ def sweep_curves(sweep: pd.DataFrame) -> plt.Figure:
     fig, axes = _subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     baseline = sweep[sweep.method == "none"]
     pruned = sweep[sweep.method != "none"]
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics, strict=True):
         for (method, tau), group in pruned.groupby(["method", "timesteps"]):
             points = group.groupby("zeroed_share")[metric].mean()
             style = "-o" if method == "wanda" else "--s"
@@ -199,7 +202,7 @@ def image_grid(result, group: str, max_prompts: int = 8):
     draw = ImageDraw.Draw(canvas)
     table = result.generations.set_index(["model", "source", "prompt_index", "seed"])
     positions, x = [], label_w
-    for index, (title, model, seed) in enumerate(columns):
+    for index, (_title, model, seed) in enumerate(columns):
         if index > 0 and model != columns[index - 1][1]:
             x += block_gap
         positions.append(x)
@@ -211,7 +214,7 @@ def image_grid(result, group: str, max_prompts: int = 8):
         caption = result.sources[source].prompts[i]
         caption = (caption[:28] + ("..." if len(caption) > 28 else "")).encode("latin-1", "replace").decode("latin-1")
         draw.text((4, y + cell_h // 2 - 5), caption, fill="black")
-        for (title, model, seed), x in zip(columns, positions):
+        for (_title, model, seed), x in zip(columns, positions, strict=True):
             if model is None:
                 image = result.training_images[source][i]
                 if image is None:
@@ -222,7 +225,7 @@ def image_grid(result, group: str, max_prompts: int = 8):
                 entry = table.loc[(model, source, i, result.generations.seed.min() + seed)]
                 value = entry["copy_reference_similarity"]
                 footer = "" if not np.isfinite(value) else f"{value:.2f}" + ("*" if value > result.threshold else "")
-            tile = tensor_to_pil(image).resize((cell_w, cell_h), Image.NEAREST)
+            tile = tensor_to_pil(image).resize((cell_w, cell_h), Image.Resampling.NEAREST)
             canvas.paste(tile, (x, y))
             if footer:
                 draw.text((x + 2, y + cell_h), footer, fill="black")
@@ -235,12 +238,13 @@ def copy_similarity_ecdf(result, groups=("memorized_held_out", "memorized")) -> 
     group = next(g for g in groups if g in result.groups)
     members = set(result.groups[group].members)
     table = result.generations
-    table = table[[(s, i) in members for s, i in zip(table.source, table.prompt_index)]]
+    table = table[[(s, i) in members for s, i in zip(table.source, table.prompt_index, strict=True)]]
     fig, ax = _subplots(figsize=(7, 4.2))
     for model, rows in table.groupby("model", sort=False):
         values = np.sort(rows.copy_reference_similarity.dropna().to_numpy())
         if values.size:
-            ax.step(values, np.arange(1, values.size + 1) / values.size, where="post", label=f"{model} (n={values.size})")
+            ax.step(values, np.arange(1, values.size + 1) / values.size, where="post",
+                    label=f"{model} (n={values.size})")
     ax.axvline(result.threshold, color="black", linestyle="--", label=f"copy threshold {result.threshold:.3f}")
     strict = result.threshold_info.get("strict")
     if strict:

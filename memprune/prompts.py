@@ -29,7 +29,14 @@ class PromptList:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def subset(self, indices) -> "PromptList":
+    def image(self, i: int) -> str:
+        """The training image file of prompt i; refuses a prompt without one."""
+        image = self.images[i] if self.images is not None else None
+        if not image:
+            raise MemPruneError(f"Prompt file '{self.source}' row {i + 1} has no training image.")
+        return image
+
+    def subset(self, indices) -> PromptList:
         pick = lambda values: None if values is None else [values[i] for i in indices]  # noqa: E731
         return PromptList(
             prompts=[self.prompts[i] for i in indices],
@@ -57,7 +64,8 @@ def _read_csv(path: Path, text: str) -> PromptList:
     caption_column = _first_present(columns, CAPTION_COLUMNS)
     if caption_column is None:
         raise MemPruneError(
-            f"Prompt file '{path}' has no caption column: name one of {', '.join(CAPTION_COLUMNS[:4])} in its header line."
+            f"Prompt file '{path}' has no caption column: "
+            f"name one of {', '.join(CAPTION_COLUMNS[:4])} in its header line."
         )
     rows = _csv_rows(path, reader, caption_column)
     label_column = _first_present(columns, LABEL_COLUMNS)
@@ -66,7 +74,8 @@ def _read_csv(path: Path, text: str) -> PromptList:
     for line_number, row in enumerate(rows, start=2):
         caption = row.get(caption_column)
         if caption is None:
-            raise MemPruneError(f"Prompt file '{path}' line {line_number} has no {caption_column} value: fix or remove that line.")
+            raise MemPruneError(f"Prompt file '{path}' line {line_number} has no {caption_column} value: "
+                                "fix or remove that line.")
         prompts.append(caption.strip())
     images = None
     if image_column:
@@ -85,7 +94,7 @@ def _read_csv(path: Path, text: str) -> PromptList:
 def _csv_rows(path: Path, reader: csv.DictReader, caption_column: str) -> list[dict]:
     """All rows, refusing what a lenient reader would silently turn into one long caption or shifted columns:
     an unterminated quote, a caption spanning lines, more fields than the header names."""
-    rows = []
+    rows: list[dict] = []
     while True:
         start = reader.line_num + 1  # the physical line the next record starts on
         try:
@@ -93,7 +102,8 @@ def _csv_rows(path: Path, reader: csv.DictReader, caption_column: str) -> list[d
         except StopIteration:
             return rows
         except csv.Error as exc:
-            raise MemPruneError(f"Prompt file '{path}' line {start} is malformed CSV ({exc}): check its quotes.") from exc
+            raise MemPruneError(f"Prompt file '{path}' line {start} is malformed CSV ({exc}): "
+                                "check its quotes.") from exc
         if None in row:
             raise MemPruneError(f"Prompt file '{path}' line {start} has more fields than its header: quote captions "
                                 "that contain the delimiter.")
@@ -160,7 +170,17 @@ def read_prompts(path: str | Path, label: str | None = None) -> PromptList:
             raise MemPruneError(f"Prompt file '{path}' holds no prompts with label '{label}'.")
     if len(prompts) == 0:
         raise MemPruneError(f"Prompt file '{path}' holds no prompts: give at least one caption.")
+    if not any(prompts.prompts):  # captions are stripped: every row is empty or blank
+        raise MemPruneError(f"Prompt file '{path}' holds only empty captions ({len(prompts)} rows): give at least one "
+                            "caption.")
     return prompts
+
+
+def require_available(count: int | None, available: int, option: str, what: str = "prompts") -> None:
+    """Refuse asking for more prompts than there are, rather than silently using fewer: every command that takes a
+    count of prompts (locate's --num-prompts and --subset-size, attack's --num-prompts) says it the same way."""
+    if count is not None and count > available:
+        raise MemPruneError(f"{option} {count} is more than the {available} {what}: give at most {available}.")
 
 
 def normalise_caption(prompt: str) -> str:

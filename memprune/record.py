@@ -54,7 +54,8 @@ class ActivationRecorder:
         self.step += 1
         timestep = inputs.args[1] if len(inputs.args) > 1 else inputs.kwargs.get("timestep")
         if timestep is not None and self.step not in self.stats.timesteps and self.step not in self._timesteps:
-            self._timesteps[self.step] = timestep.flatten()[0].detach().clone() if torch.is_tensor(timestep) else timestep
+            first = timestep.flatten()[0].detach().clone() if torch.is_tensor(timestep) else timestep
+            self._timesteps[self.step] = first
 
     def _settle_timesteps(self) -> None:
         for step, value in self._timesteps.items():
@@ -72,7 +73,8 @@ class ActivationRecorder:
             return x
         if x.shape[0] % 2:
             raise MemPruneError(
-                f"half='{self.half}' expects a classifier-free-guidance batch [uncond, cond], but a FeedForward saw an odd "
+                f"half='{self.half}' expects a classifier-free-guidance batch [uncond, cond], "
+                "but a FeedForward saw an odd "
                 f"batch of {x.shape[0]}: this pipeline does not batch CFG; use half='both'.")
         half_size = x.shape[0] // 2
         return x[:half_size] if self.half == "uncond" else x[half_size:]
@@ -82,7 +84,7 @@ class ActivationRecorder:
             raise MemPruneError("ActivationRecorder saw a FeedForward call before any denoiser call.")
         self.stats.update(layer, self.step, self._select_half(inputs.args[0].detach()))
 
-    def __enter__(self) -> "ActivationRecorder":
+    def __enter__(self) -> ActivationRecorder:
         try:
             for trace in self._traces:
                 trace.__enter__()
@@ -106,7 +108,8 @@ def check_half(pipe, half: str, cfg: bool) -> None:
 
     if half != "both" and guidance_distilled(pipe):
         raise MemPruneError(
-            f"{type(pipe).__name__} is guidance-distilled: its guidance scale is an input of the transformer and it runs "
+            f"{type(pipe).__name__} is guidance-distilled: "
+            "its guidance scale is an input of the transformer and it runs "
             f"no [uncond, cond] batch, so there is no '{half}' half to record; use --half both (every activation is "
             "conditional).")
     if half == "uncond" and not cfg:

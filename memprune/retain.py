@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MemPruneError
 from .conditioning import encode_conditioning
+from .errors import MemPruneError
 from .finetune import FinetuneSettings, RetainData
 from .latents import vae_encode
 from .models import denoiser
@@ -34,53 +34,97 @@ def generated_retain_data(pipe, prompts: list[str], settings: FinetuneSettings) 
     generation = GenerationSettings(steps=settings.sampling_steps, seeds=1, seed=settings.seed,
                                     guidance_scale=settings.guidance_scale, batch_size=8, height=settings.height,
                                     width=settings.width)
-    latents = [None] * len(prompts)
+    latents: dict[int, torch.Tensor] = {}
     for index, _, latent in generate(pipe, prompts, generation, output_type="latent", progress=settings.progress,
                                      desc="retain latents"):
         latents[index] = latent.detach().float()
     conditioning = encode_conditioning(pipe, prompts, size=settings.size)
-    return RetainData(torch.stack(latents), conditioning, "generated", time.perf_counter() - start)
+    stacked = torch.stack([latents[i] for i in range(len(prompts))])
+    return RetainData(stacked, conditioning, "generated", time.perf_counter() - start)
 
 
 def read_image_captions(folder: str | Path) -> tuple[list[Path], list[str]]:
     """Image/caption pairs of a folder: a metadata.csv / captions.csv (caption + image/file_name columns), or
-    one same-named .txt caption beside each image."""
-    import csv
-
+    one same-named .txt caption beside each image. Refuses a folder with no images or only empty captions."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MemPruneError(f"--retain-images '{folder}' is not a folder of image/caption pairs.")
     for table in ("metadata.csv", "captions.csv"):
         path = folder / table
         if path.is_file():
-            with open(path, newline="", encoding="utf-8-sig") as handle:
-                rows = list(csv.DictReader(handle))
-            columns = rows[0].keys() if rows else []
-            image_column = next((c for c in ("file_name", "image", "file") if c in columns), None)
-            caption_column = next((c for c in ("caption", "text", "prompt", "Caption") if c in columns), None)
-            if image_column is None or caption_column is None:
-                raise MemPruneError(f"'{path}' needs an image column (file_name/image) and a caption column (caption/text).")
-            images = [folder / row[image_column] for row in rows]
-            missing = [p for p in images if not p.is_file()]
-            if missing:
-                raise MemPruneError(f"'{path}' names image '{missing[0]}', which does not exist.")
-            return images, [row[caption_column].strip() for row in rows]
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    pairs = [(p, p.with_suffix(".txt")) for p in images]
-    missing = [p for p, txt in pairs if not txt.is_file()]
+            images, captions = _table_pairs(folder, path)
+            break
+    else:
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        pairs = [(p, p.with_suffix(".txt")) for p in images]
+        missing = [p for p, txt in pairs if not txt.is_file()]
+        if missing:
+            raise MemPruneError(f"Image '{missing[0]}' has no caption: add {missing[0].with_suffix('.txt').name} "
+                                "or a metadata.csv with file_name and caption columns.")
+        captions = [_utf8(txt).strip() for _, txt in pairs]
+    if not images:
+        raise MemPruneError(f"--retain-images '{folder}' holds no images.")
+    if not any(captions):
+        raise MemPruneError(f"--retain-images '{folder}': every caption of its {len(images)} images is empty, so "
+                            "there is no retain data.")
+    check_images(images)
+    return images, captions
+
+
+def _utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MemPruneError(f"Caption file '{path}' is not UTF-8 text.") from exc
+
+
+def _table_pairs(folder: Path, path: Path) -> tuple[list[Path], list[str]]:
+    """The image/caption pairs a metadata.csv / captions.csv names."""
+    import csv
+    import io
+
+    try:
+        rows = list(csv.DictReader(io.StringIO(_utf8(path), newline="")))
+    except csv.Error as exc:
+        raise MemPruneError(f"'{path}' is malformed CSV ({exc}): check its quotes.") from exc
+    columns = rows[0].keys() if rows else []
+    image_column = next((c for c in ("file_name", "image", "file") if c in columns), None)
+    caption_column = next((c for c in ("caption", "text", "prompt", "Caption") if c in columns), None)
+    if image_column is None or caption_column is None:
+        raise MemPruneError(f"'{path}' needs an image column (file_name/image) and a caption column (caption/text).")
+    images = [folder / (row[image_column] or "") for row in rows]
+    missing = [p for p in images if not p.is_file()]
     if missing:
-        raise MemPruneError(f"Image '{missing[0]}' has no caption: add {missing[0].with_suffix('.txt').name} "
-                            "or a metadata.csv with file_name and caption columns.")
-    return [p for p, _ in pairs], [txt.read_text(encoding="utf-8").strip() for _, txt in pairs]
+        raise MemPruneError(f"'{path}' names image '{missing[0]}', which does not exist.")
+    return images, [(row[caption_column] or "").strip() for row in rows]
+
+
+def _unreadable(path: Path, exc: Exception) -> MemPruneError:
+    return MemPruneError(f"Image '{path}' cannot be read as an image ({type(exc).__name__}): replace or remove it.")
+
+
+def check_images(images: list[Path]) -> None:
+    """Refuse, before a model loads, an image file PIL cannot read (naming it), instead of a traceback later."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise _unreadable(path, exc) from exc
 
 
 def _image_tensor(path: Path, size: int) -> torch.Tensor:
     from PIL import Image
 
-    image = Image.open(path).convert("RGB")
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError and truncated files
+        raise _unreadable(path, exc) from exc
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                         Image.BICUBIC)
+                         Image.Resampling.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     image = image.crop((left, top, left + size, top + size))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -91,8 +135,6 @@ def image_retain_data(pipe, folder: str | Path, settings: FinetuneSettings) -> R
     """VAE latents (posterior mean) of a folder's images, with their captions' conditioning."""
     start = time.perf_counter()
     images, captions = read_image_captions(folder)
-    if not images:
-        raise MemPruneError(f"--retain-images '{folder}' holds no images.")
     net = denoiser(pipe)
     default = int(net.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
     size = settings.size[0] if settings.size else default

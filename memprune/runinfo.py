@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from .errors import MemPruneError
@@ -80,6 +80,12 @@ _MAX_PID = 2**22  # Linux's pid_max ceiling: a larger number is a random suffix,
 
 def _staging_prefix(out: Path, kind: str) -> str:
     return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def staging_dir(out: str | Path, kind: str = "tmp") -> Path:
+    """A new temporary sibling folder of `out`, named with this process's PID (stale_staging knows it is live)."""
+    out = Path(out).absolute()
+    return Path(tempfile.mkdtemp(prefix=_staging_prefix(out, kind), dir=out.parent))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -168,7 +174,7 @@ def versions() -> dict:
 
 
 def _jsonable(value):
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # an instance, not a dataclass itself
         return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -182,7 +188,7 @@ def _jsonable(value):
 class Timer:
     """Collects named wall-clock timings for run.json."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -194,7 +200,7 @@ class Timer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
-def write_run_json(folder: str | Path, settings, inputs: dict[str, str | Path | None] | None = None,
+def write_run_json(folder: str | Path, settings, inputs: Mapping[str, str | Path | None] | None = None,
                    timings: dict | None = None, **extra) -> Path:
     """run.json: the exact command, all settings, versions, input hashes (sha256) and timings."""
     from .masks import file_sha256

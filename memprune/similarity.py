@@ -73,7 +73,8 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.T
         with Image.open(path) as image:
             tensor = pil_to_tensor(image)
     except FileNotFoundError as exc:
-        raise MemPruneError(f"Training image '{path}' does not exist: fix the image column of the prompt file.") from exc
+        raise MemPruneError(f"Training image '{path}' does not exist: "
+                            "fix the image column of the prompt file.") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise MemPruneError(f"Training image '{path}' is not a readable image file.") from exc
     if size is not None and tuple(tensor.shape[-2:]) != tuple(size):

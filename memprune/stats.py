@@ -57,6 +57,12 @@ class Moments:
             raise ValueError("No rows were added.")
         return (self.m2 / max(self.count - 1, 1)).sqrt()
 
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the rows added; refuses when none were."""
+        if self.mean is None:
+            raise ValueError("No rows were added.")
+        return self.mean, self.std
+
 
 @dataclass
 class Accumulator:
@@ -69,8 +75,9 @@ class Accumulator:
     tokens: int = 0  # tokens seen (samples x spatial positions)
 
     @classmethod
-    def zeros(cls, width: int, device, dtype) -> "Accumulator":
-        return cls(*(torch.zeros(width, device=device, dtype=dtype) for _ in FIELDS))
+    def zeros(cls, width: int, device, dtype) -> Accumulator:
+        sumsq_normed, mean, m2 = (torch.zeros(width, device=device, dtype=dtype) for _ in FIELDS)
+        return cls(sumsq_normed, mean, m2)
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Reduce a (samples, tokens, H) activation into the accumulators, on its own device.
@@ -88,14 +95,14 @@ class Accumulator:
             self.merge(other)
 
     @classmethod
-    def from_batch(cls, x: torch.Tensor) -> "Accumulator":
+    def from_batch(cls, x: torch.Tensor) -> Accumulator:
         """The statistics of one (samples, tokens, H) activation batch, float32 on its device."""
         if x.dim() == 2:
             x = x.unsqueeze(1)
         samples, tokens, _ = x.shape
         return cls(*batch_statistics(x), count=samples, tokens=samples * tokens)
 
-    def merge(self, other: "Accumulator") -> None:
+    def merge(self, other: Accumulator) -> None:
         self.sumsq_normed += other.sumsq_normed.to(self.sumsq_normed)
         if other.count:
             self.count = merge_moments(self.count, self.mean, self.m2, other.count, other.mean.to(self.mean),
@@ -140,7 +147,7 @@ class NeuronStats:
     def steps(self) -> list[int]:
         return sorted({step for _, step in self.accumulators})
 
-    def merge(self, other: "NeuronStats") -> "NeuronStats":
+    def merge(self, other: NeuronStats) -> NeuronStats:
         """Add `other` into self (in place) and return self: equals recording the union of both inputs."""
         for key, accumulator in other.accumulators.items():
             if key in self.accumulators:
@@ -160,7 +167,7 @@ class NeuronStats:
                     "or check the model weights."
                 )
 
-    def to(self, device) -> "NeuronStats":
+    def to(self, device) -> NeuronStats:
         """Move to `device`: float64 on the host (merging many partial statistics), float32 on an accelerator."""
         device = torch.device(device)
         dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -194,13 +201,12 @@ class NeuronStats:
         }
 
     @classmethod
-    def from_parts(cls, tensors: dict[str, torch.Tensor], sidecar: dict) -> "NeuronStats":
+    def from_parts(cls, tensors: dict[str, torch.Tensor], sidecar: dict) -> NeuronStats:
         stats = cls(timesteps={int(k): v for k, v in sidecar["timesteps"].items()}, meta=sidecar.get("meta", {}))
         for key, (count, tokens) in sidecar["counts"].items():
             layer, step = key.rsplit("|", 1)
-            stats.accumulators[(layer, int(step))] = Accumulator(
-                *(tensors[f"{key}|{name}"] for name in FIELDS), count=count, tokens=tokens
-            )
+            sumsq_normed, mean, m2 = (tensors[f"{key}|{name}"] for name in FIELDS)
+            stats.accumulators[(layer, int(step))] = Accumulator(sumsq_normed, mean, m2, count=count, tokens=tokens)
         return stats
 
     def save(self, path: str | Path) -> None:
@@ -210,7 +216,7 @@ class NeuronStats:
         path.with_suffix(".json").write_text(json.dumps(self.sidecar(), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "NeuronStats":
+    def load(cls, path: str | Path) -> NeuronStats:
         path = Path(path)
         if not path.is_file() or not path.with_suffix(".json").is_file():
             raise MemPruneError(f"Statistics file '{path}' or its .json sidecar is missing.")

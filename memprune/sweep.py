@@ -7,8 +7,8 @@ model serves the whole sweep.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -48,7 +48,7 @@ class Scorer:
 
     def _training_features(self, size) -> torch.Tensor:
         if self._truth is None:
-            images = torch.stack([load_image(path, tuple(size)) for path in self.held_out.images])
+            images = torch.stack([load_image(self.held_out.image(i), tuple(size)) for i in range(len(self.held_out))])
             self._truth = self.backend.features(images)
         return self._truth
 
@@ -95,7 +95,11 @@ def pruning_sweep(pipe, masks_for_ratio: Callable[[float], Masks], score: Scorer
     points = [(size, tau) for size in sizes for tau in settings.timesteps]
     bar = tqdm(total=len(points) * (1 + settings.random_controls), desc="pruning sweep", disable=not progress)
     for (ratio, k), tau in points:
-        located = masks_for_ratio(ratio) if np.isfinite(ratio) else masks_for_k(int(k))
+        if np.isfinite(ratio):
+            located = masks_for_ratio(ratio)
+        else:
+            assert masks_for_k is not None  # refused above: k_per_row needs masks_for_k
+            located = masks_for_k(int(k))
         k_min, k_max = kept_per_row(located)
         candidates = [("wanda", -1, located)] + [
             ("random", seed, random_masks_like(located, tau, seed)) for seed in range(settings.random_controls)

@@ -15,7 +15,8 @@ On exit it removes exactly the hooks it added (also after an exception); other h
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from torch import nn
 class StopForward(Exception):
     """Raised by a `Trace` with stop=True after the first traced call; its own `with` block swallows it."""
 
-    def __init__(self, trace: "Trace"):
+    def __init__(self, trace: Trace):
         super().__init__("forward pass stopped after the first traced call")
         self.trace = trace
 
@@ -62,6 +63,9 @@ def _detached(value):
     if isinstance(value, dict):
         return {k: _detached(v) for k, v in value.items()}
     return value
+
+
+TraceT = TypeVar("TraceT", bound="Trace")  # `with Recorder(...) as r` gives the subclass
 
 
 class Trace:
@@ -114,7 +118,7 @@ class Trace:
             return result
         return hook
 
-    def __enter__(self) -> "Trace":
+    def __enter__(self: TraceT) -> TraceT:
         try:
             for name, module in self.modules.items():
                 if self.edit_input is not None or self.retain_input or (self.stop and not self._needs_output):

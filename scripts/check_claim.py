@@ -6,7 +6,8 @@ import sys
 
 import pandas as pd
 
-from memprune.model_card import CARD_METRICS, metric_value as value
+from memprune.model_card import CARD_METRICS
+from memprune.model_card import metric_value as value
 
 MODELS = ("unedited", "edited", "random_control")
 ROWS = CARD_METRICS  # the rows a pruned folder's model card shows: one table for both
@@ -31,18 +32,21 @@ def main(path: str) -> int:
     print()
     rate = lambda model, metric="memorization_rate": value(metrics, model, "memorized_held_out", metric)  # noqa: E731
     before, after, control = rate("unedited"), rate("edited"), rate("random_control")
-    strict_after, strict_control = rate("edited", "memorization_rate_strict"), rate("random_control", "memorization_rate_strict")
+    strict_after = rate("edited", "memorization_rate_strict")
+    strict_control = rate("random_control", "memorization_rate_strict")
     accuracy = (value(metrics, "unedited", "general", "attribute_accuracy"),
                 value(metrics, "edited", "general", "attribute_accuracy"))
     cost = value(metrics, "edited", "memorized", "seconds_per_image_ratio")
     checks = [
-        (f"held-out memorization {before:.1%} -> {after:.1%} (claim: >= 90% -> <= 10%)", before >= 0.9 and after <= 0.1),
+        (f"held-out memorization {before:.1%} -> {after:.1%} (claim: >= 90% -> <= 10%)",
+         before >= 0.9 and after <= 0.1),
         (f"the edit beats a random mask of the same size: {after:.1%} vs {control:.1%} (strict threshold: "
          f"{strict_after:.1%} vs {strict_control:.1%}; claim: at least {MARGIN:.0%} lower under both)",
          not math.isnan(control) and control - after >= MARGIN and strict_control - strict_after >= MARGIN),
         (f"attribute accuracy {accuracy[0]:.1%} -> {accuracy[1]:.1%} (claim: within 5 points)",
          abs(accuracy[1] - accuracy[0]) <= 0.05),
-        (f"seconds per image edited/unedited {cost:.2f} (claim: unchanged; pruning adds no work)", abs(cost - 1) <= 0.1),
+        (f"seconds per image edited/unedited {cost:.2f} (claim: unchanged; pruning adds no work)",
+         abs(cost - 1) <= 0.1),
     ]
     for text, ok in checks:
         print(f"[{'holds' if ok else 'DOES NOT HOLD'}] {text}")

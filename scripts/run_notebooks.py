@@ -21,7 +21,9 @@ def run(source: Path, target: Path, timeout: int) -> float:
     notebook = jupytext.read(source)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     start = time.perf_counter()
-    NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}})
+    client.execute()
     target.parent.mkdir(parents=True, exist_ok=True)
     jupytext.write(notebook, target)
     return time.perf_counter() - start

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from memprune.commands.defaults import split_testbed_memorized
 from memprune.commands.evaluate import with_testbed_defaults
 from memprune.evaluation.classifier import load_testbed_classifier
 from memprune.evaluation.run import evaluate
@@ -25,11 +26,10 @@ from memprune.evaluation.settings import EvaluateSettings
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator, subset_masks
 from memprune.masks import subset_overlap, summarize_overlap
+from memprune.methods.wanda import SelectionSettings
 from memprune.models import DEFAULT_MODEL, load_pipeline, resolve_device
 from memprune.plots import iou_by_layer, save_figure, sweep_curves
-from memprune.commands.defaults import split_testbed_memorized
 from memprune.prompts import read_prompts
-from memprune.methods.wanda import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer, SweepSettings, pruning_sweep, summarize_sweep
 
@@ -60,7 +60,8 @@ def main():
     pipe = load_pipeline(args.model, resolve_device(args.device))
     classifier = load_testbed_classifier(args.model)
     generation = GenerationSettings(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
-    baseline_settings = with_testbed_defaults(EvaluateSettings(model=args.model, exclude_prompts=str(used), generation=generation))
+    baseline_settings = with_testbed_defaults(EvaluateSettings(model=args.model, exclude_prompts=str(used),
+                                                               generation=generation))
     baseline = evaluate(baseline_settings, pipe=pipe,
                         attribute_classifier=classifier, progress=True)
     baseline.metrics.to_csv(args.out / "baseline_metrics.csv", index=False)
@@ -68,7 +69,8 @@ def main():
 
     settings = LocateSettings(model=args.model, memorized=str(captions / "memorized.csv"),
                               control=str(captions / "non_memorized_same_style.csv"),
-                              generation=GenerationSettings(steps=args.steps, batch_size=max(10, args.batch_size)), subsets=args.subsets)
+                              generation=GenerationSettings(steps=args.steps, batch_size=max(10, args.batch_size)),
+                              subsets=args.subsets)
     locator = Locator(pipe, settings)
     general = read_prompts(captions / "general_heldout.csv")
     general = general.subset(range(min(args.general_prompts, len(general))))

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from memprune.commands.defaults import split_testbed_memorized
 from memprune.commands.evaluate import with_testbed_defaults
 from memprune.evaluation.classifier import load_testbed_classifier
 from memprune.evaluation.run import evaluate
@@ -27,14 +28,13 @@ from memprune.evaluation.settings import EvaluateSettings
 from memprune.generate import GenerationSettings
 from memprune.locate import LocateSettings, Locator
 from memprune.masks import Masks
+from memprune.methods.uniforget import UniForgetSettings, train_gates
+from memprune.methods.wanda import SelectionSettings
 from memprune.models import DEFAULT_MODEL, load_pipeline
-from memprune.commands.defaults import split_testbed_memorized
 from memprune.prompts import read_prompts
 from memprune.prune import apply_masks, undo
-from memprune.methods.wanda import SelectionSettings
 from memprune.similarity import make_backend
 from memprune.sweep import Scorer
-from memprune.methods.uniforget import UniForgetSettings, train_gates
 
 
 def random_neuron_masks(masks: Masks, seed: int) -> Masks:
@@ -71,6 +71,7 @@ def main():
     start = time.perf_counter()
 
     captions = Path(args.model) / "captions"
+    memorized = read_prompts(captions / "memorized.csv")  # all of them: UniForget's neutral prompts must avoid each
     located, held_out = split_testbed_memorized(args.model, args.out)
     used = args.out / "prompts_used.csv"
     neutral = read_prompts(captions / "general_heldout.csv")
@@ -80,7 +81,8 @@ def main():
     pipe = load_pipeline(args.model)
     classifier = load_testbed_classifier(args.model)
     generation = GenerationSettings(steps=50, seeds=args.seeds, batch_size=16)
-    baseline_settings = with_testbed_defaults(EvaluateSettings(model=args.model, exclude_prompts=str(used), generation=generation))
+    baseline_settings = with_testbed_defaults(EvaluateSettings(model=args.model, exclude_prompts=str(used),
+                                                               generation=generation))
     baseline = evaluate(baseline_settings, pipe=pipe,
                         attribute_classifier=classifier, progress=False)
     scorer = Scorer(held_out=held_out, threshold=baseline.threshold, backend=make_backend("ssim"),
@@ -94,7 +96,8 @@ def main():
     wanda = locator.masks(located.prompts, SelectionSettings(ratio=0.01))
     seconds = time.perf_counter() - tic
     result = apply_masks(pipe, wanda, 10)
-    rows.append({"method": "wanda", "ratio": 0.01, "zeroed_weights": result.total_zeroed, "seconds": seconds, **scorer(pipe)})
+    rows.append({"method": "wanda", "ratio": 0.01, "zeroed_weights": result.total_zeroed, "seconds": seconds,
+                 **scorer(pipe)})
     undo(pipe, result)
     print(rows[-1], flush=True)
 

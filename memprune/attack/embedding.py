@@ -31,8 +31,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..conditioning import (Conditioning, check_finite, encode, expand_rows, frozen, gradients_enabled, pipeline_kwargs,
-                            predict_noise)
+from ..conditioning import (
+    Conditioning,
+    check_finite,
+    encode,
+    expand_rows,
+    frozen,
+    gradients_enabled,
+    pipeline_kwargs,
+    predict_noise,
+)
 from ..errors import MemPruneError
 from ..generate import GenerationSettings, guidance_scale, pipeline_call_kwargs
 from ..latents import noised, prediction_kind, prediction_target, vae_encode

@@ -21,29 +21,33 @@ tokenizer or text encoder differ from the base model's is refused (memprune.atta
 Metrics (tidy model, group, metric, value; group ``memorized_held_out`` with ``exclude_prompts``, else
 ``memorized``): memorization_rate, copy_similarity (baseline, same fresh seeds), memorization_rate_attacked,
 copy_similarity_attacked, denoising_loss(_attacked) (the objective on the attack's draws, before and after),
-perturbation_norm_relative, attack_seconds_per_prompt, n_prompts, n_generations, and copy_threshold (unedited).
+perturbation_norm_relative, attack_seconds_per_prompt, n_prompts, n_generations, and copy_threshold (unedited);
+with ``fixed_thresholds``, memorization_rate@<t> and memorization_rate_attacked@<t> at each fixed threshold t.
 """
 from __future__ import annotations
 
-import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..cli_types import require_finite
 from ..conditioning import asked_size, encode
 from ..errors import MemPruneError
+from ..evaluation.fixed_thresholds import backend_name, check_fixed_thresholds, fixed_rates
 from ..evaluation.inputs import check_edited
 from ..evaluation.metrics import calibrate_threshold, memorization_rate
 from ..evaluation.settings import edited_model_names
 from ..generate import GenerationSettings, generate, uses_cfg
 from ..models import DEFAULT_MODEL, load_pipeline, resolve_device
-from ..prompts import PromptList, read_prompts
+from ..prompts import PromptList, read_prompts, require_available
+from ..readback import read_metrics_csv, read_run_settings
 from ..similarity import load_image, make_backend
 from .embedding import AttackSettings, attack_prompt, generate_from_embeddings
 from .text_side import check_same_text_side, text_fingerprint, text_side
@@ -65,6 +69,7 @@ class AttackRunSettings:
     threshold_percentile: float = 95.0
     similarity: str = "ssim"
     sscd: str | None = None
+    fixed_thresholds: tuple[float, ...] = ()  # memorization_rate(_attacked)@<t> beside the calibrated rates
     generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(steps=50, seeds=2,
                                                                                        seed=GENERATION_SEED))
     attack: AttackSettings = field(default_factory=AttackSettings)
@@ -75,12 +80,15 @@ class AttackRunSettings:
             raise MemPruneError("--steps and --seeds must be at least 1.")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise MemPruneError(f"--num-prompts must be at least 1, got {self.num_prompts}.")
+        if self.threshold is not None:
+            require_finite(self.threshold, "--threshold")  # settings built in code bypass the CLI's check
         if self.threshold is not None and self.threshold_from is not None:
             raise MemPruneError("Give either --threshold or --threshold-from, not both.")
         if not 0 < self.threshold_percentile <= 100:
             raise MemPruneError(f"--threshold-percentile must be in (0, 100], got {self.threshold_percentile}.")
         if self.sscd is None and self.similarity not in ("ssim", "l2"):
             raise MemPruneError(f"Unknown similarity '{self.similarity}': use ssim or l2, or give --sscd FILE.")
+        self.fixed_thresholds = check_fixed_thresholds(self.fixed_thresholds, backend_name(self.similarity, self.sscd))
         seeds = range(self.generation.seed, self.generation.seed + self.generation.seeds)
         if self.attack.attack_seed in seeds:
             raise MemPruneError(f"--attack-seed {self.attack.attack_seed} is one of the generation seeds "
@@ -88,10 +96,16 @@ class AttackRunSettings:
 
     def check_inputs(self) -> None:
         """Refuse settings without memorized prompts or without a way to set the copy threshold."""
-        if self.prompts is None:
-            raise MemPruneError("--prompts is required: the attack needs the memorized prompts.")
+        _ = self.prompts_file
         if self.control is None and self.threshold is None and self.threshold_from is None:
             raise MemPruneError(NO_THRESHOLD)
+
+    @property
+    def prompts_file(self) -> str:
+        """--prompts, refused when missing."""
+        if self.prompts is None:
+            raise MemPruneError("--prompts is required: the attack needs the memorized prompts.")
+        return self.prompts
 
     def edited_models(self) -> dict[str, str]:
         """The names evaluate gives these folders (one --edited: "edited"; several: by folder, as --compare)."""
@@ -109,24 +123,28 @@ def read_threshold(folder: str | Path, settings: AttackRunSettings) -> tuple[flo
     folder = Path(folder)
     metrics_path = folder / "metrics.csv"
     if not metrics_path.is_file():
-        raise MemPruneError(f"--threshold-from '{folder}' has no metrics.csv: give an output folder of memprune evaluate.")
-    metrics = pd.read_csv(metrics_path)
-    rows = metrics[metrics.metric == "copy_threshold"] if "metric" in metrics else metrics.iloc[0:0]
+        raise MemPruneError(f"--threshold-from '{folder}' has no metrics.csv: "
+                            "give an output folder of memprune evaluate.")
+    metrics = read_metrics_csv(metrics_path)
+    rows = metrics[metrics.metric == "copy_threshold"]
     if rows.empty:
         raise MemPruneError(f"'{metrics_path}' has no copy_threshold row: give an output folder of memprune evaluate.")
-    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
-    theirs = run.get("settings", {})
+    theirs = read_run_settings(folder)
     if theirs and (theirs.get("sscd") is not None) != (settings.sscd is not None) or (
             theirs and settings.sscd is None and theirs.get("similarity") != settings.similarity):
         raise MemPruneError(f"The evaluate run in '{folder}' used another similarity backend "
                             f"({theirs.get('sscd') or theirs.get('similarity')}): use the same --similarity/--sscd.")
     value = float(rows.value.iloc[0])
+    if not math.isfinite(value):
+        raise MemPruneError(f"'{metrics_path}' has a copy_threshold of {value}, not a finite number: give an output "
+                            "folder of memprune evaluate.")
     return value, {"value": value, "source": str(metrics_path), "description": f"copy_threshold of '{metrics_path}'"}
 
 
 def calibrate(pipe, backend, control: PromptList, pool: torch.Tensor, settings: AttackRunSettings, size,
               progress: bool) -> tuple[float, dict]:
-    """evaluate's threshold: percentile of the unedited control generations' similarity to their nearest training image."""
+    """evaluate's threshold: percentile of the unedited control generations' similarity to their nearest training
+    image."""
     images = [image.detach().to("cpu", torch.float32).clamp(0, 1) for _, _, image in generate(
         pipe, control.prompts, settings.generation, output_type="pt", progress=progress, desc="calibration")]
     nearest = backend.matrix(backend.features(torch.stack(images)), backend.features(pool)).max(dim=1).values.numpy()
@@ -135,7 +153,8 @@ def calibrate(pipe, backend, control: PromptList, pool: torch.Tensor, settings: 
         "value": value, "percentile": settings.threshold_percentile, "generations": len(nearest),
         "description": f"{settings.threshold_percentile:g}th percentile of the similarity of {len(nearest)} unedited "
                        f"generations of '{control.source}' to their nearest of {len(pool)} known training images "
-                       f"(seeds {settings.generation.seed}..{settings.generation.seed + settings.generation.seeds - 1}, "
+                       f"(seeds {settings.generation.seed}.."
+                       f"{settings.generation.seed + settings.generation.seeds - 1}, "
                        f"{settings.generation.steps} steps); backend {backend.name}",
     }
 
@@ -155,8 +174,9 @@ class AttackRun:
 
 
 def select_prompts(settings: AttackRunSettings) -> PromptList:
-    """The memorized prompts to attack: those with a training image, minus --exclude-prompts, the first --num-prompts."""
-    prompts = read_prompts(settings.prompts)
+    """The memorized prompts to attack: those with a training image, minus --exclude-prompts, the first
+    --num-prompts."""
+    prompts = read_prompts(settings.prompts_file)
     if not prompts.images or not any(prompts.images):
         raise MemPruneError(f"Prompt file '{settings.prompts}' has no image column: the attack needs each memorized "
                             "prompt's training image.")
@@ -165,14 +185,18 @@ def select_prompts(settings: AttackRunSettings) -> PromptList:
         used = set(read_prompts(settings.exclude_prompts).prompts)
         held_out = [i for i in keep if prompts.prompts[i] not in used]
         if len(held_out) == len(keep) and not used & set(prompts.prompts):
-            raise MemPruneError(f"None of the captions in '{settings.exclude_prompts}' is a prompt of '{settings.prompts}': "
+            raise MemPruneError(f"None of the captions in '{settings.exclude_prompts}' is a prompt of "
+                                f"'{settings.prompts}': "
                                 "was it written by locate on another memorized file?")
         keep = held_out
     if not keep:
         raise MemPruneError(f"No prompt of '{settings.prompts}' is left to attack (all excluded or without an image).")
+    excluded = ", not in --exclude-prompts" if settings.exclude_prompts is not None else ""
+    require_available(settings.num_prompts, len(keep), "--num-prompts",
+                      f"prompts of '{settings.prompts}' to attack (with a training image{excluded})")
     keep = keep[: settings.num_prompts] if settings.num_prompts else keep
     for i in keep:
-        if not Path(prompts.images[i]).is_file():
+        if not Path(prompts.image(i)).is_file():
             raise MemPruneError(f"Prompt file '{settings.prompts}' row {i + 1}: training image '{prompts.images[i]}' "
                                 "does not exist.")
     return prompts.subset(keep)
@@ -188,17 +212,18 @@ def attack_model(name: str, pipe, prompts: PromptList, training: list[torch.Tens
         with torch.no_grad():
             conditioning = encode(pipe, [prompt], None, size)
         result = attack_prompt(pipe, prompt, training[i], settings.attack, conditioning)
-        row = {"model": name, "prompt_index": i, "caption": prompt, "image": prompts.images[i],
+        row = {"model": name, "prompt_index": i, "caption": prompt, "image": prompts.image(i),
                "denoising_loss": result.loss_before, "denoising_loss_attacked": result.loss_after,
                "perturbation_norm_relative": result.relative_norm, "attack_seconds": result.seconds}
-        for attacked, cond in ((False, conditioning.cond), (True, conditioning.cond + result.delta.to(conditioning.cond))):
+        attacked_cond = conditioning.cond + result.delta.to(conditioning.cond)
+        for attacked, cond in ((False, conditioning.cond), (True, attacked_cond)):
             images = generate_from_embeddings(pipe, conditioning, cond, settings.generation, size)
             feats = backend.features(images)
             similarity = backend.paired(feats, train_features[i][None].expand_as(feats)).double().numpy()
             suffix = "_attacked" if attacked else ""
             row[f"copy_similarity{suffix}"] = float(similarity.mean())
             row[f"memorization_rate{suffix}"] = memorization_rate(similarity, threshold)
-            for seed, value in zip(seeds, similarity):
+            for seed, value in zip(seeds, similarity, strict=True):
                 generations.append({"model": name, "prompt_index": i, "caption": prompt, "seed": seed,
                                     "attacked": attacked, "copy_similarity": float(value),
                                     "is_copy": bool(value > threshold)})
@@ -213,13 +238,15 @@ def attack_metrics(per_prompt: pd.DataFrame, generations: pd.DataFrame, settings
     for model in models:
         prompts = per_prompt[per_prompt.model == model]
         gens = generations[generations.model == model]
-        add = lambda metric, value: rows.append((model, group, metric, float(value)))  # noqa: E731
+        add = lambda metric, value, model=model: rows.append((model, group, metric, float(value)))  # noqa: E731
         add("n_prompts", len(prompts))
         add("n_generations", len(gens) // 2)
         for attacked, suffix in ((False, ""), (True, "_attacked")):
             values = gens[gens.attacked == attacked].copy_similarity.to_numpy()
             add(f"memorization_rate{suffix}", memorization_rate(values, threshold))
             add(f"copy_similarity{suffix}", values.mean())
+            for metric, rate in fixed_rates(values, settings.fixed_thresholds, f"memorization_rate{suffix}").items():
+                add(metric, rate)
         add("denoising_loss", prompts.denoising_loss.mean())
         add("denoising_loss_attacked", prompts.denoising_loss_attacked.mean())
         add("perturbation_norm_relative", prompts.perturbation_norm_relative.mean())
@@ -236,8 +263,10 @@ def copy_threshold(settings: AttackRunSettings, pipe, backend, size, progress: b
     elif settings.threshold_from is not None:
         threshold, info = read_threshold(settings.threshold_from, settings)
     else:
+        assert settings.control is not None  # check_inputs: without a threshold a --control is given
         control = read_prompts(settings.control)
-        pool_paths = list(dict.fromkeys(p for p in (read_prompts(settings.prompts).images or []) + (control.images or []) if p))
+        known = (read_prompts(settings.prompts_file).images or []) + (control.images or [])
+        pool_paths = list(dict.fromkeys(p for p in known if p))
         if not pool_paths:
             raise MemPruneError(f"No training images in '{settings.prompts}' or '{settings.control}' to calibrate the "
                                 "copy threshold on: give --threshold.")
@@ -260,6 +289,8 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
     for folder in edited.values():
         notes.append(check_edited(settings.model, folder))
     prompts = select_prompts(settings)
+    if settings.threshold_from is not None:
+        read_threshold(settings.threshold_from, settings)  # not an evaluate output: refused before loading
     backend = make_backend(settings.similarity, settings.sscd)
     log(f"Similarity backend: {backend.description}")
     target = resolve_device(device)
@@ -269,7 +300,7 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
     if not uses_cfg(pipe, settings.generation):
         notes.append("No classifier-free guidance (guidance scale <= 1): generations use the conditional branch only.")
     size = asked_size(pipe, settings.generation.height, settings.generation.width)
-    training = [load_image(path, size) for path in prompts.images]
+    training = [load_image(prompts.image(i), size) for i in range(len(prompts))]
     train_features = backend.features(torch.stack(training))
     base_print = text_fingerprint(pipe)
     for folder in edited.values():  # refuse a foreign text side before minutes of attacking

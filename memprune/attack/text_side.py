@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 from ..errors import MemPruneError
+from ..readback import read_json_object
 
 
 def _state_hash(module) -> str:
@@ -31,8 +32,10 @@ def text_fingerprint(pipe) -> dict[str, str]:
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
         if encoder is not None:
-            config = {k: v for k, v in encoder.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-            prints[f"{name}_config"] = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+            config = {k: v for k, v in encoder.config.to_dict().items()
+                      if not k.startswith("_") and k != "transformers_version"}
+            config_json = json.dumps(config, sort_keys=True, default=str)
+            prints[f"{name}_config"] = hashlib.sha256(config_json.encode()).hexdigest()
             prints[f"{name}_weights"] = _state_hash(encoder)
     return prints
 
@@ -48,7 +51,7 @@ def text_side(source: str) -> types.SimpleNamespace | None:
     index_path = Path(source).expanduser() / "model_index.json"
     if not index_path.is_file():
         return None
-    index = json.loads(index_path.read_text())
+    index = read_json_object(index_path, "it is not a diffusers pipeline folder")
     parts = {}
     for name in TEXT_COMPONENTS:
         entry = index.get(name)
@@ -69,6 +72,7 @@ def check_same_text_side(base: dict[str, str], edited: dict[str, str], folder: s
     for key in sorted(set(base) | set(edited)):
         if base.get(key) != edited.get(key):
             part = key.replace("_config", " configuration").replace("_weights", " weights")
-            raise MemPruneError(f"Edited model '{folder}' has another {part} than --model: the attack perturbs the base "
+            raise MemPruneError(f"Edited model '{folder}' has another {part} than --model: "
+                                "the attack perturbs the base "
                                 "model's text embeddings, so both must share the tokenizer and text encoder.")
 

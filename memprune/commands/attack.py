@@ -4,14 +4,15 @@ Writes metrics.csv (tidy model, group, metric, value), per_prompt.csv, generatio
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from ..attack.run import NO_THRESHOLD, AttackRun, AttackRunSettings, attack
 from ..errors import MemPruneError
-from ..runinfo import atomic_output_dir, check_output_dir, write_run_json
 from . import defaults
+from .output import ProgressLog, atomic_output_dir, refuse_output, write_run_json
 
 SUMMARY_METRICS = ["memorization_rate", "memorization_rate_attacked", "copy_similarity", "copy_similarity_attacked"]
 
@@ -19,7 +20,7 @@ SUMMARY_METRICS = ["memorization_rate", "memorization_rate_attacked", "copy_simi
 def with_testbed_defaults(settings: AttackRunSettings) -> AttackRunSettings:
     """The testbed's memorized captions as --prompts and, unless a threshold is given, its same-style captions as
     --control; off a testbed both must be given."""
-    values = {}
+    values: dict[str, Any] = {}  # AttackRunSettings fields, by name
     testbed = defaults.is_testbed(settings.model)
     if settings.prompts is None:
         if not testbed:
@@ -36,9 +37,9 @@ def attack_to_folder(settings: AttackRunSettings, out, overwrite: bool = False, 
                      progress: bool = True, log: Callable[[str], None] | None = None) -> str:
     """The `memprune attack` command as a function: writes the folder, returns the summary to print."""
     settings = with_testbed_defaults(settings)
-    protected = [p for p in (settings.model, *settings.edited) if p and Path(p).exists()]
-    check_output_dir(out, overwrite, protected)
-    result = attack(settings, device=device, dtype=dtype, progress=progress, log=log)
+    protected = refuse_output(out, overwrite, settings.model, *settings.edited)
+    progress_log = ProgressLog(log)
+    result = attack(settings, device=device, dtype=dtype, progress=progress, log=progress_log)
     with atomic_output_dir(out, overwrite, protected) as staging:
         result.metrics.to_csv(staging / "metrics.csv", index=False)
         result.per_prompt.to_csv(staging / "per_prompt.csv", index=False)
@@ -48,14 +49,16 @@ def attack_to_folder(settings: AttackRunSettings, out, overwrite: bool = False, 
         write_run_json(staging, settings, inputs, result.timings, similarity_backend=result.backend,
                        copy_threshold=result.threshold_info, notes=result.notes,
                        models={"unedited": settings.model, **settings.edited_models()})
-    return summary(result, out)
+    return summary(result, out, progress_log)
 
 
-def summary(result: AttackRun, out) -> str:
+def summary(result: AttackRun, out, printed: ProgressLog | None = None) -> str:
+    """The lines the command prints at the end, less those `printed` already printed while it ran."""
     table = result.metrics[result.metrics.metric.isin(SUMMARY_METRICS)]
     lines = [f"Similarity backend: {result.backend}",
              f"Copy threshold: {result.threshold:.4f} ({result.threshold_info['description']}).",
-             *[f"Note: {note}" for note in result.notes],
-             table.pivot_table(index="model", columns="metric", values="value", sort=False).round(4).to_string(),
-             f"Metrics: {Path(out) / 'metrics.csv'}; per prompt: {Path(out) / 'per_prompt.csv'}"]
+             *[f"Note: {note}" for note in result.notes]]
+    lines = printed.unsaid(lines) if printed is not None else lines
+    lines += [table.pivot_table(index="model", columns="metric", values="value", sort=False).round(4).to_string(),
+              f"Metrics: {Path(out) / 'metrics.csv'}; per prompt: {Path(out) / 'per_prompt.csv'}"]
     return "\n".join(lines)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from ..errors import MemPruneError
 from ..generate import GenerationSettings
 from ..models import load_pipeline, resolve_device
 from ..prompts import read_prompts
+from ..runinfo import Log, apply_default_permissions, notice, remove_stale_staging, staging_dir
 from .defaults import model_or_default
 from .output import Timer, write_run_json
 
@@ -28,15 +29,20 @@ def run(options: dict[str, Any]) -> str:
                           dtype=options["dtype"])
 
 
-def _atomic_write(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(handle)
+def _write_files(out: Path, json_path: Path, write_scores, write_run_json_into) -> None:
+    """Write FILE.csv and FILE.json through one staging folder `.FILE.csv.run-PID-*` beside them, renamed into place
+    file by file: a killed run leaves only that folder, which the next run with the same --out removes."""
+    staging = staging_dir(out, "run")
     try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        record = json.loads(write_run_json_into(staging).read_text())
+        (staging / "run.json").unlink()
+        write_scores(staging / out.name)
+        (staging / json_path.name).write_text(json.dumps(record, indent=1))
+        apply_default_permissions(staging)
+        os.replace(staging / out.name, out)
+        os.replace(staging / json_path.name, json_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def summary_path(out: str | Path) -> Path:
@@ -45,7 +51,7 @@ def summary_path(out: str | Path) -> Path:
 
 
 def detect_to_file(settings: DetectSettings, out: str | Path, overwrite: bool = False, device: str = "auto",
-                   dtype=None, progress: bool = True) -> str:
+                   dtype=None, progress: bool = True, log: Log | None = notice) -> str:
     """The `memprune detect` command as a function: scores to FILE.csv, ROC and run info to FILE.json."""
     out = Path(out)
     if out.suffix.lower() != ".csv":
@@ -59,6 +65,7 @@ def detect_to_file(settings: DetectSettings, out: str | Path, overwrite: bool = 
     model_path = Path(settings.model).resolve()
     if Path(settings.model).exists() and (model_path == out.resolve().parent or model_path in out.resolve().parents):
         raise MemPruneError(f"Output file '{out}' lies inside the model folder: memprune never writes into a source.")
+    remove_stale_staging(out, log)  # what killed runs with this --out left, as check_output_dir does for folders
     prompts = read_prompts(settings.prompts)
     prompt_labels(prompts)  # refuse bad labels before loading a model
     timer = Timer()
@@ -68,12 +75,9 @@ def detect_to_file(settings: DetectSettings, out: str | Path, overwrite: bool = 
     with timer("detect"):
         result = detect(pipe, prompts, settings.generation, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.run-") as staging:
-        write_run_json(staging, settings, {"prompts": settings.prompts}, timer.seconds, roc=result.roc,
-                       prompts=len(prompts), scores_file=str(out))
-        record = json.loads((Path(staging) / "run.json").read_text())
-    _atomic_write(out, lambda path: result.scores.to_csv(path, index=False))
-    _atomic_write(json_path, lambda path: Path(path).write_text(json.dumps(record, indent=1)))
+    _write_files(out, json_path, lambda path: result.scores.to_csv(path, index=False),
+                 lambda staging: write_run_json(staging, settings, {"prompts": settings.prompts}, timer.seconds,
+                                                roc=result.roc, prompts=len(prompts), scores_file=str(out)))
     lines = [f"Scored {len(prompts)} prompts x {settings.generation.seeds} seeds "
              f"({settings.generation.steps} steps): mean score {result.scores['detection_score'].mean():.4f}."]
     for column, roc in result.roc.items():

@@ -7,17 +7,18 @@ group), copy_similarity_ecdf.png (when training images are known) and run.json, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Literal
 
 from ..errors import MemPruneError
 from ..evaluation.report import metrics_markdown, summary_table, threshold_lines
 from ..evaluation.run import EvaluationResult, evaluate
 from ..evaluation.settings import PROMPT_ROLES, EvaluateSettings
 from ..prune import PRUNE_INFO
-from ..runinfo import atomic_output_dir, check_output_dir, write_run_json
 from . import defaults
+from .output import ProgressLog, atomic_output_dir, refuse_output, write_run_json
 
 TESTBED_ROLES = ("memorized", "control", "general")  # the prompt roles a testbed fills when not given
 
@@ -27,7 +28,7 @@ def with_testbed_defaults(settings: EvaluateSettings) -> EvaluateSettings:
 
     Idempotent; "none" stays in the settings (as given) and means "no such group".
     """
-    values = {}
+    values: dict[str, Any] = {}  # EvaluateSettings fields, by role name
     if defaults.is_testbed(settings.model):
         for role in TESTBED_ROLES:
             if getattr(settings, role) is None:
@@ -46,7 +47,7 @@ def run_evaluation(settings: EvaluateSettings, pipe=None, edited_pipe=None, devi
     """memprune.evaluation.run.evaluate with the command's inputs: the testbed's default prompt files and, on a
     testbed, its attribute classifier."""
     settings = with_testbed_defaults(settings)
-    classifier = "testbed" if defaults.is_testbed(settings.model) else None
+    classifier: Literal["testbed"] | None = "testbed" if defaults.is_testbed(settings.model) else None
     return evaluate(settings, pipe=pipe, edited_pipe=edited_pipe, attribute_classifier=classifier, device=device,
                     dtype=dtype, progress=progress, log=log)
 
@@ -55,9 +56,9 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
                        progress: bool = True, log: Callable[[str], None] | None = None) -> str:
     """The `memprune evaluate` command as a function: writes the folder, returns the summary to print."""
     settings = with_testbed_defaults(settings)
-    protected = [p for p in (settings.model, *settings.edited_models().values()) if p and Path(p).exists()]
-    check_output_dir(out, overwrite, protected)
-    result = run_evaluation(settings, device=device, dtype=dtype, progress=progress, log=log)
+    protected = refuse_output(out, overwrite, settings.model, *settings.edited_models().values())
+    progress_log = ProgressLog(log)
+    result = run_evaluation(settings, device=device, dtype=dtype, progress=progress, log=progress_log)
     with atomic_output_dir(out, overwrite, protected) as staging:
         result.metrics.to_csv(staging / "metrics.csv", index=False)
         result.generations.to_csv(staging / "generations.csv", index=False)
@@ -66,7 +67,7 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
         write_run_json(staging, settings, _inputs(settings), result.timings, similarity_backend=result.backend,
                        copy_threshold=result.threshold_info, notes=result.notes, random_controls=result.random_controls,
                        groups={name: len(group.members) for name, group in result.groups.items()})
-    return summary(result, out)
+    return summary(result, out, progress_log)
 
 
 def write_grids(result: EvaluationResult, folder: Path, grid_prompts: int) -> list[str]:
@@ -96,14 +97,18 @@ def _inputs(settings: EvaluateSettings) -> dict[str, str | None]:
     inputs = {role: settings.prompt_file(role) for role in PROMPT_ROLES}
     inputs["exclude_prompts"] = settings.exclude_prompts
     inputs["sscd"] = settings.sscd
+    inputs.update(clip_model=settings.clip_model, inception=settings.inception, fid_reference=settings.fid_reference,
+                  fid_prompts=settings.fid_prompts)
     for name, folder in settings.edited_models().items():
         inputs[f"{name}_memprune_json"] = str(Path(folder) / PRUNE_INFO)
     return inputs
 
 
-def summary(result: EvaluationResult, out) -> str:
+def summary(result: EvaluationResult, out, printed: ProgressLog | None = None) -> str:
+    """The lines the command prints at the end, less those `printed` already printed while it ran."""
     lines = [f"Similarity backend: {result.backend}", *threshold_lines(result)]
     lines += [f"Note: {note}" for note in result.notes]
+    lines = printed.unsaid(lines) if printed is not None else lines
     lines.append(summary_table(result))
     lines.append(f"Metrics: {Path(out) / 'metrics.csv'} and {Path(out) / 'metrics.md'}")
     return "\n".join(lines)

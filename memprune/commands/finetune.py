@@ -12,8 +12,14 @@ import torch
 
 from .. import methods
 from ..errors import MemPruneError
-from ..finetune import (FinetuneSettings, apply_delta, check_disjoint, relative_change, trainable_parameters,
-                        verify_saved)
+from ..finetune import (
+    FinetuneSettings,
+    apply_delta,
+    check_disjoint,
+    relative_change,
+    trainable_parameters,
+    verify_saved,
+)
 from ..masks import file_sha256
 from ..model_card import write_card
 from ..models import denoiser, load_pipeline, resolve_device
@@ -29,12 +35,14 @@ from .output import Timer, atomic_output_dir, refuse_output, write_run_json
 def run(options: dict[str, Any]) -> str:
     """`memprune finetune` with the CLI's options."""
     model = model_or_default(options["model"])
-    settings = FinetuneSettings(steps=options["steps"], lr=options["lr"], seed=options["seed"], params=options["params"],
+    settings = FinetuneSettings(steps=options["steps"], lr=options["lr"], seed=options["seed"],
+                                params=options["params"],
                                 batch_size=options["batch_size"], retain_prompts=options["retain_prompts"] or None,
                                 retain_images=options["retain_images"], sampling_steps=options["sampling_steps"],
                                 height=options.get("height"), width=options.get("width"))
     method_settings = methods.get(options["method"], "finetune").settings_from_options(options)
-    inputs = FinetuneInputs(memorized=options["memorized"], retain=options["retain"], anchors=options["anchors"])
+    inputs = FinetuneInputs(memorized=options["memorized"], retain=options["retain"], anchors=options["anchors"],
+                            from_dir=options.get("from_dir"))
     # Trained in float32 (Adam on half-precision weights loses small updates); --dtype is the dtype it is saved in.
     return finetune_to_folder(model, options["method"], options["out"], settings, inputs, method_settings,
                               overwrite=options["overwrite"], device=options["device"],
@@ -48,21 +56,46 @@ class FinetuneInputs:
     memorized: str | None = None
     retain: str | None = None
     anchors: str | None = None  # doco only (default: the retain prompts)
+    from_dir: str | None = None  # --from: an edit of the model to start from (e.g. a pruned folder)
 
 
 def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None) -> FinetuneInputs:
     memorized = inputs.memorized or testbed_file(model, "memorized")
     retain = inputs.retain
     if retain is not None and retain_images is not None:
-        raise MemPruneError("Give --retain FILE or --retain-images DIR, not both: the images' captions are the retain prompts.")
+        raise MemPruneError("Give --retain FILE or --retain-images DIR, not both: "
+                            "the images' captions are the retain prompts.")
     if retain is None and retain_images is None:
         # general_train, never general_heldout: evaluate measures utility on the held-out captions.
         retain = testbed_file(model, "general_train")
         if retain is None:
-            raise MemPruneError("--retain FILE (or --retain-images DIR) is required when --model is not a memprune testbed.")
+            raise MemPruneError("--retain FILE (or --retain-images DIR) is required "
+                                "when --model is not a memprune testbed.")
     if memorized is None:
         raise MemPruneError("--memorized FILE is required when --model is not a memprune testbed.")
-    return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors)
+    return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors, from_dir=inputs.from_dir)
+
+
+def check_started_from(model: str, folder: str) -> dict:
+    """Refuse a --from folder that is not a memprune edit of --model (its memprune.json names another source);
+    return what memprune.json of the result records about it."""
+    from ..evaluation.inputs import same_model
+    from ..models import check_model_source
+
+    check_model_source(folder)
+    info_path = Path(folder).expanduser() / PRUNE_INFO
+    try:
+        edit = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        source = edit.get("source")
+    except (json.JSONDecodeError, AttributeError):
+        edit, source = {}, None
+    if source is None:
+        raise MemPruneError(f"--from '{folder}' has no valid {PRUNE_INFO} naming its source model, so it cannot be "
+                            f"checked to be an edit of --model '{model}': give a folder memprune wrote.")
+    if not same_model(str(source), str(model)):
+        raise MemPruneError(f"--from '{folder}' was edited from '{source}', not from --model '{model}': "
+                            f"use --model {source} or a folder edited from '{model}'.")
+    return {"path": str(Path(folder).resolve()), "method": edit.get("method")}
 
 
 def anchor_notes(model: str, anchors: str | None) -> list[str]:
@@ -70,10 +103,19 @@ def anchor_notes(model: str, anchors: str | None) -> list[str]:
     control = testbed_file(model, "control")
     if anchors is None or control is None:
         return []
-    control = Path(control)
-    if control.is_file() and Path(anchors).resolve() == control.resolve():
+    control_path = Path(control)
+    if control_path.is_file() and Path(anchors).resolve() == control_path.resolve():
         return ["the anchors are the testbed's same-style control captions, which `memprune evaluate` scores as its "
                 "control group: that group is not held out from this fine-tune."]
+    return []
+
+
+def retain_count_notes(settings: FinetuneSettings, available: int) -> list[str]:
+    """--retain-prompts is a cap with a default (128), so a smaller retain file is not refused; the summary and
+    memprune.json say how many were used instead of capping silently."""
+    if settings.retain_images is None and settings.retain_prompts is not None and settings.retain_prompts > available:
+        return [f"--retain-prompts {settings.retain_prompts} is more than the {available} retain captions: all "
+                f"{available} were used."]
     return []
 
 
@@ -101,22 +143,27 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     dtypes unless `save_dtype` names one), verify."""
     settings = settings or FinetuneSettings()
     module = methods.get(method, "finetune")
-    protected = refuse_output(out, overwrite, model)  # before minutes of work, not after
-    inputs = resolve_inputs(model, inputs or FinetuneInputs(), settings.retain_images)
-    memorized = read_prompts(inputs.memorized).prompts
+    inputs = inputs or FinetuneInputs()
+    started_from = check_started_from(model, inputs.from_dir) if inputs.from_dir else None
+    protected = refuse_output(out, overwrite, model, inputs.from_dir)  # before minutes of work, not after
+    inputs = resolve_inputs(model, inputs, settings.retain_images)
+    assert inputs.memorized is not None  # resolve_inputs refuses a missing --memorized
+    memorized_list = read_prompts(inputs.memorized)
+    memorized = memorized_list.prompts
     if inputs.retain is not None:
         retain_prompts = read_prompts(inputs.retain).prompts
     else:
+        assert settings.retain_images is not None  # resolve_inputs: --retain or --retain-images
         retain_prompts = read_image_captions(settings.retain_images)[1]
     check_disjoint(memorized, retain_prompts)
     anchors = read_prompts(inputs.anchors).prompts if inputs.anchors else None
-    notes = []
+    notes = retain_count_notes(settings, len(retain_prompts))
     if anchors is not None:
         check_disjoint(memorized, anchors, "anchor")
         notes += anchor_notes(model, inputs.anchors)
     timer = Timer()
     with timer("load"):  # float32 whatever the source's dtype: Adam on half-precision weights loses small updates
-        pipe = load_pipeline(model, resolve_device(device), dtype or torch.float32)
+        pipe = load_pipeline(inputs.from_dir or model, resolve_device(device), dtype or torch.float32)
     trainable_parameters(denoiser(pipe), settings.params)  # fail now on --params naming nothing
     with timer("retain_data"):
         if settings.retain_images:
@@ -126,7 +173,7 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     method_settings = method_settings if method_settings is not None else module.settings_from_options({})
     with timer("finetune"):
         result = module.train(pipe, settings, method_settings=method_settings, memorized_prompts=memorized,
-                              retain=retain, anchor_prompts=anchors)
+                              retain=retain, anchor_prompts=anchors, memorized_images=memorized_list.images)
     delta, history, method_info = result.delta, result.history, result.info
     net = denoiser(pipe)
     params = dict(net.named_parameters())
@@ -151,9 +198,12 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
         "method_info": _jsonable(method_info),
         "notes": notes,
     }
+    if started_from is not None:
+        info["started_from"] = started_from  # the edit the delta was added to; "source" stays the base model
     with atomic_output_dir(out, overwrite, protected) as staging:
         with timer("save"):
-            info["saved_dtypes"] = cast_components(pipe.to("cpu"), save_dtypes(pipe, model, save_dtype))
+            dtypes = save_dtypes(pipe, inputs.from_dir or model, save_dtype)  # the dtypes of what was loaded
+            info["saved_dtypes"] = cast_components(pipe.to("cpu"), dtypes)
             pipe.save_pretrained(str(staging), safe_serialization=True)
             history.to_csv(staging / "loss.csv", index=False)
             write_prompts(retain.prompts, staging / "retain_prompts_used.csv")

@@ -19,7 +19,7 @@ from .. import methods
 from ..errors import MemPruneError
 from ..generate import GenerationSettings, call_plan
 from ..locate import LocateSettings, locate, memorized_prompts, save_locate_result
-from ..prompts import read_prompts, write_prompts
+from ..prompts import read_prompts, require_available, write_prompts
 from .defaults import file_or_testbed_default, model_or_default, testbed_file
 from .output import Timer, atomic_output_dir, check_output_dir, protected_sources, refuse_output, write_run_json
 
@@ -68,8 +68,28 @@ def check_work_size(settings: LocateSettings, world: int) -> None:
     if world > calls:
         raise MemPruneError(
             f"--processes {world} is more than the work: {count} memorized prompts x {settings.generation.seeds} seeds "
-            f"in batches of {settings.generation.batch_size} make {calls} pipeline calls; use at most {calls} processes "
+            f"in batches of {settings.generation.batch_size} make {calls} pipeline calls; "
+            f"use at most {calls} processes "
             "or a smaller --batch-size.")
+
+
+def check_prompt_files(settings: LocateSettings) -> None:
+    """Refuse bad prompt files and counts before a model loads or a process starts."""
+    memorized = read_prompts(settings.memorized, label=settings.memorized_label)
+    check_counts(settings.memorized, len(memorized), settings.num_prompts, settings.subsets and settings.subset_size)
+    if settings.subsets and settings.control is not None:
+        require_available(settings.subset_size, len(read_prompts(settings.control)), "--subset-size",
+                          f"control prompts in '{settings.control}'")
+    if settings.reference != "empty":
+        read_prompts(settings.reference)
+
+
+def check_counts(memorized: str, available: int, num_prompts: int | None, subset_size: int | None = None) -> None:
+    """--num-prompts and --subset-size may not ask for more memorized prompts than the file holds: refused before
+    any work, the way attack refuses its --num-prompts (the subsets are drawn from the whole file)."""
+    what = f"memorized prompts in '{memorized}'"
+    require_available(num_prompts, available, "--num-prompts", what)
+    require_available(subset_size or None, available, "--subset-size", what)
 
 
 def resume_fingerprint(settings: LocateSettings, dtype, world: int) -> dict:
@@ -114,6 +134,7 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
         raise MemPruneError(f"--processes must be at least 1, got {processes}.")
     if processes > 1:
         check_output_dir(out, overwrite, protected)
+        check_prompt_files(settings)
         check_work_size(settings, processes)  # before starting any process
         if resolve_device(device).type == "cuda" and processes > torch.cuda.device_count():
             raise MemPruneError(f"--processes {processes} on CUDA takes one GPU each, but {torch.cuda.device_count()} "
@@ -123,16 +144,16 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
                                                        checkpoint_seconds=checkpoint_seconds))
     group = current_processes(device)
     check_output_dir(out, overwrite, protected)
-    read_prompts(settings.memorized, label=settings.memorized_label)  # fail on a bad prompt file before loading a model
-    if settings.reference != "empty":
-        read_prompts(settings.reference)
+    check_prompt_files(settings)
     check_work_size(settings, group.world)
     partial, resumed = open_partial(out, resume_fingerprint(settings, dtype, group.world), resume, overwrite, group,
                                     checkpoint_seconds)
     timer = Timer()
     try:
         with timer("load"):
-            pipe = load_pipeline(settings.model, group.device if group.distributed else resolve_device(device), dtype)
+            # a launcher's process group brings its own device per rank
+            target = group.device if group.device is not None else resolve_device(device)
+            pipe = load_pipeline(settings.model, target, dtype)
         with timer("locate"):
             result = locate(settings, pipe, processes=group, partial=partial)
         if group.is_main:
@@ -224,6 +245,7 @@ def edit_to_folder(settings: EditLocateSettings, out, overwrite: bool = False, d
     module = methods.get(settings.method, "weight_edit")
     protected = refuse_output(out, overwrite, settings.model)
     memorized = read_prompts(settings.memorized, label=settings.memorized_label)
+    check_counts(settings.memorized, len(memorized), settings.num_prompts)
     if settings.num_prompts is not None:
         memorized = memorized.subset(seeded_subsets(len(memorized), 1, settings.num_prompts, settings.sample_seed)[0])
     reference: list[str] = []

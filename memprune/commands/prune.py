@@ -5,8 +5,9 @@ selects first, into its own masks folder, which is then applied the same way.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import methods
 from ..errors import MemPruneError
@@ -33,8 +34,9 @@ def run(options: dict[str, Any], echo: Callable[[str], Any] = print) -> None:
             raise MemPruneError(f"--method {module.METHOD.name} selects at prune time but has no prune command yet.")
         masks_out = options["masks_out"] or f"{str(out).rstrip('/')}-{module.METHOD.name}-masks"
         check_output_dir(out, overwrite)  # fail before minutes of training, not after
-        echo(PRUNE_STAGES[module.METHOD.name](model, options["neutral"], masks_out, module.settings_from_options(options),
-                                              wanda_masks=masks_folder, overwrite=overwrite, device=options["device"]))
+        stage = PRUNE_STAGES[module.METHOD.name]
+        echo(stage(model, options["neutral"], masks_out, module.settings_from_options(options),
+                   wanda_masks=masks_folder, overwrite=overwrite, device=options["device"]))
         masks_folder = masks_out
     elif masks_folder is None:
         raise MemPruneError(f"--masks is required with --method {module.METHOD.name}: give the output folder of "
@@ -43,8 +45,8 @@ def run(options: dict[str, Any], echo: Callable[[str], Any] = print) -> None:
                          device=options["device"], dtype=options.get("dtype") or "keep"))
 
 
-def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrite: bool = False, device: str = "auto",
-                    dtype: str = "keep") -> str:
+def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrite: bool = False,
+                    device: str = "auto", dtype: str = "keep") -> str:
     """The `memprune prune` command as a function: load a fresh copy, zero, save atomically (in the source's dtypes
     unless `dtype` names one), reload and verify."""
     protected = refuse_output(out, overwrite, model)

@@ -31,7 +31,8 @@ def uniforget_to_folder(model: str, neutral: str | None, out, settings: UniForge
 
     `neutral`: a prompt file of non-memorized captions (default on the testbed: its general_train.csv).
     `memorized`: memorized prompts that must not be among the neutral ones (default on the testbed: its
-    memorized.csv); when the memorized prompts are also the testbed's, the defaults can never overlap. `wanda_masks`: a `memprune locate` folder whose masks are united with the UniForget mask.
+    memorized.csv); when the memorized prompts are also the testbed's, the defaults can never overlap.
+    `wanda_masks`: a `memprune locate` folder whose masks are united with the UniForget mask.
     Returns a summary.
     """
     settings = settings or UniForgetSettings()

@@ -1,8 +1,9 @@
 """The attribute classifier that attribute_accuracy reads general-caption generations with (the testbed's)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch

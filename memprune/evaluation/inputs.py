@@ -10,7 +10,6 @@ Groups (the `group` column of metrics.csv):
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from ..errors import MemPruneError
 from ..models import check_model_source
 from ..prompts import PromptList, read_prompts
 from ..prune import PRUNE_INFO
+from ..readback import read_json_object
 from .settings import PROMPT_ROLES, EvaluateSettings
 
 # --------------------------------------------------------------------------------------------- edited model
@@ -36,10 +36,9 @@ def check_edited(model: str, edited: str) -> str:
     info_path = Path(edited).expanduser() / PRUNE_INFO
     if not info_path.is_file():
         return f"Edited model '{edited}' has no {PRUNE_INFO}: its base model could not be checked."
-    try:
-        source = json.loads(info_path.read_text())["source"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise MemPruneError(f"'{info_path}' is not a valid memprune.json (no 'source'): re-run memprune prune.") from exc
+    source = read_json_object(info_path, "re-run memprune prune").get("source")
+    if source is None:
+        raise MemPruneError(f"'{info_path}' is not a valid memprune.json (no 'source'): re-run memprune prune.")
     if not same_model(str(source), str(model)):
         raise MemPruneError(
             f"Edited model '{edited}' was edited from '{source}', not from --model '{model}': "
@@ -83,7 +82,8 @@ def check_training_images(prompts: PromptList) -> None:
     """Every named training image must exist (read_prompts resolves them; see prompts._image_path)."""
     for index, image in enumerate(prompts.images or []):
         if image and not Path(image).is_file():
-            raise MemPruneError(f"Prompt file '{prompts.source}' row {index + 1}: training image '{image}' does not exist.")
+            raise MemPruneError(f"Prompt file '{prompts.source}' row {index + 1}: "
+                                f"training image '{image}' does not exist.")
 
 
 def build_groups(settings: EvaluateSettings, sources: dict[str, PromptList],

@@ -19,7 +19,8 @@ from .classifier import AttributeClassifier
 
 
 def calibrate_threshold(similarities, percentile: float = 95.0) -> float:
-    """The copy threshold: the given percentile (linear interpolation, numpy's default) of non-memorized similarities."""
+    """The copy threshold: the given percentile (linear interpolation, numpy's default) of non-memorized
+    similarities."""
     values = np.asarray(similarities, dtype=float)
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -61,7 +62,8 @@ def attribute_predictions(classifier: AttributeClassifier, images: torch.Tensor)
         predictions = [{k: predictions[k][i] for k in keys} for i in range(len(images))]
     predictions = list(predictions)
     if len(predictions) != len(images):
-        raise MemPruneError(f"The attribute classifier returned {len(predictions)} predictions for {len(images)} images.")
+        raise MemPruneError(f"The attribute classifier returned {len(predictions)} predictions "
+                            f"for {len(images)} images.")
     return predictions
 
 
@@ -69,7 +71,7 @@ def attribute_accuracy(predictions: list[dict], expected: list[dict]) -> float:
     """Share of (image, attribute) pairs predicted right, over the attributes both sides name (case-insensitive)."""
     alias = {"color": "colour"}
     hits = []
-    for predicted, truth in zip(predictions, expected):
+    for predicted, truth in zip(predictions, expected, strict=False):
         truth = {alias.get(k, k): v for k, v in truth.items() if v not in (None, "")}
         for key, value in predicted.items():
             key = alias.get(key, key)

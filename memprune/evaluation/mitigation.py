@@ -8,8 +8,9 @@ image and the share of images that reached the target are the metrics ``mitigati
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,11 +25,12 @@ from .settings import EvaluateSettings
 
 
 def mitigation_pipes(settings: EvaluateSettings, pipe, sources: dict[str, PromptList], groups: dict[str, Group],
-                     notes: list[str], log: Callable[[str], None]) -> dict[str, object]:
+                     notes: list[str], log: Callable[[str], None]) -> dict[str, Any]:
     """{name: wrapped unedited pipeline} of the --mitigation; Wen's target is calibrated here when not given."""
     from ..conditioning import asked_size
     from ..methods.wen import calibrate_target
 
+    assert settings.mitigation is not None  # called only with --mitigation
     module = get(settings.mitigation, "mitigation")
     generation = settings.generation
     if not uses_cfg(pipe, generation):
@@ -40,8 +42,8 @@ def mitigation_pipes(settings: EvaluateSettings, pipe, sources: dict[str, Prompt
         prompts = [sources[source].prompts[i] for source, i in groups[calibration].members]
         seeds = list(range(generation.seed, generation.seed + generation.seeds))
         size = asked_size(pipe, generation.height, generation.width)
-        wen = replace(wen, target=calibrate_target(pipe, prompts, generation.steps, seeds, guidance_scale(pipe, generation),
-                                                   size=size))
+        target = calibrate_target(pipe, prompts, generation.steps, seeds, guidance_scale(pipe, generation), size=size)
+        wen = replace(wen, target=target)
         notes.append(f"Wen mitigation target noise norm {wen.target:.4g}: median first-step noise norm of the unedited "
                      f"model on the {len(prompts)} {calibration} prompts x {len(seeds)} seeds (lr {wen.lr:g}, at most "
                      f"{wen.max_iterations} iterations).")
@@ -52,7 +54,7 @@ def mitigation_pipes(settings: EvaluateSettings, pipe, sources: dict[str, Prompt
     return {settings.mitigation: module.wrap(pipe, wen)}
 
 
-def add_mitigation_metrics(metrics: pd.DataFrame, seeds: int, mitigated: dict[str, object],
+def add_mitigation_metrics(metrics: pd.DataFrame, seeds: int, mitigated: dict[str, Any],
                            records: dict[tuple[str, str], list], groups: dict[str, Group],
                            models: list[str]) -> pd.DataFrame:
     """Per group: the target, the mean AdamW iterations per image and the share of images that reached the target.

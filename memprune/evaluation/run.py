@@ -10,9 +10,10 @@ one warm-up call each. The metrics are memprune.evaluation.scoring's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -25,12 +26,14 @@ from ..models import load_pipeline, resolve_device
 from ..prompts import PromptList
 from ..similarity import make_backend
 from .classifier import AttributeClassifier, load_testbed_classifier
+from .fixed_thresholds import sscd_gen_note
 from .inputs import Group, build_groups, check_edited, read_sources
 from .mitigation import add_mitigation_metrics, mitigation_pipes
-from .schema import random_control_name
-from .sharing import load_sharing
+from .schema import random_control_name, sort_metrics
 from .scoring import Generated, score
 from .settings import EvaluateSettings
+from .sharing import load_sharing
+from .utility import prepare_utility, utility_rows
 
 
 @dataclass
@@ -49,7 +52,8 @@ class EvaluationResult:
     random_controls: dict[str, dict] = field(default_factory=dict)  # control name -> of, seed, zeroed weights
 
     def value(self, model: str, group: str, metric: str) -> float:
-        rows = self.metrics[(self.metrics.model == model) & (self.metrics.group == group) & (self.metrics.metric == metric)]
+        metrics = self.metrics
+        rows = metrics[(metrics.model == model) & (metrics.group == group) & (metrics.metric == metric)]
         if rows.empty:
             raise KeyError((model, group, metric))
         return float(rows.value.iloc[0])
@@ -73,6 +77,8 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None,
     groups, group_notes = build_groups(settings, sources, roles)
     notes += group_notes
     classifier = _classifier(attribute_classifier, settings, groups, notes, log)
+    notes += [note for note in [sscd_gen_note(sources[roles["memorized"]])] if note]
+    utility = prepare_utility(settings, resolve_device(device), log, notes)
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -95,8 +101,11 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None,
 
     tic = time.perf_counter()
     scores = score(settings, backend, sources, groups, list(pipes), generated, cfg, classifier)
-    timings["metrics"] = round(time.perf_counter() - tic, 3)
     metrics = scores.metrics
+    extra = utility_rows(utility, pipes, generated.images, sources, groups, settings.generation, progress, timings)
+    if not extra.empty:
+        metrics = sort_metrics(pd.concat([metrics, extra], ignore_index=True), list(pipes))
+    timings["metrics"] = round(time.perf_counter() - tic, 3)
     if mitigated:
         metrics = add_mitigation_metrics(metrics, settings.generation.seeds, mitigated, records, groups, list(pipes))
     return EvaluationResult(metrics=metrics, generations=scores.generations, threshold=scores.threshold.value,
@@ -147,8 +156,8 @@ def add_random_controls(pipes: dict, settings: EvaluateSettings, notes: list[str
             continue
         control_name = random_control_name(name)
         pipes[control_name] = control
-        controls[control_name] = {"of": name, "seed": settings.random_control_seed, "zeroed_weights": sum(counts.values()),
-                                  "tensors": len(counts)}
+        controls[control_name] = {"of": name, "seed": settings.random_control_seed,
+                                  "zeroed_weights": sum(counts.values()), "tensors": len(counts)}
         notes.append(f"'{control_name}': the unedited model with {sum(counts.values())} random weights zeroed, as many "
                      f"per tensor as '{name}' zeroes ({len(counts)} tensors, seed {settings.random_control_seed}).")
     return controls
@@ -192,15 +201,15 @@ def generate_images(pipe, prompts: list[str], generation: GenerationSettings, de
                     progress: bool) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Images (P, S, 3, H, W), per-generation Wen scores (P, S) mean and first step (NaN without CFG)."""
     n, seeds = len(prompts), generation.seeds
-    images: list[list[torch.Tensor | None]] = [[None] * seeds for _ in range(n)]
+    images: dict[tuple[int, int], torch.Tensor] = {}
     mean = np.full((n, seeds), np.nan)
     first = np.full((n, seeds), np.nan)
     for index, seed, image, per_step in generate_with_scores(pipe, prompts, generation, "pt", progress, desc):
         s = seed - generation.seed
-        images[index][s] = image.detach().to("cpu", torch.float32).clamp(0, 1)
+        images[index, s] = image.detach().to("cpu", torch.float32).clamp(0, 1)
         if per_step is not None:
             mean[index, s], first[index, s] = summarize_steps(per_step)
-    return torch.stack([torch.stack(row) for row in images]), mean, first
+    return torch.stack([torch.stack([images[i, s] for s in range(seeds)]) for i in range(n)]), mean, first
 
 
 def _warm_up(pipe, prompt: str, generation: GenerationSettings) -> None:

@@ -7,17 +7,29 @@ from __future__ import annotations
 
 import pandas as pd
 
-GROUPS = ("memorized", "memorized_held_out", "non_memorized", "same_style_control", "general")
+GROUPS = ("memorized", "memorized_held_out", "non_memorized", "same_style_control", "general", "fid_prompts")
 MEMORIZED_GROUPS = ("memorized", "memorized_held_out")
 NON_MEMORIZED_GROUPS = ("non_memorized", "same_style_control", "general")
 METRICS = (
     "n_prompts", "n_generations", "copy_threshold", "copy_threshold_strict", "memorization_rate",
-    "memorization_rate_strict", "copy_similarity", "similarity_to_unedited",
-    "diversity", "attribute_accuracy", "detection_score", "detection_score_first_step", "detection_auc",
+    "memorization_rate_strict", "memorization_rate@", "copy_similarity", "similarity_to_unedited",
+    "diversity", "clip_score", "fid", "kid", "kid_std", "attribute_accuracy", "detection_score",
+    "detection_score_first_step", "detection_auc",
     "detection_auc_first_step", "seconds_per_image", "seconds_per_image_ratio",
     "mitigation_target", "mitigation_iterations", "mitigation_target_reached",
 )
 COLUMNS = ["model", "group", "metric", "value"]
+# memorization_rate@<t>: the rate at a fixed copy threshold t (memprune.evaluation.fixed_thresholds), sorted by t;
+# similarity_to_unedited is the field's SSCD_Gen (with an SSCD backend) and copy_similarity its SSCD_Orig;
+# clip_score, fid, kid: memprune.evaluation.clip_score and .fid (group fid_prompts: the FID captions).
+
+
+def metric_rank(name: str) -> tuple[int, float]:
+    """Where a metric sorts: its place in METRICS; a fixed-threshold rate after the strict rate, by threshold."""
+    if "@" in name:
+        threshold = name.split("@", 1)[1]
+        return METRICS.index("memorization_rate@"), float(threshold)
+    return METRICS.index(name), 0.0
 
 
 def random_control_name(edited_name: str) -> str:
@@ -27,16 +39,15 @@ def random_control_name(edited_name: str) -> str:
 
 def sort_metrics(metrics: pd.DataFrame, models: list[str]) -> pd.DataFrame:
     """Rows by model (in `models` order), then GROUPS order, then METRICS order; ties keep their order."""
-    order = {name: i for i, name in enumerate(METRICS)}
     return metrics.assign(
         _m=metrics.model.map({m: i for i, m in enumerate(models)}),
         _g=metrics.group.map({g: i for i, g in enumerate(GROUPS)}),
-        _k=metrics.metric.map(order),
+        _k=metrics.metric.map(metric_rank),
     ).sort_values(["_m", "_g", "_k"], kind="stable").drop(columns=["_m", "_g", "_k"]).reset_index(drop=True)
 
 
 def before_after(metrics: pd.DataFrame) -> pd.DataFrame:
     """Rows (group, metric) in GROUPS and METRICS order, one column per model (unedited first)."""
     table = metrics.pivot_table(index=["group", "metric"], columns="model", values="value", sort=False)
-    order = sorted(table.index, key=lambda key: (GROUPS.index(key[0]), METRICS.index(key[1])))
+    order = sorted(table.index, key=lambda key: (GROUPS.index(key[0]), metric_rank(key[1])))
     return table.loc[order, list(dict.fromkeys(metrics.model))]

@@ -30,6 +30,7 @@ from ..detect import roc_summary
 from ..prompts import PromptList
 from ..similarity import SimilarityBackend, load_image
 from .classifier import AttributeClassifier
+from .fixed_thresholds import fixed_rates
 from .inputs import Group, calibration_group
 from .metrics import (
     attribute_accuracy,
@@ -54,7 +55,8 @@ class Generated:
     seconds: dict[Key, float]  # generation time of the whole file
 
     def shape(self, source: str) -> tuple[int, int]:
-        return tuple(self.images["unedited", source].shape[:2])
+        images = self.images["unedited", source]
+        return images.shape[0], images.shape[1]
 
     def per_image_seconds(self, model: str, sources: set[str]) -> float:
         return (sum(self.seconds[model, s] for s in sources)
@@ -85,6 +87,7 @@ class Threshold:
     mode: str  # "training_image" or "unedited_generation"
     calibrated_on: str  # the group
     nearest: dict[tuple[str, int], np.ndarray]  # (source, prompt) of the calibration group -> per-seed similarity
+    fixed: tuple[float, ...] = ()  # --fixed-threshold values: memorization_rate@<t> beside the calibrated rate
 
 
 @dataclass
@@ -98,10 +101,13 @@ class Scores:
 def score(settings, backend: SimilarityBackend, sources: dict[str, PromptList], groups: dict[str, Group],
           models: list[str], generated: Generated, cfg: bool, classifier: AttributeClassifier | None) -> Scores:
     """Every metric of every model and group (module docstring); `settings` is the run's EvaluateSettings."""
-    size = next(iter(generated.images.values())).shape[-2:]
-    training = read_training_images(backend, sources, tuple(size))
+    height, width = next(iter(generated.images.values())).shape[-2:]
+    training = read_training_images(backend, sources, (height, width))
     similarities = similarities_of(backend, generated, training)
     threshold = calibrate(settings.threshold_percentile, backend, groups, training, similarities)
+    threshold.fixed = tuple(settings.fixed_thresholds)
+    if threshold.fixed:
+        threshold.info["fixed"] = list(threshold.fixed)
     reference = copy_references(generated, groups, threshold.mode, similarities)
     attributes = attribute_scores(classifier, groups, sources, generated, models)
     generations = generation_table(settings.generation.seed, sources, generated, similarities, threshold, reference)
@@ -125,9 +131,11 @@ def read_training_images(backend: SimilarityBackend, sources: dict[str, PromptLi
     for source, prompts in sources.items():
         paths = prompts.images or [None] * len(prompts)
         training.images[source] = [load_image(path, size) if path else None for path in paths]
-        known = [i for i, image in enumerate(training.images[source]) if image is not None]
-        encoded = backend.features(torch.stack([training.images[source][i] for i in known])) if known else None
+        known = {i: image for i, image in enumerate(training.images[source]) if image is not None}
         training.features[source] = [None] * len(prompts)
+        if not known:
+            continue
+        encoded = backend.features(torch.stack(list(known.values())))
         for row, i in enumerate(known):
             training.features[source][i] = encoded[row]
             if paths[i] not in pool_paths:
@@ -184,7 +192,7 @@ def calibrate(percentile: float, backend: SimilarityBackend, groups: dict[str, G
             "description": f"{percentile:g}th percentile of the similarity of the unedited "
                            f"{calibration} generations to their OWN training image; backend {backend.name}",
         }
-    nearest_by_member = dict(zip(members, nearest.reshape(len(members), -1)))
+    nearest_by_member = dict(zip(members, nearest.reshape(len(members), -1), strict=True))
     return Threshold(value, strict, info, mode, calibration, nearest_by_member)
 
 
@@ -267,6 +275,8 @@ def group_rows(model: str, name: str, group: Group, seeds: int, backend: Similar
         add("memorization_rate", memorization_rate(reference_values, threshold.value))
         if threshold.strict is not None:
             add("memorization_rate_strict", memorization_rate(reference_values, threshold.strict))
+        for metric, rate in fixed_rates(reference_values, threshold.fixed).items():
+            add(metric, rate)
     copy_values = _pick(similarities.copy, model, group.members)
     if np.isfinite(copy_values).any():
         add("copy_similarity", np.nanmean(copy_values))

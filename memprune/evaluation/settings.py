@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from ..errors import MemPruneError
 from ..generate import GenerationSettings
 from ..models import DEFAULT_MODEL
+from .fixed_thresholds import backend_name, check_fixed_thresholds
+from .utility import check_utility_settings
 
 if TYPE_CHECKING:
     from ..methods.wen import WenSettings
@@ -38,6 +40,12 @@ class EvaluateSettings:
     wen_lr: float = 0.05  # --wen-lr
     wen_iterations: int = 10  # --wen-iterations
     wen_target: float | None = None  # --wen-target; None: calibrated in the run (memprune.methods.wen)
+    fixed_thresholds: tuple[float, ...] = ()  # --fixed-threshold: memorization_rate@<t> (fixed_thresholds)
+    clip_model: str | None = None  # --clip-model: a transformers CLIPModel folder or hub id (clip_score)
+    fid_reference: str | None = None  # --fid-reference: images folder or .npz statistics (memprune.evaluation.fid)
+    fid_prompts: str | None = None  # --fid-prompts; None: the shipped COCO captions
+    fid_count: int | None = None  # --fid-count: the first N FID captions; None: all
+    inception: str | None = None  # --inception: the FID Inception TorchScript file
 
     def __post_init__(self) -> None:
         self.model = self.model or DEFAULT_MODEL
@@ -51,6 +59,8 @@ class EvaluateSettings:
             raise MemPruneError("--grid-prompts must be 0 or more.")
         if self.sscd is None and self.similarity not in ("ssim", "l2"):
             raise MemPruneError(f"Unknown similarity '{self.similarity}': use ssim or l2, or give --sscd FILE.")
+        self.fixed_thresholds = check_fixed_thresholds(self.fixed_thresholds, backend_name(self.similarity, self.sscd))
+        check_utility_settings(self)
         if self.mitigation is not None:
             from ..methods import get
 

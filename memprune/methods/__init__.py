@@ -33,7 +33,7 @@ from .base import ENTRY_POINTS, KINDS, NEEDS, STAGES, MethodInfo
 
 __all__ = ["ENTRY_POINTS", "KINDS", "NEEDS", "STAGES", "MethodInfo", "available", "get", "names", "register"]
 
-BUILTIN = ("wanda", "nemo", "uniforget", "wen", "gradproj", "doco", "plain")  # modules of this package
+BUILTIN = ("wanda", "nemo", "uniforget", "wen", "gradproj", "doco", "plain", "adversarial")  # modules of this package
 
 _registered: dict[str, ModuleType] = {}
 
@@ -69,7 +69,8 @@ def get(name: str, kind: str | None = None) -> ModuleType:
         raise MemPruneError(f"Unknown method '{name}': use one of {', '.join(sorted(methods))}.")
     module = methods[name]
     if kind is not None and module.METHOD.kind != kind:
-        raise MemPruneError(f"Method '{name}' is a {module.METHOD.kind.replace('_', ' ')}, not a {kind.replace('_', ' ')}.")
+        raise MemPruneError(f"Method '{name}' is a {module.METHOD.kind.replace('_', ' ')}, "
+                            f"not a {kind.replace('_', ' ')}.")
     return module
 
 

@@ -75,7 +75,8 @@ class GradProjSettings:
         if not 0 < self.energy <= 1:
             raise MemPruneError(f"--energy must be in (0, 1], got {self.energy}.")
         if self.tokens not in TOKEN_CHOICES:
-            raise MemPruneError(f"Gradient projection tokens must be one of {', '.join(TOKEN_CHOICES)}, got '{self.tokens}'.")
+            raise MemPruneError(f"Gradient projection tokens must be one of {', '.join(TOKEN_CHOICES)}, "
+                                f"got '{self.tokens}'.")
 
 
 def default_settings() -> GradProjSettings:
@@ -99,7 +100,8 @@ def subspace(vectors: torch.Tensor, energy: float = 0.97, center: bool = False) 
     power = s.square()
     total = float(power.sum())
     if total == 0:
-        raise MemPruneError("The memorized captions' text embeddings are all zero: there is no subspace to project off.")
+        raise MemPruneError("The memorized captions' text embeddings are all zero: "
+                            "there is no subspace to project off.")
     cumulative = torch.cumsum(power, 0) / total
     k = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype) - 1e-12)) + 1
     k = min(k, len(s))
@@ -175,7 +177,8 @@ def train(pipe, settings: FinetuneSettings, method_settings: GradProjSettings | 
           memorized_prompts: list[str] | None = None, retain: RetainData | None = None, **_) -> FinetuneResult:
     method_settings = method_settings or GradProjSettings()
     if not memorized_prompts:
-        raise MemPruneError("Gradient projection needs the memorized captions (--memorized FILE) to build its subspace.")
+        raise MemPruneError("Gradient projection needs the memorized captions (--memorized FILE) "
+                            "to build its subspace.")
     if retain is None:
         raise MemPruneError("Gradient projection needs retain data to fine-tune on.")
     vectors = token_vectors(pipe, memorized_prompts, method_settings.tokens)

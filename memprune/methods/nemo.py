@@ -51,6 +51,7 @@ Choices their paper/code leaves open or that we made differently (all in `NeMoSe
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -82,7 +83,8 @@ METHOD = MethodInfo(
 def check_reference(reference: str | None) -> str:
     """NeMo's non-memorized prompts must be a file (statistics and SSIM threshold), never the empty prompt."""
     if reference is None or reference == "empty":
-        raise MemPruneError("NeMo needs non-memorized prompts for its statistics and SSIM threshold: give --reference FILE.")
+        raise MemPruneError("NeMo needs non-memorized prompts for its statistics and SSIM threshold: "
+                            "give --reference FILE.")
     return reference
 
 
@@ -93,7 +95,8 @@ def settings_from_options(options: dict) -> NeMoSettings:
     if options.get("processes", 1) > 1 or options.get("resume") or options.get("height") or options.get("width"):
         raise MemPruneError("--processes, --resume, --height and --width are not supported with --method nemo yet.")
     if options.get("guidance_scale") not in (None, 0.0, 1.0):
-        raise MemPruneError("NeMo's criterion runs without guidance (as theirs): drop --guidance-scale with --method nemo.")
+        raise MemPruneError("NeMo's criterion runs without guidance (as theirs): "
+                            "drop --guidance-scale with --method nemo.")
     check_reference(options.get("reference"))
     seeds = options.get("seeds")
     return NeMoSettings(theta=options.get("theta", 5.0), min_theta=options.get("min_theta", 1.0),
@@ -128,24 +131,26 @@ class NeMoRun:
                 first_step(self.pipe, batch, [self.settings.seed] * len(batch), self.settings.steps)
                 for name, rows in recorder.take().items():
                     moments[name].add(rows)
-        for name, moment in moments.items():
-            if not (torch.isfinite(moment.mean).all() and torch.isfinite(moment.std).all()):
+        statistics = {name: moment.mean_std() for name, moment in moments.items()}
+        for name, (mean, std) in statistics.items():
+            if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
                 raise MemPruneError(f"Activations of {name} contain NaN or inf: run in float32 or check the weights.")
-        return {name: (moment.mean, moment.std) for name, moment in moments.items()}
+        return statistics
 
     def diffs(self, prompt: str, seeds: list[int], neurons: Neurons | None = None) -> torch.Tensor:
         parts = []
         with Deactivated(self.linears, neurons):
             for batch in self._chunks(seeds):
                 self.calls += 1
-                parts.append(noise_differences(*first_step(self.pipe, [prompt] * len(batch), batch, self.settings.steps)))
+                outputs = first_step(self.pipe, [prompt] * len(batch), batch, self.settings.steps)
+                parts.append(noise_differences(*outputs))
         return torch.cat(parts)
 
     def calibrate_threshold(self, prompts: list[str]) -> tuple[float, dict]:
         """Mean + threshold_std × std of the pairwise SSIM between seeds of non-memorized prompts (their 0.428)."""
         seeds = self.all_seeds()
-        values = torch.cat([pairwise_ssims(self.diffs(prompt, seeds))
-                            for prompt in tqdm(prompts, desc="NeMo SSIM threshold", disable=not self.progress, leave=False)])
+        bar = tqdm(prompts, desc="NeMo SSIM threshold", disable=not self.progress, leave=False)
+        values = torch.cat([pairwise_ssims(self.diffs(prompt, seeds)) for prompt in bar])
         mean, std = values.double().mean().item(), values.double().std().item()
         return mean + self.settings.threshold_std * std, {"pairwise_ssim_mean": mean, "pairwise_ssim_std": std,
                                                           "calibration_prompts": len(prompts)}
@@ -153,7 +158,8 @@ class NeMoRun:
     def all_seeds(self) -> list[int]:
         return list(range(self.settings.seed, self.settings.seed + self.settings.seeds))
 
-    def locate_prompt(self, prompt: str, statistics: dict, threshold: float) -> dict:
+    def locate_prompt(self, prompt: str, statistics: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      threshold: float) -> dict:
         """NeMo for one memorized prompt: its refined neurons and what led to them."""
         from ..similarity import ssim
 
@@ -163,12 +169,13 @@ class NeMoRun:
         activations = {name: rows[0] for name, rows in recorder.take().items()}
         pairwise = max_pairwise_ssim(vanilla)
         memorized = pairwise > threshold
-        result = {"prompt": prompt, "max_pairwise_ssim": pairwise.max().item(), "memorized_seeds": int(memorized.sum()),
-                  "theta": None, "k": None, "broken": False, "initial": 0, "refined": 0, "similarity_initial": None,
-                  "similarity_refined": None, "neurons": {}}
+        result: dict[str, Any] = {
+            "prompt": prompt, "max_pairwise_ssim": pairwise.max().item(), "memorized_seeds": int(memorized.sum()),
+            "theta": None, "k": None, "broken": False, "initial": 0, "refined": 0, "similarity_initial": None,
+            "similarity_refined": None, "neurons": {}}
         if not memorized.any():
             return result  # not memorized by NeMo's criterion: nothing to localise
-        look = [seed for seed, keep in zip(seeds, memorized.tolist()) if keep]
+        look = [seed for seed, keep in zip(seeds, memorized.tolist(), strict=True) if keep]
         reference = vanilla[memorized]
 
         def similarity(neurons: Neurons) -> float:
@@ -197,7 +204,7 @@ def edit(pipe, settings: NeMoSettings, memorized: list[str], reference: list[str
         raise MemPruneError("NeMo needs non-memorized prompts: give --reference FILE with non-memorized captions.")
     run = NeMoRun(pipe, settings, progress)
     statistics = run.reference_statistics(reference)
-    calibration = {}
+    calibration: dict[str, Any] = {}
     threshold = settings.ssim_threshold
     if threshold is None:
         threshold, calibration = run.calibrate_threshold(reference[: settings.calibration_prompts])
@@ -207,7 +214,7 @@ def edit(pipe, settings: NeMoSettings, memorized: list[str], reference: list[str
         results.append(run.locate_prompt(prompt, statistics, threshold))
         bar.set_postfix(neurons=count(union([r["neurons"] for r in results])))
     neurons = union([result["neurons"] for result in results])
-    shapes = {name: tuple(linear.weight.shape) for name, linear in run.linears.items()}
+    shapes = {name: (linear.weight.shape[0], linear.weight.shape[1]) for name, linear in run.linears.items()}
     nemo_meta = {"ssim_threshold": threshold, **calibration, "criterion_calls": run.calls, "prompts": results,
                  "neurons": neurons}
     selection = {"method": "nemo", **asdict(settings)}

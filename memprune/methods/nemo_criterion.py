@@ -50,11 +50,12 @@ class Deactivated(Trace):
 
     def __init__(self, linears: dict[str, nn.Linear], neurons: Neurons | None):
         self.neurons = {layer: rows for layer, rows in (neurons or {}).items() if rows}
-        super().__init__({layer: linears[layer] for layer in self.neurons}, edit_output=self._deactivate)
+        self.linears = {layer: linears[layer] for layer in self.neurons}
+        super().__init__(self.linears, edit_output=self._deactivate)
 
     def _deactivate(self, output: torch.Tensor, layer: str) -> torch.Tensor:
         index = torch.tensor(self.neurons[layer], device=output.device)
-        bias = self.modules[layer].bias
+        bias = self.linears[layer].bias
         if bias is None:
             return output.index_fill(-1, index, 0.0)
         output = output.clone()

@@ -5,8 +5,8 @@ Nothing here runs a model: the memorization criterion is a function `broken(neur
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -130,12 +130,12 @@ def refine(candidates: Neurons, broken: Callable[[Neurons], bool]) -> Neurons:
 def neuron_masks(neurons: Neurons, shapes: dict[str, tuple[int, int]], steps: int, meta: dict | None = None) -> Masks:
     """Whole rows of each value weight, the same at every step 0..steps-1 (NeMo is step-independent)."""
     indices = {}
-    for layer, (rows, columns) in shapes.items():
+    for layer, (_rows, columns) in shapes.items():
         selected = torch.tensor(sorted(set(neurons.get(layer, []))), dtype=torch.int64)
         flat = (selected[:, None] * columns + torch.arange(columns, dtype=torch.int64)[None, :]).flatten()
         for step in range(steps):
             indices[(layer, step)] = flat.clone()  # safetensors refuses tensors that share memory
-    return Masks(indices=indices, shapes={layer: tuple(shape) for layer, shape in shapes.items()},
+    return Masks(indices=indices, shapes={layer: (shape[0], shape[1]) for layer, shape in shapes.items()},
                  meta={**(meta or {}), "step_independent": True})
 
 

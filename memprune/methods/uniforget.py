@@ -53,8 +53,8 @@ Choices made where the paper (or its summary we work from) is silent — all are
   (no gate can close before step 11); lr 0.1 for 100 steps prunes 67 % at β = 1. Pruned share is set mostly
   by lr × train_steps; sweep those as well as β.
 - **Neutral prompts only.** `train_gates` refuses to train when a neutral prompt is one of the given
-  memorized prompts (compared after collapsing whitespace and case-folding); `memprune prune --method uniforget` uses the
-  testbed's memorized.csv automatically when the model is the embedded testbed.
+  memorized prompts (compared after collapsing whitespace and case-folding); `memprune prune --method uniforget`
+  uses the testbed's memorized.csv automatically when the model is the embedded testbed.
 - **Masks.** The closed-gate mask is step-independent; it is stored for steps 0..`steps`-1 (default 50, as
   `memprune locate`) so `apply_masks(..., timesteps=τ)` and `union_masks` with a Wanda mask work unchanged.
   Every step holds its own copy of the indices (safetensors refuses shared tensors), so for SDXL-size models
@@ -68,6 +68,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -127,7 +128,8 @@ class UniForgetSettings:
                 raise MemPruneError(f"UniForget {name} must be at least 1, got {getattr(self, name)}.")
         if self.backprop_steps is not None and not 1 <= self.backprop_steps <= self.sampling_steps:
             raise MemPruneError(
-                f"UniForget backprop_steps must be between 1 and sampling_steps ({self.sampling_steps}), got {self.backprop_steps}."
+                f"UniForget backprop_steps must be between 1 and sampling_steps ({self.sampling_steps}), "
+                f"got {self.backprop_steps}."
             )
         if not 0 <= self.close_threshold < 1:
             raise MemPruneError(f"UniForget close_threshold must be in [0, 1), got {self.close_threshold}.")
@@ -221,7 +223,7 @@ def union_masks(a: Masks, b: Masks) -> Masks:
             f"with steps={len(b.steps) if a.meta.get('method') == METHOD.name else len(a.steps)}."
         )
     indices = {key: torch.unique(torch.cat([idx, b.indices[key]])) for key, idx in a.indices.items()}
-    meta = {"method": "union", "parts": [a.meta, b.meta]}
+    meta: dict[str, Any] = {"method": "union", "parts": [a.meta, b.meta]}
     for key in ("model",):
         if key in a.meta or key in b.meta:
             meta[key] = a.meta.get(key, b.meta.get(key))
@@ -246,7 +248,8 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
     neutral_prompts = list(neutral_prompts)
     check_neutral(neutral_prompts, memorized_prompts)
     if memorized_prompts is None:
-        warnings.warn("UniForget got no memorized prompts to exclude: the neutral prompts were not checked.", stacklevel=2)
+        warnings.warn("UniForget got no memorized prompts to exclude: the neutral prompts were not checked.",
+                      stacklevel=2)
     net = denoiser(pipe)
     device = next(net.parameters()).device
     guidance = resolve_guidance(pipe, GenerationSettings(guidance_scale=settings.guidance_scale))
@@ -263,8 +266,8 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
     queue: list[int] = []
     history = []
     start = time.perf_counter()
-    bar = tqdm(range(settings.train_steps), desc=f"UniForget gates (beta={settings.beta:g})", disable=not settings.progress,
-               leave=False)
+    bar = tqdm(range(settings.train_steps), desc=f"UniForget gates (beta={settings.beta:g})",
+               disable=not settings.progress, leave=False)
     try:
         with frozen(*pipeline_modules(pipe), net):
             for step in bar:
@@ -288,7 +291,8 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
                     l0 = gates.expected_l0()
                     loss = mse + settings.beta * l0
                     if not torch.isfinite(loss):
-                        raise MemPruneError(f"UniForget loss became {loss.item()} at step {step}: lower --lr or check the model.")
+                        raise MemPruneError(f"UniForget loss became {loss.item()} at step {step}: "
+                                            "lower --lr or check the model.")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
@@ -316,7 +320,8 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
         "train_seconds": round(seconds, 3),
     }
     masks = uniforget_masks(gates, layer_shapes(net), settings.steps, settings.close_threshold, masks_meta)
-    return GateResult(gates=gates, history=pd.DataFrame(history, columns=["step", "loss", "mse", "expected_l0", "closed_share"]),
+    columns = ["step", "loss", "mse", "expected_l0", "closed_share"]
+    return GateResult(gates=gates, history=pd.DataFrame(history, columns=columns),
                       pruned=gates.pruned_share(settings.close_threshold), masks=masks, settings=settings,
                       seconds=seconds, prompts=neutral_prompts)
 

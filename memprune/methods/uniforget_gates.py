@@ -56,7 +56,7 @@ class NeuronGates:
         self._sampled: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def for_denoiser(cls, net: nn.Module, **kwargs) -> "NeuronGates":
+    def for_denoiser(cls, net: nn.Module, **kwargs) -> NeuronGates:
         device = next(net.parameters()).device
         widths = {name: linear.in_features for name, linear in output_linears(net).items()}
         return cls(widths, device=kwargs.pop("device", device), **kwargs)
@@ -114,7 +114,7 @@ class NeuronGates:
                     raise MemPruneError(f"Gates for layer '{name}' do not match this model's FeedForward layers.")
                 self.log_alpha[name].copy_(value)
 
-    def apply(self, net: nn.Module) -> "GateHooks":
+    def apply(self, net: nn.Module) -> GateHooks:
         return GateHooks(net, self)
 
 
@@ -146,7 +146,8 @@ def uniforget_masks(gates: NeuronGates, shapes: dict[str, list[int]], steps: int
     for layer, closed in gates.closed(threshold).items():
         rows, columns = shapes[layer]
         if closed.numel() != columns:
-            raise MemPruneError(f"Gates of layer '{layer}' have {closed.numel()} neurons but its weight has {columns} columns.")
+            raise MemPruneError(f"Gates of layer '{layer}' have {closed.numel()} neurons "
+                                f"but its weight has {columns} columns.")
         dense = closed[None, :].expand(rows, columns)
         flat = dense.flatten().nonzero().squeeze(1)
         mask_shapes[layer] = (int(rows), int(columns))

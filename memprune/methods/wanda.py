@@ -18,7 +18,8 @@ from .base import MethodInfo
 METHOD = MethodInfo(
     name="wanda", kind="weight_edit",
     summary="Wanda scores |W|·a_mem of memorized vs reference prompts; per output row the top-k columns (k = ratio·H).",
-    reference="Chavhan et al. 2024, Memorized Images in Diffusion Models share a Subspace that can be Located and Deleted",
+    reference="Chavhan et al. 2024, Memorized Images in Diffusion Models share a Subspace "
+              "that can be Located and Deleted",
     needs="statistics",
 )
 
@@ -53,6 +54,7 @@ class SelectionSettings:
     def keep(self, width: int, layer: str = "a layer") -> int:
         """k, the columns kept per output row of a layer of input width H = `width`."""
         if self.k_per_row is None:
+            assert self.ratio is not None  # __post_init__ refuses neither --ratio nor --k-per-row
             return keep_count(self.ratio, width)
         if self.k_per_row > width:
             raise MemPruneError(f"--k-per-row {self.k_per_row} is larger than the width {width} of {layer}: "
@@ -74,6 +76,15 @@ def keep_count(ratio: float, width: int) -> int:
     return math.floor(ratio * width + 1e-9)
 
 
+def columns_kept(ratio: float | None, k: int | None, width: int) -> int:
+    """k as given, else floor(ratio·H)."""
+    if k is not None:
+        return k
+    if ratio is None:
+        raise MemPruneError("Give a ratio or k.")
+    return keep_count(ratio, width)
+
+
 def ratio_for(k: int, width: int) -> float:
     """The ratio that keeps k columns of a width-H row: keep_count(ratio_for(k, H), H) == k."""
     return k / width
@@ -86,7 +97,7 @@ def wanda_mask(weight: torch.Tensor, a_mem: torch.Tensor, a_ref: torch.Tensor, r
     a_mem = a_mem.to(weight.device, torch.float32)
     a_ref = a_ref.to(weight.device, torch.float32)
     scores = weight.detach().abs().float() * a_mem[None, :]
-    k = keep_count(ratio, weight.shape[1]) if k is None else k
+    k = columns_kept(ratio, k, weight.shape[1])
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k > 0:
         mask.scatter_(1, scores.topk(k, dim=1).indices, True)
@@ -105,7 +116,7 @@ def neuron_mask(weight: torch.Tensor, memorized, reference, ratio: float | None 
                 k: int | None = None) -> torch.Tensor:
     """Top-k neurons (whole columns of W) by score, kept only where the score says 'more active than reference'."""
     scores = neuron_scores(memorized, reference, score).to(weight.device, torch.float32)
-    k = keep_count(ratio, weight.shape[1]) if k is None else k
+    k = columns_kept(ratio, k, weight.shape[1])
     columns = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
     if k > 0:
         columns[scores.topk(k).indices] = True
@@ -124,19 +135,21 @@ def select(
     """Masks for every (layer, step) recorded in both statistics; each made sparse as soon as it is selected, so
     only one dense mask exists at a time (all of them at once were ~30 GB for SDXL at 50 steps)."""
     steps = steps if steps is not None else memorized.steps
-    indices, shapes = {}, {}
+    indices: dict[tuple[str, int], torch.Tensor] = {}
+    shapes: dict[str, tuple[int, int]] = {}
     kept = {layer: settings.keep(weight.shape[1], layer) for layer, weight in weights.items()}
     for layer, weight in weights.items():
         for step in steps:
             if (layer, step) not in memorized.accumulators or (layer, step) not in reference.accumulators:
-                raise MemPruneError(f"No statistics for {layer} at step {step}: record both prompt sets with the same --steps.")
+                raise MemPruneError(f"No statistics for {layer} at step {step}: "
+                                    "record both prompt sets with the same --steps.")
             mem, ref = memorized[(layer, step)], reference[(layer, step)]
             if settings.granularity == "weight":
                 mask = wanda_mask(weight, mem.wanda_norm, ref.wanda_norm, k=kept[layer])
             else:
                 mask = neuron_mask(weight, mem, ref, score=settings.neuron_score, k=kept[layer])
             indices[(layer, step)] = sparse_indices(mask)
-            shapes[layer] = tuple(mask.shape)
+            shapes[layer] = (mask.shape[0], mask.shape[1])
     # k per layer in the paper's units, so masks of models of different width can be set side by side
     return Masks(indices=indices, shapes=shapes,
                  meta={"selection": vars(settings).copy(), "k_per_row": kept, **(meta or {})})

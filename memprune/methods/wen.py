@@ -99,7 +99,8 @@ def _noise_norms(pipe, model_input, t, cond, conditioning: Conditioning, rows) -
 
 
 
-def _generators(generator, count: int) -> list[torch.Generator]:
+def _generators(generator, count: int) -> list[torch.Generator] | torch.Generator:
+    """A generator per prompt, or one generator for them all, passed on as it is (the pipeline draws from it)."""
     if generator is None:  # the pipeline would draw from the global RNG: fix seeds so both draws agree
         seeds = torch.randint(0, 2**62, (count,)).tolist()
         return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -117,7 +118,7 @@ def initial_latents(pipe, generators, count: int, size: tuple[int, int], dtype) 
     states = [g.get_state() for g in generator_list]
     net = denoiser(pipe)
     latents = pipe.prepare_latents(count, net.config.in_channels, size[0], size[1], dtype, net.device, generators, None)
-    for g, state in zip(generator_list, states):
+    for g, state in zip(generator_list, states, strict=True):
         g.set_state(state)
     return latents
 
@@ -149,7 +150,7 @@ def optimise_embeddings(pipe, prompts: list[str], conditioning: Conditioning, mo
             break
         loss = norms[still].sum()  # samples are independent: each leaf gets the gradient of its own norm
         gradients = torch.autograd.grad(loss, [leaves[active[p]] for p in still])
-        for position, gradient in zip(still, gradients):
+        for position, gradient in zip(still, gradients, strict=True):
             i = active[position]
             gradient = gradient.clone()
             gradient[:, 0] = 0  # the BOS token stays (Wen et al.)
@@ -211,14 +212,14 @@ def wrap(pipe, settings: WenSettings):
     """A callable with the pipeline's own call signature (so memprune.generate reads its default guidance scale)."""
     require_cfg_pipeline(pipe, "Wen's mitigation")
     signature = inspect.signature(type(pipe).__call__)
-    cls = type(f"Wen{type(pipe).__name__}", (WenPipeline,), {})
 
     def __call__(self, *args, **kwargs):
         return WenPipeline._call(self, *args, **kwargs)
 
-    __call__.__signature__ = signature
+    # a function takes any attribute, and inspect.signature reads this one (mypy does not model function attributes)
+    __call__.__signature__ = signature  # type: ignore[attr-defined]
     __call__.__doc__ = "The pipeline's call, after Wen's optimisation of the prompt embeddings."
-    cls.__call__ = __call__
+    cls = type(f"Wen{type(pipe).__name__}", (WenPipeline,), {"__call__": __call__})
     return cls(pipe, settings)
 
 

@@ -111,14 +111,17 @@ def main() -> None:
         per_share = cfg.views_per_memorized / cfg.memorized_share
         cfg = dataclasses.replace(cfg, memorized_share=round(TARGET_VIEWS[args.name] / per_share, 4))
     (root / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    print(f"{args.name}: {per_step * 1000:.1f} ms/step -> {steps} steps, {cfg.views_per_memorized:.0f} views each", flush=True)
+    print(f"{args.name}: {per_step * 1000:.1f} ms/step -> {steps} steps, "
+          f"{cfg.views_per_memorized:.0f} views each", flush=True)
     start = time.time()
     train_testbed(cfg, str(root / "testbed"), work_dir=str(work), progress=False, device=args.device,
                   log=lambda m: print(f"{args.name}: {m}", flush=True))
     seconds = time.time() - start
-    shutil.copy(root / "testbed" / "unet" / "diffusion_pytorch_model.safetensors", root / f"{args.name}_unet.safetensors")
+    shutil.copy(root / "testbed" / "unet" / "diffusion_pytorch_model.safetensors",
+                root / f"{args.name}_unet.safetensors")
     if not args.vae:
-        shutil.copy(root / "testbed" / "vae" / "diffusion_pytorch_model.safetensors", root / f"{args.name}_vae.safetensors")
+        shutil.copy(root / "testbed" / "vae" / "diffusion_pytorch_model.safetensors",
+                    root / f"{args.name}_vae.safetensors")
     info = {"name": args.name, "steps": steps, "ms_per_step": per_step * 1000, "train_seconds": seconds,
             "views_per_memorized": cfg.views_per_memorized, "device": describe_device(args.device, args.threads)}
     (root / "train.json").write_text(json.dumps(info, indent=1))
