@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -110,3 +110,9 @@ def random_control_edit_of(pipe, edited_pipe, seed: int = 0) -> tuple[ZeroedWeig
     """As random_control_of, the control as ZeroedWeights of `pipe` (None when the edit zeroes nothing)."""
     counts = zeroed_counts(denoiser(pipe), denoiser(edited_pipe))
     return (ZeroedWeights(pipe, random_control_indices(pipe, counts, seed)) if counts else None), counts
+
+
+def applied(model) -> AbstractContextManager:
+    """`with applied(model) as pipe:` a pipeline as it is, or a ZeroedWeights control applied to its pipeline for the
+    time of the block (everything that generates with evaluate's model columns goes through this)."""
+    return model.applied() if isinstance(model, ZeroedWeights) else nullcontext(model)

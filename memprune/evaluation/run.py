@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..control import ZeroedWeights, random_control_edit_of
+from ..control import applied, random_control_edit_of
 from ..detect import generate_with_scores, summarize_steps
 from ..generate import GenerationSettings, generate, uses_cfg
 from ..models import load_pipeline, resolve_device
@@ -190,11 +189,6 @@ def _generate_all(pipes: dict, mitigated: dict, sources: dict[str, PromptList], 
             if model in mitigated:
                 records[key] = list(model_or_edit.records)
     return generated, records
-
-
-def applied(model) -> AbstractContextManager:
-    """A pipeline as it is, or a ZeroedWeights control applied to its pipeline for the time of the block."""
-    return model.applied() if isinstance(model, ZeroedWeights) else nullcontext(model)
 
 
 def generate_images(pipe, prompts: list[str], generation: GenerationSettings, desc: str,

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..control import applied
 from ..errors import MemPruneError
 from ..generate import GenerationSettings, generate
 from ..prompts import PromptList, read_prompts
@@ -129,14 +130,15 @@ def fid_rows(utility: Utility, pipes: dict, generation: GenerationSettings, prog
     assert prompts is not None and extractor is not None and reference is not None, "prepare_utility loads them"
     one_seed = replace(generation, seeds=1)
     rows = []
-    for model, pipe in pipes.items():
+    for model, model_or_edit in pipes.items():
         tic = time.perf_counter()
         features, clip_values = [], []
-        for indices, images in generated_batches(pipe, prompts.prompts, one_seed, progress, f"{model}: FID captions",
-                                                 batch_size):
-            features.append(extractor(images).double().numpy())
-            if utility.clip is not None:
-                clip_values.append(utility.clip.scores(images, [prompts.prompts[i] for i in indices]).numpy())
+        with applied(model_or_edit) as pipe:  # a random control's weights are zeroed only while it generates
+            for indices, images in generated_batches(pipe, prompts.prompts, one_seed, progress,
+                                                     f"{model}: FID captions", batch_size):
+                features.append(extractor(images).double().numpy())
+                if utility.clip is not None:
+                    clip_values.append(utility.clip.scores(images, [prompts.prompts[i] for i in indices]).numpy())
         count = float(len(prompts))
         rows += [(model, FID_GROUP, "n_prompts", count), (model, FID_GROUP, "n_generations", count)]
         values = fid_kid(np.concatenate(features), reference)
