@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
@@ -13,14 +14,21 @@ from safetensors.torch import load_file, save_file
 
 from helpers import run
 from memprune.control import random_control_of, zeroed_counts
+from memprune.evaluation.fid import Reference
 from memprune.evaluation.run import add_random_controls, evaluate, load_pipes
 from memprune.evaluation.settings import EvaluateSettings
-from memprune.generate import GenerationSettings
+from memprune.evaluation.utility import Utility, fid_rows
+from memprune.finetune import FinetuneSettings
+from memprune.generate import GenerationSettings, generate
 from memprune.locate import record_prompts
 from memprune.masks import MASKS_FILE, Masks
+from memprune.methods import adversarial
 from memprune.methods.wanda import SelectionSettings, neuron_mask, select, wanda_mask
 from memprune.models import output_linears
-from tiny_pipelines import sd1_pipeline
+from memprune.prompts import PromptList
+from memprune.retain import generated_retain_data
+from memprune.similarity import tensor_to_pil
+from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 
 PROMPTS = ["a red circle", "the green dog"]
 
@@ -160,6 +168,31 @@ def test_every_generating_command_takes_the_image_size(command):
     assert "--height" in output and "--width" in output
 
 
+def test_adversarial_finetune_attacks_and_trains_at_the_asked_size(tmp_path, monkeypatch):
+    pipe = sdxl_pipeline()  # default size 16 px; SDXL's time ids carry the size
+    pipe.set_progress_bar_config(disable=True)
+    path = tmp_path / "memorized.png"
+    tensor_to_pil(torch.rand(3, 24, 32, generator=torch.Generator().manual_seed(0))).save(path)
+    settings = FinetuneSettings(steps=1, batch_size=1, sampling_steps=1, height=24, width=32, progress=False)
+    retain = generated_retain_data(pipe, ["the green dog", "a white cat"], settings)
+    latent_size = (24 // pipe.vae_scale_factor, 32 // pipe.vae_scale_factor)
+    assert tuple(retain.latents.shape[-2:]) == latent_size
+    surrogates = adversarial.surrogate_latents(pipe, ["a red circle"], retain, "prompt", settings)
+    assert tuple(surrogates.shape[-2:]) == latent_size
+    attacked = []
+    original = adversarial.attack_prompt
+
+    def spy(pipe, prompt, image, attack, conditioning):
+        attacked.append((tuple(image.shape), conditioning.kwargs["added_cond_kwargs"]["time_ids"][0].tolist()))
+        return original(pipe, prompt, image, attack, conditioning)
+
+    monkeypatch.setattr(adversarial, "attack_prompt", spy)
+    result = adversarial.train(pipe, settings, adversarial.AdversarialSettings(rounds=1, attack_steps=1),
+                               memorized_prompts=["a red circle"], memorized_images=[str(path)], retain=retain)
+    assert attacked == [((3, 24, 32), [24.0, 32.0, 0.0, 0.0, 24.0, 32.0])]
+    assert result.history.adversarial_loss.notna().all()
+
+
 # ------------------------------------------------------------------------------------ 4. shared components
 
 
@@ -198,6 +231,38 @@ def test_edited_and_control_pipelines_share_unchanged_components(saved_pipelines
     assert all(torch.equal(p, before[name]) for name, p in unedited.unet.named_parameters())  # restored exactly
     # The copy random_control still makes (library callers) copies only the denoiser.
     assert copy.vae is unedited.vae and copy.text_encoder is unedited.text_encoder and copy.unet is not unedited.unet
+
+
+def test_fid_generates_the_random_control_with_its_weights_zeroed(saved_pipelines, tmp_path):
+    # FID generates every model column again (its own captions): the control's weights must be zeroed there too.
+    base = saved_pipelines["sd1"]
+    settings = EvaluateSettings(model=str(base), edited=str(_edited(base, tmp_path / "edited")), memorized="m",
+                                reference="r")
+    pipes = load_pipes(settings, None, None, "cpu", None)
+    add_random_controls(pipes, settings, [])
+    unedited = pipes["unedited"]
+    copy, _ = random_control_of(unedited, pipes["edited"], seed=0)
+    before = {name: p.detach().clone() for name, p in unedited.unet.named_parameters()}
+    seen: list[torch.Tensor] = []
+
+    def extractor(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images.clone())
+        return images.mean((2, 3)).double()
+
+    captions = PromptList(["a red circle", "the green dog", "a photo of the cat"])
+    reference = Reference(np.zeros(3), np.eye(3), None, "zeros")
+    generation = GenerationSettings(steps=2, seeds=1)
+    rows = fid_rows(Utility(extractor=extractor, reference=reference, fid_prompts=captions),
+                    {"random_control": pipes["random_control"]}, generation, progress=False)
+    expected = torch.stack([image.to(torch.float32).clamp(0, 1) for _, _, image in
+                            generate(copy, captions.prompts, generation, output_type="pt", progress=False)])
+    assert torch.equal(torch.cat(seen), expected)  # the copy's images: the same weights were zeroed
+    fid = dict((metric, value) for _, _, metric, value in rows)["fid"]
+    means = expected.mean((2, 3)).double().numpy()
+    by_hand = (means.mean(0) ** 2).sum() + np.trace(np.cov(means, rowvar=False)) + 3 \
+        - 2 * np.sqrt(np.clip(np.linalg.eigvals(np.cov(means, rowvar=False)).real, 0, None)).sum()
+    assert fid == pytest.approx(by_hand, rel=1e-4, abs=1e-6)
+    assert all(torch.equal(p, before[name]) for name, p in unedited.unet.named_parameters())  # restored after
 
 
 # ------------------------------------------------------------------------------------ 5. denoiser calls (PNDM)

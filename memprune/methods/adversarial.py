@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attack.embedding import AttackSettings, attack_prompt
-from ..conditioning import STATES, Conditioning, default_size, encode_conditioning, rows_of
+from ..conditioning import STATES, Conditioning, asked_size, encode_conditioning, rows_of
 from ..errors import MemPruneError
 from ..finetune import FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, apply_delta, run_finetune
 from ..models import denoiser
@@ -112,7 +112,8 @@ def surrogate_latents(pipe, prompts: list[str], retain: RetainData, surrogate: s
     from ..generate import GenerationSettings, generate
 
     generation = GenerationSettings(steps=settings.sampling_steps, seeds=1, seed=settings.seed,
-                                    guidance_scale=settings.guidance_scale, batch_size=8)
+                                    guidance_scale=settings.guidance_scale, batch_size=8, height=settings.height,
+                                    width=settings.width)
     latents = {index: latent.detach().float() for index, _, latent in generate(
         pipe, prompts, generation, output_type="latent", progress=settings.progress, desc="surrogate latents")}
     return torch.stack([latents[i] for i in range(len(prompts))])
@@ -166,12 +167,14 @@ class AdversarialHooks(FinetuneHooks):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_images(pipe, paths: list[str | None] | None, count: int) -> list[torch.Tensor | None]:
-    """The training image of each memorized caption at the pipeline's size (None where the file names none)."""
+def load_images(pipe, paths: list[str | None] | None, count: int,
+                size: tuple[int, int] | None = None) -> list[torch.Tensor | None]:
+    """The training image of each memorized caption at `size` (default: the pipeline's; None where the file names
+    none)."""
     from ..similarity import load_image
 
     paths = list(paths) if paths is not None else [None] * count
-    size = default_size(pipe)
+    size = asked_size(pipe, *(size or (None, None)))
     return [load_image(path, size) if path else None for path in paths]
 
 
@@ -183,11 +186,12 @@ def train(pipe, settings: FinetuneSettings, method_settings: AdversarialSettings
         raise MemPruneError("Adversarial fine-tuning needs the memorized captions (--memorized FILE).")
     if retain is None:
         raise MemPruneError("Adversarial fine-tuning needs retain data to fine-tune on.")
-    images = load_images(pipe, memorized_images, len(memorized_prompts))
+    # At the retain data's size (--height/--width): images, conditioning and surrogates are one size.
+    images = load_images(pipe, memorized_images, len(memorized_prompts), settings.size)
     if not any(image is not None for image in images):
         raise MemPruneError("Adversarial fine-tuning attacks each memorized caption toward its training image: give "
                             "--memorized a file with an image column.")
-    memorized = encode_conditioning(pipe, memorized_prompts)
+    memorized = encode_conditioning(pipe, memorized_prompts, size=settings.size)
     surrogates = surrogate_latents(pipe, memorized_prompts, retain, method_settings.surrogate, settings)
     params = dict(denoiser(pipe).named_parameters())
     start: dict[str, torch.Tensor] = {}  # the pipeline's weights before round 1, of the trained parameters
