@@ -118,7 +118,11 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
               help="uniforget: neutral prompts (testbed default: general_train.csv, not the held-out captions evaluate "
                    "scores).")
 @click.option("--beta", default=1.0, show_default=True, type=FiniteFloatRange(min=0),
-              help="uniforget: weight of the expected-L0 penalty.")
+              help="uniforget: weight of the sparsity penalty.")
+@click.option("--gates", type=click.Choice(["sigmoid", "hard-concrete"]), default="sigmoid", show_default=True,
+              help="uniforget: the paper's masks σ(0.4·M+1), or hard-concrete L0 gates on FeedForward neurons.")
+@click.option("--mask-layers", type=click.Choice(["ffn+norm", "ffn", "norm"]), default=None,
+              help="uniforget: masked layers [default: ffn+norm for sigmoid, ffn for hard-concrete].")
 @click.option("--train-steps", default=100, show_default=True, type=click.IntRange(min=1),
               help="uniforget: gate optimisation steps.")
 @click.option("--lr", default=0.5, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
@@ -130,8 +134,8 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
 @device_option
 @out_option
 @overwrite_option
-def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr, sampling_steps, masks_out, device,
-          out, overwrite):
+def prune(model, method, masks_folder, timesteps, neutral, beta, gates, mask_layers, train_steps, lr, sampling_steps,
+          masks_out, device, out, overwrite):
     """Zero the located weights and save an edited pipeline that stock diffusers loads."""
     options = dict(locals())
     from .commands import prune as command

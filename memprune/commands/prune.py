@@ -12,8 +12,9 @@ from typing import Any
 from .. import methods
 from ..errors import MemPruneError
 from ..masks import MASKS_FILE, Masks
+from ..methods.uniforget_relax import load_norm_channels, verify_norm_channels, zero_norm_channels
 from ..model_card import write_card
-from ..models import load_pipeline, resolve_device
+from ..models import denoiser, load_pipeline, resolve_device
 from ..prune import apply_masks, prune_info, save_pruned, verify_pruned
 from .defaults import model_or_default
 from .output import Timer, atomic_output_dir, check_output_dir, refuse_output, write_run_json
@@ -49,23 +50,37 @@ def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrit
     """The `memprune prune` command as a function: load a fresh copy, zero, save atomically, reload and verify."""
     protected = refuse_output(out, overwrite, model)
     masks = Masks.load(masks_folder)
+    norm_channels = load_norm_channels(masks_folder)  # UniForget's pruned normalisation channels, if any
     timer = Timer()
     with timer("load"):
         pipe = load_pipeline(model, resolve_device(device))
     with timer("prune"):
         result = apply_masks(pipe, masks, timesteps)
+        norms_zeroed = zero_norm_channels(denoiser(pipe), norm_channels) if norm_channels else {}
     with atomic_output_dir(out, overwrite, protected) as staging:
         info = prune_info(model, masks_folder, result, masks)
+        if norm_channels is not None:  # the edit also changed norm weights: say so
+            info["norm_channels_zeroed"] = norms_zeroed
+            info["norm_edit"] = "weight and bias of each pruned normalisation channel set to zero"
         with timer("save"):
             save_pruned(pipe.to("cpu"), staging, info)
             write_card(staging, info)
         with timer("verify"):
             verified = verify_pruned(staging, masks, timesteps)
+            if norm_channels:
+                from diffusers import DiffusionPipeline
+
+                reloaded = DiffusionPipeline.from_pretrained(str(staging), use_safetensors=True)
+                verified += verify_norm_channels(denoiser(reloaded), norm_channels)
         write_run_json(staging, {"model": model, "masks": str(masks_folder), "timesteps": timesteps},
                        {"masks": Path(masks_folder) / MASKS_FILE}, timer.seconds, zeroed_weights=result.zeroed)
     total = sum(masks.shapes[layer][0] * masks.shapes[layer][1] for layer in result.zeroed)
     return (
-        f"Zeroed {result.total_zeroed} weights ({result.total_zeroed / total:.3%} of the masked layers' weights) "
-        f"in {len(result.zeroed)} layers, steps 0..{timesteps - 1}; verified {verified} zeros after reload.\n"
+        f"Zeroed {result.total_zeroed} weights ({result.total_zeroed / max(total, 1):.3%} of the masked layers' "
+        "weights) "
+        f"in {len(result.zeroed)} layers, steps 0..{timesteps - 1}"
+        + (f", and {sum(norms_zeroed.values())} normalisation channels (weight and bias) in {len(norms_zeroed)} "
+           "layers" if norms_zeroed else "")
+        + f"; verified {verified} zeros after reload.\n"
         f"Edited pipeline: {out}"
     )
