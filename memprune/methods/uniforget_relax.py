@@ -38,14 +38,22 @@ def logit_for(value: float) -> float:
     return (math.log(value / (1 - value)) - OFFSET) / SLOPE
 
 
-def norm_layers(net: nn.Module) -> dict[str, nn.Module]:
+Norm = nn.GroupNorm | nn.LayerNorm
+
+
+def norm_layers(net: nn.Module) -> dict[str, Norm]:
     """Every GroupNorm / LayerNorm of the denoiser with an affine weight, by dotted name (found by type)."""
     return {name: module for name, module in net.named_modules()
             if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and getattr(module, "weight", None) is not None}
 
 
-def _channels(norm: nn.Module) -> int:
-    return int(norm.weight.numel())
+def _affine(norm: Norm) -> list[torch.Tensor]:
+    """The norm's weight, and its bias when it has one."""
+    return [p for p in (norm.weight, norm.bias) if isinstance(p, torch.Tensor)]
+
+
+def _channels(norm: Norm) -> int:
+    return int(_affine(norm)[0].numel())
 
 
 def _channel_view(mask: torch.Tensor, output: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -197,9 +205,8 @@ def zero_norm_channels(net: nn.Module, channels: dict[str, torch.Tensor]) -> dic
             if norm is None or (idx.numel() and int(idx.max()) >= _channels(norm)):
                 raise MemPruneError(f"The masks name normalisation channels of '{name}', which this model does not "
                                     "have: they were made for another model.")
-            for param in (norm.weight, getattr(norm, "bias", None)):
-                if param is not None:
-                    param[idx.to(param.device)] = 0
+            for param in _affine(norm):
+                param[idx.to(param.device)] = 0
             zeroed[name] = int(idx.numel())
     return zeroed
 
@@ -208,7 +215,7 @@ def verify_norm_channels(net: nn.Module, channels: dict[str, torch.Tensor]) -> i
     """Check every pruned channel's weight (and bias) is zero in `net`; the number of channels checked."""
     norms = norm_layers(net)
     for name, idx in channels.items():
-        for param in (norms[name].weight, getattr(norms[name], "bias", None)):
-            if param is not None and torch.count_nonzero(param.detach()[idx]):
+        for param in _affine(norms[name]):
+            if torch.count_nonzero(param.detach()[idx]):
                 raise MemPruneError(f"Verification failed: pruned channels of {name} are not zero after reload.")
     return sum(int(idx.numel()) for idx in channels.values())
