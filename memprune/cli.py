@@ -267,8 +267,12 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
               help="Instead of --retain: a folder of image/caption pairs (metadata.csv, or a .txt beside each image).")
 @click.option("--anchors", default=None, type=click.Path(),
               help="doco: anchor captions (default: the retain captions).")
-@click.option("--params", type=click.Choice(["kv", "unet"]), default="kv", show_default=True,
-              help="kv: cross-attention to_k/to_v only; unet: every denoiser parameter.")
+@click.option("--params", type=click.Choice(["kv", "xattn", "unet"]), default=None,
+              help="kv: cross-attention to_k/to_v only; xattn: all cross-attention Linears (q, k, v, out); unet: every "
+                   "denoiser parameter [default: xattn for doco, kv otherwise].")
+@click.option("--retention", type=click.Choice(["noise", "distill"]), default=None,
+              help="doco: retention loss, noise (diffusion loss to the sampled noise on the anchor images) or distill "
+                   "(match the unedited model) [default: noise].")
 @click.option("--energy", default=0.97, show_default=True, type=FiniteFloatRange(0, 1, min_open=True),
               help="gradproj: share of singular-value energy the memorized subspace keeps.")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimiser steps.")
@@ -289,7 +293,7 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
 @device_option
 @out_option
 @overwrite_option
-def finetune(model, method, memorized, retain, retain_images, anchors, params, energy, steps, lr, batch_size,
+def finetune(model, method, memorized, retain, retain_images, anchors, params, retention, energy, steps, lr, batch_size,
              retain_prompts, sampling_steps, seed, rounds, attack_steps, from_dir, device, out, overwrite):
     """Fine-tune the denoiser on retain data (gradient projection, DoCo, adversarial or the plain control); save it."""
     options = dict(locals())
