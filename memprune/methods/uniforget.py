@@ -24,7 +24,9 @@ pruning them suppresses memorization without ever looking at a memorized prompt.
 - **Penalty.** The mean relaxed mask value over all units pooled (an L1 norm of the positive mask divided by its
   size, so β trades latent MSE against the share of the network kept).
 - **Initialisation.** M = 0 (`init_logit`), so every mask starts at σ(1) ≈ 0.731 and the masked model at step 0
-  is *not* the original: the MSE term first pulls the masks open. Each unit's M moves about lr per Adam step.
+  is *not* the original: the MSE term first pulls the masks open. Each unit's M moves about lr per Adam step, so
+  at lr 0.5 an undefended unit can close (M = -2.5) after about 5 steps: the pruned share is set mostly by
+  lr × train_steps and β, as with the gates.
 - **Binarisation.** After training a unit is pruned when its relaxed mask is <= 0.5 (M <= -2.5,
   `close_threshold`); the others are kept at full strength (1, not their trained value), so the pruned model only
   removes units and can differ from the masked model used in training.
