@@ -121,7 +121,11 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
               help="uniforget: neutral prompts (testbed default: general_train.csv, not the held-out captions evaluate "
                    "scores).")
 @click.option("--beta", default=1.0, show_default=True, type=FiniteFloatRange(min=0),
-              help="uniforget: weight of the expected-L0 penalty.")
+              help="uniforget: weight of the sparsity penalty.")
+@click.option("--gates", type=click.Choice(["sigmoid", "hard-concrete"]), default="sigmoid", show_default=True,
+              help="uniforget: the paper's masks σ(0.4·M+1), or hard-concrete L0 gates on FeedForward neurons.")
+@click.option("--mask-layers", type=click.Choice(["ffn+norm", "ffn", "norm"]), default=None,
+              help="uniforget: masked layers [default: ffn+norm for sigmoid, ffn for hard-concrete].")
 @click.option("--train-steps", default=100, show_default=True, type=click.IntRange(min=1),
               help="uniforget: gate optimisation steps.")
 @click.option("--lr", default=0.5, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
@@ -134,8 +138,8 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
 @save_dtype_option
 @out_option
 @overwrite_option
-def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr, sampling_steps, masks_out, device,
-          dtype, out, overwrite):
+def prune(model, method, masks_folder, timesteps, neutral, beta, gates, mask_layers, train_steps, lr, sampling_steps,
+          masks_out, device, dtype, out, overwrite):
     """Zero the located weights and save an edited pipeline that stock diffusers loads."""
     options = dict(locals())
     from .commands import prune as command
@@ -271,8 +275,12 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, heigh
               help="Instead of --retain: a folder of image/caption pairs (metadata.csv, or a .txt beside each image).")
 @click.option("--anchors", default=None, type=click.Path(),
               help="doco: anchor captions (default: the retain captions).")
-@click.option("--params", type=click.Choice(["kv", "unet"]), default="kv", show_default=True,
-              help="kv: cross-attention to_k/to_v only; unet: every denoiser parameter.")
+@click.option("--params", type=click.Choice(["kv", "xattn", "unet"]), default=None,
+              help="kv: cross-attention to_k/to_v only; xattn: all cross-attention Linears (q, k, v, out); unet: every "
+                   "denoiser parameter [default: xattn for doco, kv otherwise].")
+@click.option("--retention", type=click.Choice(["noise", "distill"]), default=None,
+              help="doco: retention loss, noise (diffusion loss to the sampled noise on the anchor images) or distill "
+                   "(match the unedited model) [default: noise].")
 @click.option("--energy", default=0.97, show_default=True, type=FiniteFloatRange(0, 1, min_open=True),
               help="gradproj: share of singular-value energy the memorized subspace keeps.")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimiser steps.")
@@ -295,7 +303,7 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, heigh
 @save_dtype_option
 @out_option
 @overwrite_option
-def finetune(model, method, memorized, retain, retain_images, anchors, params, energy, steps, lr, batch_size,
+def finetune(model, method, memorized, retain, retain_images, anchors, params, retention, energy, steps, lr, batch_size,
              retain_prompts, sampling_steps, seed, rounds, attack_steps, from_dir, height, width, device, dtype, out,
              overwrite):
     """Fine-tune the denoiser on retain data (gradient projection, DoCo, adversarial or the plain control); save it."""

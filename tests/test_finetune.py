@@ -143,8 +143,10 @@ def test_only_declared_parameters_change_and_pipeline_is_left_unchanged(tiny, me
     settings = module.default_settings()
     if method == "doco":
         settings.discriminator_warmup = 0  # the adversarial term runs in 2 steps
+        settings.retention = "distill"  # the earlier DoCo port, asked for explicitly (test_doco.py has the default)
     before = _state(pipe)
-    delta = module.finetune(pipe, TINY, method_settings=settings, memorized_prompts=MEMORIZED, retain=retain)
+    kv_settings = FinetuneSettings(**{**TINY.__dict__, "params": "kv"})  # DoCo's default is all of cross-attention
+    delta = module.finetune(pipe, kv_settings, method_settings=settings, memorized_prompts=MEMORIZED, retain=retain)
     after_train = _state(pipe)
     assert all(torch.equal(before[k], after_train[k]) for k in before)  # finetune() never edits its input
     kv = {f"unet/{name}.weight" for name in cross_attention_kv(pipe.unet)}
@@ -234,7 +236,7 @@ def test_cli_saves_a_pipeline_stock_diffusers_loads(saved_pipelines, prompt_file
     model = saved_pipelines[arch]
     source_files = {p: p.stat().st_mtime_ns for p in model.rglob("*") if p.is_file()}
     out = tmp_path / "tuned"
-    result = _cli(model, *prompt_files, out, "--method", method)
+    result = _cli(model, *prompt_files, out, "--method", method, "--params", "kv")  # DoCo's default is xattn
     assert result.exit_code == 0, result.output
     assert {p: p.stat().st_mtime_ns for p in model.rglob("*") if p.is_file()} == source_files  # source untouched
     info = json.loads((out / "memprune.json").read_text())

@@ -1,4 +1,5 @@
-"""UniForget: hard-concrete gates against hand computation, frozen weights, closed gates -> masks, neutral-only."""
+"""UniForget's hard-concrete option (--gates hard-concrete): gates against hand computation, frozen weights, closed
+gates -> masks, neutral-only. The default relaxed masks are tested in test_uniforget_relax.py."""
 import math
 
 import pandas as pd
@@ -30,7 +31,7 @@ from tiny_pipelines import sd1_pipeline, sdxl_pipeline
 
 NEUTRAL = ["a red circle", "a blue square", "the green dog", "a photo of the cat"]
 MEMORIZED = ["a white circle on the background"]
-FAST = dict(train_steps=3, sampling_steps=2, batch_size=2, steps=4, progress=False)
+FAST = dict(train_steps=3, sampling_steps=2, batch_size=2, steps=4, progress=False, gates="hard-concrete")
 
 
 def _sigmoid(x):
@@ -146,7 +147,7 @@ def test_training_moves_only_the_gates_and_is_deterministic():
 
 
 def test_beta_controls_closing():
-    settings = dict(train_steps=12, sampling_steps=2, batch_size=2, steps=2, progress=False)
+    settings = dict(train_steps=12, sampling_steps=2, batch_size=2, steps=2, progress=False, gates="hard-concrete")
     strong = train_gates(sd1_pipeline(), NEUTRAL, UniForgetSettings(beta=5.0, **settings), MEMORIZED)
     none = train_gates(sd1_pipeline(), NEUTRAL, UniForgetSettings(beta=0.0, **settings), MEMORIZED)
     assert strong.pruned_share > 0.1
@@ -262,7 +263,8 @@ def test_sdxl_pipeline_trains_and_prunes():
 def test_uniforget_to_folder_then_prune(saved_pipelines, prompt_file, tmp_path):
     neutral = tmp_path / "neutral.txt"
     neutral.write_text("a green circle\na white square\nthe dog on the background\n")
-    settings = UniForgetSettings(beta=5.0, train_steps=6, sampling_steps=2, steps=3, progress=False)
+    settings = UniForgetSettings(beta=5.0, train_steps=6, sampling_steps=2, steps=3, progress=False,
+                                 gates="hard-concrete")
     out = tmp_path / "uniforget"
     summary = uniforget_to_folder(str(saved_pipelines["sd1"]), str(neutral), out, settings, memorized=str(prompt_file),
                                   device="cpu")

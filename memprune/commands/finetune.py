@@ -2,6 +2,7 @@
 with memprune.json, a model card and run.json, and verify the saved weights."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from .output import Timer, atomic_output_dir, refuse_output, write_run_json
 def run(options: dict[str, Any]) -> str:
     """`memprune finetune` with the CLI's options."""
     model = model_or_default(options["model"])
+    if options.get("retention") is not None and options["method"] != "doco":
+        raise MemPruneError("--retention is used by --method doco only.")
     settings = FinetuneSettings(steps=options["steps"], lr=options["lr"], seed=options["seed"],
                                 params=options["params"],
                                 batch_size=options["batch_size"], retain_prompts=options["retain_prompts"] or None,
@@ -57,6 +60,13 @@ class FinetuneInputs:
     retain: str | None = None
     anchors: str | None = None  # doco only (default: the retain prompts)
     from_dir: str | None = None  # --from: an edit of the model to start from (e.g. a pruned folder)
+
+
+def default_params(settings: FinetuneSettings, module) -> FinetuneSettings:
+    """`settings` with --params resolved: the method's own group (its DEFAULT_PARAMS, else kv) when not given."""
+    if settings.params is not None:
+        return settings
+    return dataclasses.replace(settings, params=getattr(module, "DEFAULT_PARAMS", "kv"))
 
 
 def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None) -> FinetuneInputs:
@@ -141,8 +151,8 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
                        device: str = "auto", dtype=None, log=print, save_dtype: str = "keep") -> str:
     """The `memprune finetune` command as a function: check inputs, fine-tune, save atomically (in the source's
     dtypes unless `save_dtype` names one), verify."""
-    settings = settings or FinetuneSettings()
     module = methods.get(method, "finetune")
+    settings = default_params(settings or FinetuneSettings(), module)
     inputs = inputs or FinetuneInputs()
     started_from = check_started_from(model, inputs.from_dir) if inputs.from_dir else None
     protected = refuse_output(out, overwrite, model, inputs.from_dir)  # before minutes of work, not after
@@ -164,7 +174,7 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     timer = Timer()
     with timer("load"):  # float32 whatever the source's dtype: Adam on half-precision weights loses small updates
         pipe = load_pipeline(inputs.from_dir or model, resolve_device(device), dtype or torch.float32)
-    trainable_parameters(denoiser(pipe), settings.params)  # fail now on --params naming nothing
+    trainable_parameters(denoiser(pipe), settings.params or "kv")  # fail now on --params naming nothing
     with timer("retain_data"):
         if settings.retain_images:
             retain = image_retain_data(pipe, settings.retain_images, settings)

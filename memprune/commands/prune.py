@@ -12,8 +12,9 @@ from typing import Any
 from .. import methods
 from ..errors import MemPruneError
 from ..masks import MASKS_FILE, Masks
+from ..methods.uniforget_relax import load_norm_channels, verify_norm_channels, zero_norm_channels
 from ..model_card import write_card
-from ..models import load_pipeline, resolve_device
+from ..models import denoiser, load_pipeline, resolve_device
 from ..precision import cast_components, describe, save_dtypes, saved_dtypes
 from ..prune import apply_masks, prune_info, save_pruned, verify_pruned
 from .defaults import model_or_default
@@ -51,6 +52,7 @@ def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrit
     unless `dtype` names one), reload and verify."""
     protected = refuse_output(out, overwrite, model)
     masks = Masks.load(masks_folder)
+    norm_channels = load_norm_channels(masks_folder)  # UniForget's pruned normalisation channels, if any
     timer = Timer()
     # Zeroing is exact in any dtype: load a source saved in one dtype in that dtype, not upcast to float32 (an SDXL
     # fp16 source would take 14 GB instead of 7).
@@ -60,8 +62,12 @@ def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrit
         pipe = load_pipeline(model, resolve_device(device), load_dtype)
     with timer("prune"):
         result = apply_masks(pipe, masks, timesteps)
+        norms_zeroed = zero_norm_channels(denoiser(pipe), norm_channels) if norm_channels else {}
     with atomic_output_dir(out, overwrite, protected) as staging:
         info = prune_info(model, masks_folder, result, masks)
+        if norm_channels is not None:  # the edit also changed norm weights: say so
+            info["norm_channels_zeroed"] = norms_zeroed
+            info["norm_edit"] = "weight and bias of each pruned normalisation channel set to zero"
         with timer("save"):
             saved = cast_components(pipe.to("cpu"), save_dtypes(pipe, model, dtype))
             save_pruned(pipe, staging, info)
@@ -69,14 +75,22 @@ def prune_to_folder(model: str, masks_folder, out, timesteps: int = 10, overwrit
         del pipe  # not held while the saved copy is reloaded
         with timer("verify"):
             verified = verify_pruned(staging, masks, timesteps, load_dtype)
+            if norm_channels:
+                reloaded = load_pipeline(str(staging), resolve_device("cpu"), load_dtype)
+                verified += verify_norm_channels(denoiser(reloaded), norm_channels)
+                del reloaded
         write_run_json(staging, {"model": model, "masks": str(masks_folder), "timesteps": timesteps,
                                   "dtype": dtype},
                        {"masks": Path(masks_folder) / MASKS_FILE}, timer.seconds, zeroed_weights=result.zeroed,
                        saved_dtypes=saved)
     total = sum(masks.shapes[layer][0] * masks.shapes[layer][1] for layer in result.zeroed)
     return (
-        f"Zeroed {result.total_zeroed} weights ({result.total_zeroed / total:.3%} of the masked layers' weights) "
-        f"in {len(result.zeroed)} layers, steps 0..{timesteps - 1}; verified {verified} zeros after reload.\n"
+        f"Zeroed {result.total_zeroed} weights ({result.total_zeroed / max(total, 1):.3%} of the masked layers' "
+        "weights) "
+        f"in {len(result.zeroed)} layers, steps 0..{timesteps - 1}"
+        + (f", and {sum(norms_zeroed.values())} normalisation channels (weight and bias) in {len(norms_zeroed)} "
+           "layers" if norms_zeroed else "")
+        + f"; verified {verified} zeros after reload.\n"
         f"{describe(saved, dtype)}\n"
         f"Edited pipeline: {out}"
     )

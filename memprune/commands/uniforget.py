@@ -67,10 +67,15 @@ def uniforget_to_folder(model: str, neutral: str | None, out, settings: UniForge
                                            "wanda_masks": Path(wanda_masks) / MASKS_FILE if wanda_masks else None},
                        timer.seconds, model=identity, pruned_share=result.pruned_share)
     final = result.history.iloc[-1]
+    penalty = result.history.columns[3]  # expected_l0 (hard-concrete) or mask_mean (sigmoid)
+    table = result.pruned if "kind" in result.pruned else result.pruned.assign(kind="ffn")
+    pruned = table.groupby("kind", sort=False)[["pruned", "hidden"]].sum()
+    units = {"ffn": "FeedForward neurons", "norm": "normalisation channels"}
+    counts = ", ".join(f"{int(row.pruned)} of {int(row.hidden)} {units[kind]}" for kind, row in pruned.iterrows())
     lines = [
-        f"UniForget (beta={settings.beta:g}, {settings.train_steps} steps, {len(neutral_prompts)} neutral prompts): "
-        f"pruned {int(result.pruned['pruned'].sum())} of {int(result.pruned['hidden'].sum())} FeedForward neurons "
-        f"({result.pruned_share:.2%}); final latent MSE {final['mse']:.4g}, expected L0 {final['expected_l0']:.3f}.",
+        f"UniForget ({settings.gates} masks, beta={settings.beta:g}, {settings.train_steps} steps, "
+        f"{len(neutral_prompts)} neutral prompts): pruned {counts} ({result.pruned_share:.2%} of the masked units); "
+        f"final latent MSE {final['mse']:.4g}, {penalty.replace('_', ' ')} {final[penalty]:.3f}.",
         "Neutral prompts checked against " + (f"{len(memorized_prompts)} memorized prompts ({memorized})."
                                                if memorized_prompts else "no memorized prompts (none given)."),
     ]

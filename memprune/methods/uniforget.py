@@ -1,64 +1,65 @@
 """UniForget (Jin et al. 2025, arXiv 2512.09687): prune memorization without knowing what is memorized.
 
-One learnable hard-concrete (L0) gate (Louizos et al. 2018) sits on every FeedForward hidden neuron, i.e. on
-each of the H inputs of the FeedForward's output Linear (the same neurons memprune records and Wanda masks).
-The gates are trained on *neutral* (non-memorized) prompts only: the gated model starts from the same noise as
-the frozen original and must end a short sampling trajectory at the same latent, while a penalty pushes gates
-closed. Neurons whose gate closes are not needed for ordinary generation; the paper's finding is that they carry
-the memorized content, so pruning them suppresses memorization without ever looking at a memorized prompt.
-Closed gates become a neuron-granularity `Masks` (whole columns of the output Linear's weight) that
-`memprune.prune.apply_masks` applies exactly like a Wanda mask.
+Learnable masks sit on the denoiser's units; they are trained on *neutral* (non-memorized) prompts only: the
+masked model starts from the same noise as the frozen original and must end a short sampling trajectory at the
+same final denoised latent (MSE), while a sparsity penalty weighted by β pushes the masks closed. Units whose mask
+closes are not needed for ordinary generation; the paper's finding is that they carry the memorized content, so
+pruning them suppresses memorization without ever looking at a memorized prompt.
 
-The formulas (γ = -0.1, ζ = 1.1, temperature β_t = 2/3, one `log_alpha` per neuron):
+**What follows the paper** (default, `gates="sigmoid"`):
 
-- training (stochastic): u ~ U(0, 1), s = sigmoid((log u - log(1 - u) + log_alpha) / β_t),
-  z = clamp(s·(ζ - γ) + γ, 0, 1)
-- end (deterministic): z = clamp(sigmoid(log_alpha)·(ζ - γ) + γ, 0, 1)
-- expected L0 (probability that a gate is non-zero): sigmoid(log_alpha - β_t·log(-γ / ζ))
-- loss = MSE(final latent of the gated model, final latent of the original) + β · mean expected L0
+- **Layers.** Masks on the FeedForward (FFN) layers *and* the normalisation layers (`layers=("ffn", "norm")`):
+  the paper's ablation finds FFN-only masks weaker than FFN + normalisation. An FFN mask scales each hidden
+  neuron (the input of the FeedForward's output Linear, the neurons memprune records and Wanda masks); a norm mask
+  scales each output channel of every GroupNorm / LayerNorm with affine parameters, found by type
+  (memprune.methods.uniforget_relax).
+- **Relaxation.** mask = σ(0.4·M + 1) for a free logit M per unit.
+- **Loss.** MSE(final latent of the masked model, final latent of the original) + β · penalty; β in the paper's
+  sweep {1, 2, 5}.
 
-Choices made where the paper (or its summary we work from) is silent — all are settings in `UniForgetSettings`:
+**Where the port differs or chooses** (the paper's text was not available to check these; all are settings):
 
-- **Initialisation.** log_alpha = 3 for every gate. The deterministic gate is then exactly 1
-  (sigmoid(3)·1.2 - 0.1 = 1.043, clamped to 1), so the *deterministic* gated model equals the original
-  bit for bit at init. The stochastic gate is not always 1 at init: it is exactly 1 only when
-  u > sigmoid(β_t·logit(11/12) - 3) ≈ 0.198, so about 80 % of the sampled gates are fully open at step 0 and
-  the rest are slightly below 1. The equality claim and its test are about the deterministic mode.
-- **Closed gate.** A neuron is pruned when its deterministic gate is exactly 0, i.e. log_alpha <= -log(11)
-  ≈ -2.398 (`close_threshold = 0.0`; a larger threshold t prunes neurons with deterministic z <= t). Gates that
-  end partly open (0 < z < 1) are kept at full strength: the pruned model only removes neurons, it does not
-  rescale the others, so it can differ from the gated model used in training.
-- **One gate sample per training step.** u is drawn once per gate per optimisation step and shared by all
-  prompts of the batch and all denoiser calls of the trajectory (the pruned model is one fixed set of gates).
-- **Trajectory.** A deterministic DDIM sampler (eta = 0) built from the pipeline's scheduler config
-  (`DDIMScheduler.from_config`, so prediction type and beta schedule are the pipeline's), `sampling_steps = 10`,
-  with the pipeline's classifier-free guidance (its default scale unless `guidance_scale` is set; no guidance
-  rescale). Conditioning (prompt embeddings, SDXL's pooled embeddings and time ids) is taken from the pipeline
-  itself: we call it and capture the keyword arguments of its first denoiser call, so SD 1.x/2.x/SDXL need no
-  per-architecture code. Both trajectories start from the same seeded Gaussian latent; fresh noise every step.
-- **Back-propagation.** Through the whole gated trajectory by default (`backprop_steps = None`): memorization
-  is decided in the first, noisiest steps (Chavhan prunes the masks of steps 0..9), so truncating to the last
-  steps would not train the gates on what matters. `backprop_steps = k` runs the first steps without a graph and
-  back-propagates through the last k only (cheaper, documented trade-off). `checkpoint = True` recomputes each
-  denoiser call in the backward pass (torch.utils.checkpoint), so memory stays at one call instead of N.
-- **The L0 term** is the mean expected L0 over *all* gates of all layers pooled (the expected share of open
-  gates), so β trades latent MSE against the share of the network kept. MSE is the mean over latent elements,
-  computed in float32.
-- **Optimiser.** Adam on the log_alphas only, lr = 0.5 (the paper's), fixed number of steps (`train_steps`).
-  Adam normalises the gradient, so each log_alpha moves by about lr per step whatever β is: from 3 a gate needs
-  about 11 consistent steps to close. β matters through the sign of each gate's total gradient (MSE vs L0),
-  not its size. Every other parameter of the pipeline has requires_grad False while training (restored after),
-  so model weights stay bit-identical. On the embedded testbed (batch 4, 10 DDIM steps, 1 CPU thread,
-  ~1.7-2.8 s per step) lr 0.5 for 60 steps prunes 79 / 85 / 91 % of the FeedForward neurons for β = 1 / 2 / 5
-  (no gate can close before step 11); lr 0.1 for 100 steps prunes 67 % at β = 1. Pruned share is set mostly
-  by lr × train_steps; sweep those as well as β.
-- **Neutral prompts only.** `train_gates` refuses to train when a neutral prompt is one of the given
-  memorized prompts (compared after collapsing whitespace and case-folding); `memprune prune --method uniforget`
-  uses the testbed's memorized.csv automatically when the model is the embedded testbed.
-- **Masks.** The closed-gate mask is step-independent; it is stored for steps 0..`steps`-1 (default 50, as
-  `memprune locate`) so `apply_masks(..., timesteps=τ)` and `union_masks` with a Wanda mask work unchanged.
-  Every step holds its own copy of the indices (safetensors refuses shared tensors), so for SDXL-size models
-  with a large pruned share prefer `steps = τ`.
+- **Attention masks** (the paper also mentions attention) are not implemented: its ablation is stated as FFN vs
+  FFN + normalisation, and an attention-head mask would need a third kind of weight edit.
+- **Penalty.** The mean relaxed mask value over all units pooled (an L1 norm of the positive mask divided by its
+  size, so β trades latent MSE against the share of the network kept).
+- **Initialisation.** M = 0 (`init_logit`), so every mask starts at σ(1) ≈ 0.731 and the masked model at step 0
+  is *not* the original: the MSE term first pulls the masks open. Each unit's M moves about lr per Adam step, so
+  at lr 0.5 an undefended unit can close (M = -2.5) after about 5 steps: the pruned share is set mostly by
+  lr × train_steps and β, as with the gates.
+- **Binarisation.** After training a unit is pruned when its relaxed mask is <= 0.5 (M <= -2.5,
+  `close_threshold`); the others are kept at full strength (1, not their trained value), so the pruned model only
+  removes units and can differ from the masked model used in training.
+- **Weight edit.** A pruned FFN neuron is a zeroed column of the output Linear (a `Masks` file, applied by
+  `memprune.prune.apply_masks` like Wanda's). A pruned norm channel is its affine weight and bias set to zero
+  (exactly the channel's output times 0); they are saved beside the masks (norm_channels.safetensors),
+  `memprune prune` zeroes them and records them in memprune.json (`norm_channels_zeroed`).
+
+**Hard-concrete gates** (`gates="hard-concrete"`, the earlier port): one L0 gate (Louizos et al. 2018) per FFN
+neuron only, γ = -0.1, ζ = 1.1, β_t = 2/3: training s = σ((log u - log(1-u) + log_alpha)/β_t),
+z = clamp(s(ζ-γ)+γ, 0, 1); end z = clamp(σ(log_alpha)(ζ-γ)+γ, 0, 1); penalty = mean expected L0
+σ(log_alpha - β_t·log(-γ/ζ)). log_alpha starts at 3 (the deterministic gate is exactly 1, so the gated model
+equals the original at init); a neuron is pruned when its deterministic gate is exactly 0 (`close_threshold`
+0.0). One gate sample per optimisation step, shared by the batch and the trajectory. This is the paper's weaker
+(FFN-only) layer set with another relaxation.
+
+Shared by both (settings of `UniForgetSettings`):
+
+- **Trajectory.** A deterministic DDIM sampler (eta = 0) built from the pipeline's scheduler config (prediction
+  type and beta schedule are the pipeline's), `sampling_steps = 10`, with the pipeline's classifier-free guidance.
+  Conditioning is captured from the pipeline's own first denoiser call, so SD 1.x/2.x/SDXL need no
+  per-architecture code. Both trajectories start from the same seeded Gaussian latent.
+- **Back-propagation.** Through the whole masked trajectory by default (memorization is decided in the first,
+  noisiest steps); `backprop_steps = k` back-propagates through the last k calls only; `checkpoint = True`
+  recomputes each denoiser call in backward (memory of one call).
+- **Optimiser.** Adam on the mask logits only, lr = 0.5, `train_steps` steps. Every pipeline weight has
+  requires_grad False while training (restored after) and stays bit-identical. Measured on the embedded testbed
+  with hard-concrete gates (batch 4, 10 DDIM steps, 1 CPU thread): lr 0.5 for 60 steps prunes 79 / 85 / 91 % of
+  the FeedForward neurons for β = 1 / 2 / 5; the pruned share is set mostly by lr × train_steps.
+- **Neutral prompts only.** `train_gates` refuses a neutral prompt that is one of the given memorized prompts
+  (after collapsing whitespace and case-folding).
+- **Masks.** The FFN mask is step-independent; it is stored for steps 0..`steps`-1 (default 50) so
+  `apply_masks(..., timesteps=τ)` and `union_masks` with a Wanda mask work unchanged.
 - **Determinism.** One CPU generator seeded with `seed` draws the prompt order, the noise and the gate samples.
 """
 from __future__ import annotations
@@ -85,10 +86,12 @@ from ..models import denoiser, layer_shapes, pipeline_modules
 from ..prompts import overlapping_captions, write_prompts
 from .base import MethodInfo
 from .uniforget_gates import GAMMA, TEMPERATURE, ZETA, NeuronGates, uniforget_masks
+from .uniforget_relax import LAYER_KINDS, RelaxedMasks, save_norm_channels
 
 METHOD = MethodInfo(
     name="uniforget", kind="weight_edit",
-    summary="Hard-concrete gates per FeedForward neuron trained on neutral prompts only; closed gates are pruned.",
+    summary="Masks σ(0.4·M+1) on FeedForward neurons and normalisation channels trained on neutral prompts only; "
+            "closed masks are pruned.",
     reference="Jin et al. 2025, UniForget, arXiv 2512.09687",
     stage="prune",
 )
@@ -99,10 +102,17 @@ METHOD = MethodInfo(
 # --------------------------------------------------------------------------------------------------------------
 
 
+GATE_KINDS = ("sigmoid", "hard-concrete")
+CLOSE_THRESHOLDS = {"sigmoid": 0.5, "hard-concrete": 0.0}
+
+
 @dataclass
 class UniForgetSettings:
-    beta: float = 1.0  # weight of the mean expected L0 (the paper sweeps 1, 2, 5)
-    lr: float = 0.5  # Adam learning rate on log_alpha (the paper's)
+    beta: float = 1.0  # weight of the sparsity penalty (the paper sweeps 1, 2, 5)
+    lr: float = 0.5  # Adam learning rate on the mask logits / log_alpha
+    gates: str = "sigmoid"  # "sigmoid": the paper's σ(0.4·M+1) masks; "hard-concrete": L0 gates on FFN neurons
+    layers: tuple[str, ...] | None = None  # "ffn" and/or "norm" (None: both for sigmoid; hard-concrete: "ffn" only)
+    init_logit: float = 0.0  # sigmoid masks: M at init (mask σ(1) ≈ 0.731)
     train_steps: int = 100  # optimisation steps
     batch_size: int = 1  # neutral prompts per optimisation step
     sampling_steps: int = 10  # DDIM steps of the trajectory whose final latent is matched
@@ -113,12 +123,24 @@ class UniForgetSettings:
     temperature: float = TEMPERATURE
     gamma: float = GAMMA
     zeta: float = ZETA
-    close_threshold: float = 0.0  # pruned iff deterministic gate <= this
+    close_threshold: float | None = None  # pruned iff mask <= this (None: 0.5 sigmoid, 0.0 hard-concrete)
     steps: int = 50  # mask steps 0..steps-1 (the mask is the same at every step)
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
+        if self.gates not in GATE_KINDS:
+            raise MemPruneError(f"UniForget gates must be one of {', '.join(GATE_KINDS)}, got '{self.gates}'.")
+        if self.layers is None:
+            self.layers = LAYER_KINDS if self.gates == "sigmoid" else ("ffn",)
+        self.layers = tuple(self.layers)
+        if not self.layers or any(kind not in LAYER_KINDS for kind in self.layers):
+            raise MemPruneError(f"UniForget layers must be among {', '.join(LAYER_KINDS)}, got {list(self.layers)}.")
+        if self.gates == "hard-concrete" and self.layers != ("ffn",):
+            raise MemPruneError("UniForget's hard-concrete gates sit on FeedForward neurons only: use --mask-layers "
+                                "ffn, or --gates sigmoid for normalisation masks.")
+        if self.close_threshold is None:
+            self.close_threshold = CLOSE_THRESHOLDS[self.gates]
         if self.beta < 0:
             raise MemPruneError(f"UniForget beta must be >= 0, got {self.beta}.")
         if self.lr <= 0:
@@ -137,18 +159,35 @@ class UniForgetSettings:
 
 @dataclass
 class GateResult:
-    gates: NeuronGates
-    history: pd.DataFrame  # step, loss, mse, expected_l0, closed_share
-    pruned: pd.DataFrame  # layer, hidden, pruned, share
+    gates: NeuronGates | RelaxedMasks
+    history: pd.DataFrame  # step, loss, mse, expected_l0 (hard-concrete) or mask_mean (sigmoid), closed_share
+    pruned: pd.DataFrame  # layer, (kind,) hidden, pruned, share
     masks: Masks
     settings: UniForgetSettings
     seconds: float = 0.0
     prompts: list[str] = field(default_factory=list)
+    norm_channels: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned channels per norm layer
 
     @property
     def pruned_share(self) -> float:
-        """Share of all FeedForward hidden neurons pruned."""
+        """Share of all masked units (FeedForward neurons, and norm channels with sigmoid masks) pruned."""
         return float(self.pruned["pruned"].sum() / self.pruned["hidden"].sum())
+
+
+def make_gates(net: nn.Module, settings: UniForgetSettings) -> NeuronGates | RelaxedMasks:
+    """The trainable masks of `settings.gates` for a denoiser."""
+    if settings.gates == "hard-concrete":
+        return NeuronGates.for_denoiser(net, init_log_alpha=settings.init_log_alpha,
+                                        temperature=settings.temperature, gamma=settings.gamma, zeta=settings.zeta)
+    return RelaxedMasks.for_denoiser(net, settings.layers or LAYER_KINDS, settings.init_logit)
+
+
+def _penalty(gates: NeuronGates | RelaxedMasks) -> torch.Tensor:
+    return gates.penalty() if isinstance(gates, RelaxedMasks) else gates.expected_l0()
+
+
+def _penalty_name(gates: NeuronGates | RelaxedMasks) -> str:
+    return gates.penalty_name if isinstance(gates, RelaxedMasks) else "expected_l0"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,7 +273,7 @@ def union_masks(a: Masks, b: Masks) -> Masks:
 
 def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | None = None,
                 memorized_prompts: list[str] | None = None, meta: dict | None = None) -> GateResult:
-    """Train one hard-concrete gate per FeedForward neuron on neutral prompts; return gates, history and masks.
+    """Train the masks of `settings.gates` on neutral prompts; return them, the history and the pruned masks.
 
     Only the gates train; every pipeline weight stays bit-identical. `memorized_prompts`, when given, must not
     overlap `neutral_prompts` (MemPruneError otherwise).
@@ -258,15 +297,16 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
     scheduler.set_timesteps(settings.sampling_steps, device=device)
     grad_from = 0 if settings.backprop_steps is None else settings.sampling_steps - settings.backprop_steps
 
-    gates = NeuronGates.for_denoiser(net, init_log_alpha=settings.init_log_alpha, temperature=settings.temperature,
-                                     gamma=settings.gamma, zeta=settings.zeta)
+    gates = make_gates(net, settings)
+    threshold = float(settings.close_threshold or 0.0)
+    penalty_name = _penalty_name(gates)
     optimizer = torch.optim.Adam(gates.parameters(), lr=settings.lr)
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     order = np.random.default_rng(settings.seed)
     queue: list[int] = []
     history = []
     start = time.perf_counter()
-    bar = tqdm(range(settings.train_steps), desc=f"UniForget gates (beta={settings.beta:g})",
+    bar = tqdm(range(settings.train_steps), desc=f"UniForget {settings.gates} masks (beta={settings.beta:g})",
                disable=not settings.progress, leave=False)
     try:
         with frozen(*pipeline_modules(pipe), net):
@@ -288,7 +328,7 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
                     gated = sample_trajectory(net, scheduler, noise, conditioning, guidance, cfg, grad_from=grad_from,
                                               checkpoint=settings.checkpoint)
                     mse = F.mse_loss(gated.float(), target.float())
-                    l0 = gates.expected_l0()
+                    l0 = _penalty(gates)
                     loss = mse + settings.beta * l0
                     if not torch.isfinite(loss):
                         raise MemPruneError(f"UniForget loss became {loss.item()} at step {step}: "
@@ -296,9 +336,9 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
-                closed = gates.closed(settings.close_threshold)
+                closed = gates.closed(threshold)
                 closed_share = float(sum(c.sum() for c in closed.values()) / sum(c.numel() for c in closed.values()))
-                history.append({"step": step, "loss": loss.item(), "mse": mse.item(), "expected_l0": l0.item(),
+                history.append({"step": step, "loss": loss.item(), "mse": mse.item(), penalty_name: l0.item(),
                                 "closed_share": closed_share})
                 bar.set_postfix(mse=f"{mse.item():.4f}", l0=f"{l0.item():.3f}", closed=f"{closed_share:.3f}")
     finally:
@@ -319,11 +359,14 @@ def train_gates(pipe, neutral_prompts: list[str], settings: UniForgetSettings | 
         "guidance_scale": guidance,
         "train_seconds": round(seconds, 3),
     }
-    masks = uniforget_masks(gates, layer_shapes(net), settings.steps, settings.close_threshold, masks_meta)
-    columns = ["step", "loss", "mse", "expected_l0", "closed_share"]
+    norm_channels = gates.closed_norm_channels(threshold) if isinstance(gates, RelaxedMasks) else {}
+    if isinstance(gates, RelaxedMasks):
+        masks_meta["norm_channels_pruned"] = {name: int(idx.numel()) for name, idx in norm_channels.items()}
+    masks = uniforget_masks(gates, layer_shapes(net), settings.steps, threshold, masks_meta)
+    columns = ["step", "loss", "mse", penalty_name, "closed_share"]
     return GateResult(gates=gates, history=pd.DataFrame(history, columns=columns),
-                      pruned=gates.pruned_share(settings.close_threshold), masks=masks, settings=settings,
-                      seconds=seconds, prompts=neutral_prompts)
+                      pruned=gates.pruned_share(threshold), masks=masks, settings=settings,
+                      seconds=seconds, prompts=neutral_prompts, norm_channels=norm_channels)
 
 
 def _settings_dict(settings: UniForgetSettings) -> dict:
@@ -333,11 +376,14 @@ def _settings_dict(settings: UniForgetSettings) -> dict:
 
 
 def save_gate_result(result: GateResult, folder: str | Path) -> None:
-    """masks.safetensors + masks.json (for `memprune prune --masks`), gates.safetensors, loss.csv, pruned_share.csv."""
+    """masks.safetensors + masks.json (for `memprune prune --masks`), norm_channels.safetensors (sigmoid masks),
+    gates.safetensors (the trained logits), loss.csv, pruned_share.csv."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     result.masks.save(folder)
+    if result.settings.gates == "sigmoid":
+        save_norm_channels(result.norm_channels, folder)
     save_file({name: value.contiguous() for name, value in result.gates.state_dict().items()},
               str(folder / "gates.safetensors"))
     result.history.to_csv(folder / "loss.csv", index=False)
@@ -347,9 +393,11 @@ def save_gate_result(result: GateResult, folder: str | Path) -> None:
 
 def settings_from_options(options: dict) -> UniForgetSettings:
     """UniForgetSettings from `memprune prune`'s options (--timesteps sets the steps the mask is stored at)."""
+    layers = options.get("mask_layers")
     return UniForgetSettings(beta=options.get("beta", 1.0), train_steps=options.get("train_steps", 100),
                              lr=options.get("lr", 0.5), sampling_steps=options.get("sampling_steps", 10),
-                             steps=max(options.get("timesteps", 50), 1))
+                             steps=max(options.get("timesteps", 50), 1), gates=options.get("gates") or "sigmoid",
+                             layers=tuple(layers.split("+")) if layers else None)
 
 
 def edit(pipe, settings: UniForgetSettings, neutral_prompts: list[str], memorized_prompts: list[str] | None = None,

@@ -3,6 +3,7 @@ them and the closed gates as a mask (the choices behind them are in memprune.met
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -12,6 +13,9 @@ from ..errors import MemPruneError
 from ..masks import Masks
 from ..models import output_linears
 from ..trace import Inputs, Trace
+
+if TYPE_CHECKING:
+    from .uniforget_relax import RelaxedMasks
 
 GAMMA = -0.1
 ZETA = 1.1
@@ -138,10 +142,10 @@ class GateHooks(Trace):
         return Inputs((x * self.gates.z(name).to(x.dtype),) + tuple(inputs.args[1:]), inputs.kwargs)
 
 
-def uniforget_masks(gates: NeuronGates, shapes: dict[str, list[int]], steps: int = 50, threshold: float = 0.0,
-                    meta: dict | None = None) -> Masks:
-    """Closed gates as a neuron-granularity mask (whole columns of each output Linear's C x H weight),
-    the same for steps 0..steps-1."""
+def uniforget_masks(gates: NeuronGates | RelaxedMasks, shapes: dict[str, list[int]], steps: int = 50,
+                    threshold: float = 0.0, meta: dict | None = None) -> Masks:
+    """Closed gates (or closed FFN masks) as a neuron-granularity mask (whole columns of each output Linear's C x H
+    weight), the same for steps 0..steps-1."""
     indices, mask_shapes = {}, {}
     for layer, closed in gates.closed(threshold).items():
         rows, columns = shapes[layer]
