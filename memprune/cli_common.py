@@ -79,3 +79,15 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an ex
 fixed_threshold_option = click.option(
     "--fixed-threshold", multiple=True, type=FiniteFloatRange(-1, 1),
     help="Also report memorization_rate@T at this fixed copy threshold (repeatable; the field uses 0.7 and 0.5).")
+
+
+class RegistryEpilogCommand(click.Command):
+    """A command whose --help ends with the registered methods (read from the registry when help is shown)."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        from .methods import available
+
+        super().format_epilog(ctx, formatter)
+        with formatter.section("Methods an arm may name"):
+            formatter.write_dl([(name, f"{module.METHOD.kind.replace('_', ' ')}: {module.METHOD.summary}")
+                                for name, module in sorted(available().items())])
