@@ -133,9 +133,10 @@ def test_resume_after_a_kill_redoes_nothing_finished(inputs, finished, monkeypat
     first, again = pd.read_csv(finished / "comparison.csv"), pd.read_csv(out / "comparison.csv")
     same = ~first.metric.isin(["seconds_per_image", "seconds_per_image_ratio", "edit_seconds"])
     np.testing.assert_allclose(first[same].value, again[same.values].value, rtol=1e-6)
-    # Nothing left to do: a second resume builds and evaluates nothing.
+    # Nothing left to do: a second resume (arms from the folder's own copy) builds and evaluates nothing.
     calls.clear(), stages.clear()
-    assert bench(inputs, out, "--resume").exit_code == 0 and calls == [] and stages == []
+    again = bench(inputs, out, "--resume", arms=out / "arms.toml")
+    assert again.exit_code == 0 and calls == [] and stages == [], again.output
 
 
 def test_resume_with_a_changed_arm_is_refused_naming_it(inputs, tmp_path):
@@ -220,3 +221,21 @@ def test_help_lists_the_registered_methods_and_the_preset_parses():
 def test_preset_testbed_needs_a_testbed(inputs, tmp_path):
     assert_refused(run("benchmark", "--model", inputs["model"], "--preset", "testbed", "--out", tmp_path / "o"),
                    "is not a memprune testbed")
+
+
+def test_plot_puts_each_model_at_its_utility_and_memorization():
+    from memprune.benchmark.plot import comparison_figure
+
+    metrics = pd.DataFrame([
+        ("unedited", "memorized_held_out", "memorization_rate", 0.9),
+        ("unedited", "memorized_held_out", "memorization_rate_attacked", 1.0),
+        ("wanda", "memorized_held_out", "memorization_rate", 0.4),
+        ("wanda", "general", "similarity_to_unedited", 0.8),
+        ("wanda", "memorized_held_out", "memorization_rate_attacked", 0.7),
+        ("wen", "memorized_held_out", "memorization_rate", 0.2),  # no utility row: not plotted
+    ], columns=["model", "group", "metric", "value"])
+    figure = comparison_figure(metrics, ["unedited", "wanda", "wen"], {"wanda": "Wanda 0.1"})
+    evaluated, attacked = figure.axes
+    points = lambda axis: [tuple(c.get_offsets()[0]) for c in axis.collections]  # noqa: E731
+    assert points(evaluated) == [(1.0, 0.9), (0.8, 0.4)] and points(attacked) == [(1.0, 1.0), (0.8, 0.7)]
+    assert [text.get_text() for text in evaluated.texts] == ["unedited", "Wanda 0.1"]

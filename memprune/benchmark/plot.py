@@ -47,6 +47,7 @@ def comparison_figure(metrics: pd.DataFrame, models: list[str], labels: dict[str
             axis.annotate(labels.get(model, model), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         axis.set_xlabel(f"utility: {utility[1].replace('_', ' ')} ({utility[0].replace('_', ' ')} prompts)")
         axis.set_ylabel(f"{metric.replace('_', ' ')} ({group.replace('_', ' ')})")
+        axis.set_ylim(-0.03, 1.03)  # rates: the same scale in both panels
         axis.set_title(title)
         axis.grid(alpha=0.3)
     figure.tight_layout()
