@@ -239,3 +239,79 @@ def test_plot_puts_each_model_at_its_utility_and_memorization():
     points = lambda axis: [tuple(c.get_offsets()[0]) for c in axis.collections]  # noqa: E731
     assert points(evaluated) == [(1.0, 0.9), (0.8, 0.4)] and points(attacked) == [(1.0, 1.0), (0.8, 0.7)]
     assert [text.get_text() for text in evaluated.texts] == ["unedited", "Wanda 0.1"]
+
+
+def test_each_kind_is_built_by_its_commands(tmp_path):
+    """The exact command lines: locate then prune (Wanda), prune alone (UniForget), finetune; the benchmark's
+    --memorized where the command takes it and the arm gives none."""
+    from memprune.benchmark.arms import parse_arms
+    from memprune.benchmark.run import BenchmarkSettings, build_arm
+    from memprune.benchmark.state import BenchmarkState
+    from memprune.cli import main
+    from memprune.commands.benchmark import command_options
+
+    commands = command_options(main)
+    text = ('[arms.w]\nmethod = "wanda"\nratio = 0.2\ntimesteps = 3\ngranularity = "neuron"\n'
+            '[arms.u]\nmethod = "uniforget"\nbeta = 5\nneutral = "n.txt"\n'
+            '[arms.p]\nmethod = "plain"\nsteps = 7\nmemorized = "own.csv"\nparams = "unet"\n')
+    state = BenchmarkState(tmp_path, {}, {})
+    settings = BenchmarkSettings(model="M", memorized="mem.csv")
+    argvs = []
+    for arm in parse_arms(text, commands):
+        build_arm(arm, settings, state, argvs.append, commands, "cpu")
+    masks, models = tmp_path / "masks", tmp_path / "models"
+    assert argvs == [
+        ["locate", "--method", "wanda", "--model", "M", "--device", "cpu", "--memorized", "mem.csv", "--ratio", "0.2",
+         "--granularity", "neuron", "--out", str(masks / "w"), "--overwrite"],
+        ["prune", "--model", "M", "--device", "cpu", "--masks", str(masks / "w"), "--timesteps", "3", "--out",
+         str(models / "w"), "--overwrite"],
+        ["prune", "--method", "uniforget", "--model", "M", "--device", "cpu", "--beta", "5", "--neutral", "n.txt",
+         "--masks-out", str(masks / "u"), "--out", str(models / "u"), "--overwrite"],
+        ["finetune", "--method", "plain", "--model", "M", "--device", "cpu", "--steps", "7", "--memorized", "own.csv",
+         "--params", "unet", "--out", str(models / "p"), "--overwrite"],
+    ]
+
+
+def test_resume_with_changed_settings_is_refused_naming_the_setting(inputs, tmp_path):
+    from memprune.benchmark.arms import parse_arms
+    from memprune.benchmark.state import BenchmarkState
+    from memprune.cli import main
+    from memprune.commands.benchmark import command_options
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    arms = parse_arms(ARMS, command_options(main))
+    BenchmarkState(out, {arm.name: arm.fingerprint() for arm in arms}, {"steps": 3}).save()
+    result = run("benchmark", "--model", inputs["model"], "--arms", inputs["folder"] / "arms.toml", "--steps", 2,
+                 "--out", out, "--resume")
+    assert_refused(result, "the benchmark's steps was 3 and is now 2")
+
+
+def test_join_names_every_model_by_its_arm(tmp_path):
+    """evaluate names the mitigation column by its method and attack a lone edited model "edited": the joined table
+    names both by their arm; edit_seconds are the state's building seconds (0 for unedited and the mitigation)."""
+    from memprune.benchmark.arms import parse_arms
+    from memprune.benchmark.run import joined_metrics
+    from memprune.benchmark.state import BenchmarkState
+    from memprune.cli import main
+    from memprune.commands.benchmark import command_options
+
+    arms = parse_arms('[arms.cut]\nmethod = "wanda"\ncontrol = false\n[arms.guard]\nmethod = "wen"\n',
+                      command_options(main))
+    for stage, rows in (("evaluate", [("unedited", "memorized", "memorization_rate", 0.9),
+                                      ("cut", "memorized", "memorization_rate", 0.5),
+                                      ("wen", "memorized", "memorization_rate", 0.25)]),
+                        ("attack", [("unedited", "memorized", "memorization_rate_attacked", 1.0),
+                                    ("edited", "memorized", "memorization_rate_attacked", 0.75),
+                                    ("edited", "memorized", "memorization_rate", 0.6)])):
+        (tmp_path / stage).mkdir()
+        pd.DataFrame(rows, columns=["model", "group", "metric", "value"]).to_csv(tmp_path / stage / "metrics.csv",
+                                                                                 index=False)
+    state = BenchmarkState(tmp_path, {}, {}, built={"cut": 12.5}, stages=["evaluate", "attack"])
+    metrics = joined_metrics(arms, state, ["cut"])
+    value = metrics.set_index(["model", "group", "metric"]).value
+    assert value["guard", "memorized", "memorization_rate"] == 0.25
+    assert value["cut", "memorized", "memorization_rate_attacked"] == 0.75
+    assert value["cut", "memorized", "memorization_rate"] == 0.5  # evaluate's, not the attack's baseline
+    assert value["cut", "edit", "edit_seconds"] == 12.5 and value["guard", "edit", "edit_seconds"] == 0
+    assert len(metrics) == 3 + 2 + 3

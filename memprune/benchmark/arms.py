@@ -100,8 +100,6 @@ def allowed_options(method: str, kind: str, stage: str, commands: CommandOptions
                 continue
             if kind == "mitigation" and owner != method:
                 continue  # evaluate's own options are the benchmark's, not an arm's
-            if kind == "weight_edit" and stage == "locate" and verb == "prune" and owner is not None:
-                continue
             allowed[option] = (verb, parameter)
     return allowed
 
