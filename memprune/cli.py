@@ -402,14 +402,17 @@ def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, s
 @click.option("--evaluate-option", multiple=True,
               help="More options for evaluate, as typed (repeatable), e.g. --evaluate-option '--clip-model DIR'.")
 @click.option("--attack-option", multiple=True, help="More options for attack, as typed (repeatable).")
+@click.option("--per-model", is_flag=True,
+              help="One evaluate and one attack per model (a resume keeps each finished one; the unedited model is "
+                   "generated once per model) instead of one over all.")
 @click.option("--resume", is_flag=True, help="Continue the benchmark in OUT: finished models and stages are kept.")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def benchmark(model, arms_file, preset, steps, seeds, memorized, reference, exclude_prompts, attack, attack_prompts,
-              threshold, fixed_threshold, similarity, sscd, control_seed, evaluate_option, attack_option, resume,
-              device, dtype, out, overwrite):
+              threshold, fixed_threshold, similarity, sscd, control_seed, evaluate_option, attack_option, per_model,
+              resume, device, dtype, out, overwrite):
     """Build every arm of an arms file (each weight edit beside its random control), evaluate and attack them all
     with the same seeds, and write comparison.csv, comparison.md and comparison.png into OUT."""
     options = dict(locals())

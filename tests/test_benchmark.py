@@ -139,6 +139,36 @@ def test_resume_after_a_kill_redoes_nothing_finished(inputs, finished, monkeypat
     assert again.exit_code == 0 and calls == [] and stages == [], again.output
 
 
+@pytest.mark.slow
+def test_per_model_scoring_resumes_each_run_and_equals_the_joint_table(inputs, finished, monkeypatch):
+    out = inputs["folder"] / "per_model"
+    ran = []
+    real_command = benchmark_run.run_command
+
+    def die_at_second_evaluate(runner, argv, what):
+        if argv[0] == "evaluate" and "evaluate" in ran:
+            raise KeyboardInterrupt
+        ran.append(argv[0])
+        real_command(runner, argv, what)
+
+    monkeypatch.setattr(benchmark_run, "run_command", die_at_second_evaluate)
+    assert bench(inputs, out, "--per-model").exit_code != 0
+    assert json.loads((out / "benchmark.json").read_text())["stages"] == ["evaluate:light"]
+    stages = []
+    monkeypatch.setattr(benchmark_run, "run_command",
+                        lambda runner, argv, what: (stages.append(argv[0]), real_command(runner, argv, what)))
+    resumed = bench(inputs, out, "--per-model", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert stages == ["evaluate"] * 3 + ["attack"] * 4 and "evaluate:light: done before, kept." in resumed.output
+    assert (out / "evaluate" / "heavy_random" / "metrics.csv").is_file()
+    joint = pd.read_csv(finished / "comparison.csv").set_index(["model", "group", "metric"]).value
+    each = pd.read_csv(out / "comparison.csv").set_index(["model", "group", "metric"]).value
+    assert sorted(joint.index) == sorted(each.index)
+    timing = [key for key in joint.index if key[2] in ("seconds_per_image", "seconds_per_image_ratio", "edit_seconds")]
+    np.testing.assert_allclose(each.drop(timing)[joint.drop(timing).index], joint.drop(timing), rtol=1e-6)
+    assert_refused(bench(inputs, out, "--resume"), "the benchmark's per_model was True and is now False")
+
+
 def test_resume_with_a_changed_arm_is_refused_naming_it(inputs, tmp_path):
     out = tmp_path / "bench"
     out.mkdir()
@@ -291,7 +321,7 @@ def test_join_names_every_model_by_its_arm(tmp_path):
     """evaluate names the mitigation column by its method and attack a lone edited model "edited": the joined table
     names both by their arm; edit_seconds are the state's building seconds (0 for unedited and the mitigation)."""
     from memprune.benchmark.arms import parse_arms
-    from memprune.benchmark.run import joined_metrics
+    from memprune.benchmark.run import BenchmarkSettings, joined_metrics
     from memprune.benchmark.state import BenchmarkState
     from memprune.cli import main
     from memprune.commands.benchmark import command_options
@@ -308,7 +338,7 @@ def test_join_names_every_model_by_its_arm(tmp_path):
         pd.DataFrame(rows, columns=["model", "group", "metric", "value"]).to_csv(tmp_path / stage / "metrics.csv",
                                                                                  index=False)
     state = BenchmarkState(tmp_path, {}, {}, built={"cut": 12.5}, stages=["evaluate", "attack"])
-    metrics = joined_metrics(arms, state, ["cut"])
+    metrics = joined_metrics(arms, BenchmarkSettings(model="M"), state, ["cut"])
     value = metrics.set_index(["model", "group", "metric"]).value
     assert value["guard", "memorized", "memorization_rate"] == 0.25
     assert value["cut", "memorized", "memorization_rate_attacked"] == 0.75

@@ -10,9 +10,14 @@ Random controls are built here with memprune.control.random_control_of (the cont
 in memory: as many random non-zero weights per denoiser tensor as the edit zeroes, seeded per tensor) and saved as
 models of their own, so the attack scores them too; evaluate therefore runs with --no-random-control.
 
-Resuming works at the granularity of models and stages: a model in the state with a complete folder is not
-rebuilt, a finished evaluate or attack is not rerun; a stage killed midway is rerun whole (evaluate and attack
-write their folders atomically at the end).
+Resuming works at the granularity of models and scoring runs: a model in the state with a complete folder is not
+rebuilt, a finished evaluate or attack run is not rerun; a run killed midway is rerun whole (evaluate and attack
+write their folders atomically at the end and have no resume of their own). By default one evaluate and one attack
+score every model together (each model generated once; a kill loses the whole run). With `per_model` each model
+gets its own evaluate (DIR/evaluate/NAME) and attack (DIR/attack/NAME), so a resume keeps every model's finished
+scoring; the unedited model is then generated (and attacked) once per model, and its rows are taken from the
+first run. Same seeds, same prompts and a threshold calibrated on the unedited model alone make the per-model
+numbers those of the joint run (all but wall-clock timings).
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ class BenchmarkSettings:
     dtype: str = "float32"
     evaluate_args: tuple[str, ...] = ()  # more evaluate options, passed as they are
     attack_args: tuple[str, ...] = ()
+    per_model: bool = False  # one evaluate and one attack per model instead of one over all
 
     def record(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
@@ -79,25 +85,60 @@ def run_benchmark(arms: list[Arm], settings: BenchmarkSettings, state: Benchmark
                 log(f"[{number}/{len(models)}] {column}: built before, kept.")
                 continue
             log(f"[{number}/{len(models)}] building {column} ...")
-            state.forget_stages()
+            state.forget_stages(column)
             tic = time.perf_counter()
             build()
             state.mark_built(column, time.perf_counter() - tic)
             outputs.built.append(column)
     model_columns = [column for column in columns(arms) if column in state.built]
     exclude = settings.exclude_prompts or held_out_source(state.folder, models)
-    for stage, argv in (("evaluate", evaluate_argv(arms, model_columns, settings, state, exclude, device)),
-                        ("attack", attack_argv(model_columns, settings, state, exclude, device))):
-        if stage == "attack" and not settings.attack:
+    for scoring in scoring_runs(arms, model_columns, settings, state, exclude, device):
+        if scoring.stage in state.stages:
+            log(f"{scoring.stage}: done before, kept.")
             continue
-        if stage in state.stages:
-            log(f"{stage}: done before, kept.")
-            continue
-        log(f"{stage} over {len(model_columns)} models ...")
-        run_command(runner, argv, f"the {stage} stage")
-        state.mark_stage(stage)
+        log(f"{scoring.stage}: scoring the unedited model and {len(scoring.models)} more ...")
+        run_command(runner, scoring.argv, f"the {scoring.stage} stage")
+        state.mark_stage(scoring.stage)
     outputs.table = write_comparison(arms, settings, state, model_columns, exclude)
     return outputs
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """One evaluate or attack run: its state key ("evaluate", or "evaluate:NAME" per model), folder and argv."""
+
+    stage: str
+    folder: Path
+    models: list[str]  # the model columns it scores besides the unedited one
+    argv: list[str]
+
+    @property
+    def verb(self) -> str:
+        return self.stage.split(":")[0]
+
+
+def scoring_runs(arms: list[Arm], model_columns: list[str], settings: BenchmarkSettings, state: BenchmarkState,
+                 exclude: str | None, device: str) -> list[Scoring]:
+    """The evaluate run(s), then the attack run(s): one of each over all models, or one of each per model."""
+    mitigations = [arm for arm in arms if arm.kind == "mitigation"]
+    if not settings.per_model:
+        groups = [("", model_columns, mitigations)]
+    else:
+        groups = [(f":{column}", [column], []) for column in model_columns]
+        groups += [(f":{arm.name}", [], [arm]) for arm in mitigations]
+    runs = []
+    for suffix, models, mitigated in groups:
+        folder = state.folder / "evaluate" / suffix[1:]
+        runs.append(Scoring(f"evaluate{suffix}", folder, models,
+                            evaluate_argv(mitigated, models, settings, state, exclude, device, folder)))
+    for suffix, models, _ in groups if settings.attack else []:
+        if suffix and not models:
+            continue  # an attack on a generation-time mitigation is not defined
+        evaluation = state.folder / "evaluate" / suffix[1:]
+        folder = state.folder / "attack" / suffix[1:]
+        runs.append(Scoring(f"attack{suffix}", folder, models,
+                            attack_argv(models, settings, state, exclude, device, folder, evaluation)))
+    return runs
 
 
 def run_command(runner: Runner, argv: list[str], what: str) -> None:
@@ -176,7 +217,7 @@ def _shared_metric_options(settings: BenchmarkSettings) -> list[str]:
 
 
 def evaluate_argv(arms: list[Arm], model_columns: list[str], settings: BenchmarkSettings, state: BenchmarkState,
-                  exclude: str | None, device: str) -> list[str]:
+                  exclude: str | None, device: str, out: Path) -> list[str]:
     argv = ["evaluate", "--model", settings.model, "--no-random-control", "--steps", str(settings.steps),
             "--seeds", str(settings.seeds), "--device", device, "--dtype", settings.dtype]
     argv += [arg for column in model_columns for arg in ("--compare", str(state.model_folder(column)))]
@@ -186,35 +227,44 @@ def evaluate_argv(arms: list[Arm], model_columns: list[str], settings: Benchmark
     for option, value in (("--memorized", settings.memorized), ("--reference", settings.reference),
                           ("--exclude-prompts", exclude)):
         argv += [option, value] if value else []
-    return [*argv, *_shared_metric_options(settings), *settings.evaluate_args, "--out",
-            str(state.folder / "evaluate"), "--overwrite"]
+    return [*argv, *_shared_metric_options(settings), *settings.evaluate_args, "--out", str(out), "--overwrite"]
 
 
 def attack_argv(model_columns: list[str], settings: BenchmarkSettings, state: BenchmarkState, exclude: str | None,
-                device: str) -> list[str]:
+                device: str, out: Path, evaluation: Path) -> list[str]:
     argv = ["attack", "--model", settings.model, "--steps", str(settings.steps), "--device", device,
             "--dtype", settings.dtype]
     argv += [arg for column in model_columns for arg in ("--edited", str(state.model_folder(column)))]
     # evaluate's copy threshold (same backend) unless one is given: attacked and unattacked rates share it
     argv += ["--threshold", str(settings.threshold)] if settings.threshold is not None else \
-        ["--threshold-from", str(state.folder / "evaluate")]
+        ["--threshold-from", str(evaluation)]
     for option, value in (("--prompts", settings.memorized), ("--exclude-prompts", exclude),
                           ("--num-prompts", settings.attack_prompts)):
         argv += [option, str(value)] if value else []
-    return [*argv, *_shared_metric_options(settings), *settings.attack_args, "--out", str(state.folder / "attack"),
-            "--overwrite"]
+    return [*argv, *_shared_metric_options(settings), *settings.attack_args, "--out", str(out), "--overwrite"]
 
 
-def joined_metrics(arms: list[Arm], state: BenchmarkState, model_columns: list[str]) -> pd.DataFrame:
+def _read_runs(runs: list[Scoring], renames: dict[str, str]) -> pd.DataFrame | None:
+    """The metrics of finished runs of one verb, each model named by its arm; the unedited rows of the first run."""
+    frames: list[pd.DataFrame] = []
+    for scoring in runs:
+        frame = pd.read_csv(scoring.folder / "metrics.csv")
+        named = {**renames, **({"edited": scoring.models[0]} if len(scoring.models) == 1 else {})}  # attack's lone one
+        frame["model"] = frame.model.replace(named)
+        frames.append(frame if not frames else frame[frame.model != "unedited"])
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def joined_metrics(arms: list[Arm], settings: BenchmarkSettings, state: BenchmarkState, model_columns: list[str],
+                   exclude: str | None = None, device: str = "auto") -> pd.DataFrame:
     """evaluate's and the attack's metrics with every model named by its arm, and each model's building seconds."""
-    evaluation = pd.read_csv(state.folder / "evaluate" / "metrics.csv")
+    runs = [scoring for scoring in scoring_runs(arms, model_columns, settings, state, exclude, device)
+            if scoring.stage in state.stages]
     renames = {arm.method: arm.name for arm in arms if arm.kind == "mitigation"}  # evaluate names it by method
-    evaluation["model"] = evaluation.model.replace(renames)
-    attack = None
-    if (state.folder / "attack" / "metrics.csv").is_file() and "attack" in state.stages:
-        attack = pd.read_csv(state.folder / "attack" / "metrics.csv")
-        if len(model_columns) == 1:  # attack names a lone edited model "edited"
-            attack["model"] = attack.model.replace({"edited": model_columns[0]})
+    evaluation = _read_runs([scoring for scoring in runs if scoring.verb == "evaluate"], renames)
+    if evaluation is None:
+        raise MemPruneError(f"No finished evaluation in '{state.folder}': nothing to join.")
+    attack = _read_runs([scoring for scoring in runs if scoring.verb == "attack"], {})
     seconds = {"unedited": 0.0, **{column: state.built[column] for column in model_columns}}
     seconds.update({arm.name: 0.0 for arm in arms if arm.kind == "mitigation"})  # its cost is per image
     return comparison_metrics(evaluation, attack, seconds)
@@ -225,7 +275,7 @@ def write_comparison(arms: list[Arm], settings: BenchmarkSettings, state: Benchm
     """DIR/comparison.csv (tidy), comparison.md (one row per model) and comparison.png."""
     from .plot import comparison_figure, save_figure
 
-    metrics = joined_metrics(arms, state, model_columns)
+    metrics = joined_metrics(arms, settings, state, model_columns, exclude)
     metrics.to_csv(state.folder / "comparison.csv", index=False)
     names = labels(arms)
     order = ["unedited", *[column for column in columns(arms) if column in set(metrics.model)]]

@@ -29,7 +29,7 @@ class BenchmarkState:
     arms: dict[str, str]  # arm name -> fingerprint
     settings: dict[str, Any]
     built: dict[str, float] = field(default_factory=dict)  # model column -> seconds its build took
-    stages: list[str] = field(default_factory=list)  # finished stages: evaluate, attack
+    stages: list[str] = field(default_factory=list)  # finished runs: evaluate, attack (or evaluate:NAME, ...)
 
     def save(self) -> None:
         record = {"arms": self.arms, "settings": self.settings, "built": self.built, "stages": self.stages}
@@ -52,10 +52,11 @@ class BenchmarkState:
             self.stages.append(stage)
         self.save()
 
-    def forget_stages(self) -> None:
-        """A model was (re)built: the evaluation and the attack must see it."""
-        if self.stages:
-            self.stages.clear()
+    def forget_stages(self, column: str) -> None:
+        """`column` is (re)built: the runs that scored all models, or it alone, must see it."""
+        stale = {"evaluate", "attack", f"evaluate:{column}", f"attack:{column}"}
+        if stale & set(self.stages):
+            self.stages = [stage for stage in self.stages if stage not in stale]
             self.save()
 
 

@@ -78,7 +78,8 @@ def run(options: dict[str, Any], cli: click.Group, echo: Callable[[str], Any] = 
         fixed_thresholds=tuple(options["fixed_threshold"]), similarity=options["similarity"], sscd=options["sscd"],
         control_seed=options["control_seed"], dtype=options["dtype"],
         evaluate_args=tuple(arg for given in options["evaluate_option"] for arg in shlex.split(given)),
-        attack_args=tuple(arg for given in options["attack_option"] for arg in shlex.split(given)))
+        attack_args=tuple(arg for given in options["attack_option"] for arg in shlex.split(given)),
+        per_model=options["per_model"])
     # the arms file is read before anything is written, so it may be the copy in OUT that a resume re-reads
     protected = protected_sources(model, settings.memorized, settings.reference)
     state = open_folder(options["out"], arms, text, settings.record(), options["resume"], options["overwrite"],
