@@ -14,7 +14,9 @@ used) and ONE attack, and joins them into comparison.csv, comparison.md and comp
 
 This script only adapts the preset to its options (--quick, --steps, ... rewrite the arms' settings into a copy of
 the preset) and runs the command; seconds per image come from the benchmark's one evaluate (the separate timing
-run this script used to make is gone).
+run this script used to make is gone). The random control of Wanda 0.1 is now memprune.control's (as many random
+non-zero weights per tensor, drawn per tensor), not a random masks file of the same size: the same kind of
+control, another draw, so its row differs from the table published before by that draw.
 """
 from __future__ import annotations
 
