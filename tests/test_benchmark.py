@@ -97,6 +97,9 @@ def test_benchmark_writes_the_joined_table_of_evaluate_and_attack(inputs, finish
     with Image.open(out / "comparison.png") as plot:
         assert plot.width > 100
     assert (out / "arms.toml").read_text() == ARMS
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["settings"]["steps"] == 2 and run_info["inputs"]["arms"]["sha256"]
+    assert run_info["scored"] == ["evaluate", "attack"] and set(run_info["built_now"]) == set(state["built"])
 
 
 @pytest.mark.slow
@@ -345,3 +348,18 @@ def test_join_names_every_model_by_its_arm(tmp_path):
     assert value["cut", "memorized", "memorization_rate"] == 0.5  # evaluate's, not the attack's baseline
     assert value["cut", "edit", "edit_seconds"] == 12.5 and value["guard", "edit", "edit_seconds"] == 0
     assert len(metrics) == 3 + 2 + 3
+
+
+def test_output_and_arms_source_refusals(inputs, tmp_path):
+    inside = bench(inputs, inputs["model"] / "bench")
+    assert_refused(inside, "memprune never writes into a source")
+    both = run("benchmark", "--model", inputs["model"], "--arms", inputs["folder"] / "arms.toml", "--preset",
+               "testbed", "--out", tmp_path / "out")
+    assert_refused(both, "Give --arms FILE or --preset NAME, not both.")
+    neither = run("benchmark", "--model", inputs["model"], "--out", tmp_path / "out")
+    assert_refused(neither, "Give the arms: --arms FILE")
+    missing = run("benchmark", "--model", inputs["model"], "--arms", tmp_path / "no.toml", "--out", tmp_path / "out")
+    assert_refused(missing, "does not exist")
+    (tmp_path / "taken").mkdir()
+    assert_refused(bench(inputs, tmp_path / "taken"), "already exists: pass --resume to continue that benchmark")
+    assert not (tmp_path / "out").exists() and not (inputs["model"] / "bench").exists()

@@ -1,5 +1,6 @@
 """`memprune benchmark`: resolve the arms file (--arms, --preset or, on --resume, the folder's copy), check it whole,
-open (or resume) the benchmark folder, and run memprune.benchmark with memprune's own commands as the runner.
+open (or resume) the benchmark folder, run memprune.benchmark with memprune's own commands as the runner, and
+describe the run in OUT/run.json (the folder itself is not written atomically: it is what --resume continues).
 
 The click group is handed in by memprune.cli (this layer never imports it): each arm's command line is run by it
 in this process, and its commands' options are what an arms file may set.
@@ -18,7 +19,7 @@ from ..benchmark.run import BenchmarkSettings, run_benchmark
 from ..benchmark.state import ARMS_FILE, open_folder
 from ..errors import MemPruneError
 from . import defaults
-from .output import protected_sources
+from .output import protected_sources, write_run_json
 
 BUILD_COMMANDS = ("locate", "prune", "finetune", "evaluate", "attack")
 
@@ -63,12 +64,12 @@ def invoker(cli: click.Group) -> Callable[[list[str]], None]:
 
 def run(options: dict[str, Any], cli: click.Group, echo: Callable[[str], Any] = print) -> str:
     model = defaults.model_or_default(options["model"])
+    text, source = arms_text(options)
     if options["preset"] == "testbed" and not defaults.is_testbed(model):
         raise MemPruneError(f"--preset testbed builds the testbed's arms on its captions; '{model}' is not a memprune "
                             "testbed: write an arms file for it and pass --arms.")
     if options["resume"] and options["overwrite"]:
         raise MemPruneError("Give --resume (continue) or --overwrite (start again), not both.")
-    text, source = arms_text(options)
     commands = command_options(cli)
     arms = parse_arms(text, commands, source)  # the whole file is checked before any model loads
     settings = BenchmarkSettings(
@@ -86,6 +87,11 @@ def run(options: dict[str, Any], cli: click.Group, echo: Callable[[str], Any] = 
                         protected)
     outputs = run_benchmark(arms, settings, state, invoker(cli), commands, device=options["device"], log=echo)
     folder = Path(options["out"])
+    write_run_json(folder, settings, {"arms": folder / ARMS_FILE, "memorized": settings.memorized,
+                                      "reference": settings.reference, "sscd": settings.sscd},
+                   {f"build_{column}": seconds for column, seconds in state.built.items()},
+                   arms={arm.name: arm.fingerprint() for arm in arms}, built_now=outputs.built,
+                   kept=outputs.skipped, scored=state.stages)
     kept = f"; kept {len(outputs.skipped)} finished before" if outputs.skipped else ""
     return (f"Built {len(outputs.built)} models{kept}.\n{(folder / 'comparison.md').read_text()}"
             f"Table: {folder / 'comparison.csv'} and {folder / 'comparison.md'}; plot: {folder / 'comparison.png'}")
