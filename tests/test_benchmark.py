@@ -318,6 +318,15 @@ def test_resume_with_changed_settings_is_refused_naming_the_setting(inputs, tmp_
     result = run("benchmark", "--model", inputs["model"], "--arms", inputs["folder"] / "arms.toml", "--steps", 2,
                  "--out", out, "--resume")
     assert_refused(result, "the benchmark's steps was 3 and is now 2")
+    # A setting the saved state lacks (an older memprune) counts as its default: per_model False is no change.
+    from memprune.benchmark.run import BenchmarkSettings
+
+    saved = BenchmarkSettings(model=str(inputs["model"]), steps=2).record()
+    del saved["per_model"]
+    BenchmarkState(out, {arm.name: arm.fingerprint() for arm in arms}, saved).save()
+    again = run("benchmark", "--model", inputs["model"], "--arms", inputs["folder"] / "arms.toml", "--steps", 2,
+                "--per-model", "--out", out, "--resume")
+    assert_refused(again, "the benchmark's per_model was False and is now True")
 
 
 def test_join_names_every_model_by_its_arm(tmp_path):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
@@ -61,6 +61,12 @@ class BenchmarkSettings:
 
     def record(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Each setting's default, as record() writes it (a resumed older state lacks the newer settings)."""
+        return {item.name: list(item.default) if isinstance(item.default, tuple) else item.default
+                for item in fields(cls) if item.default is not MISSING}
 
 
 @dataclass

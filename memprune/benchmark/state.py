@@ -61,9 +61,11 @@ class BenchmarkState:
 
 
 def open_folder(out: str | Path, arms: list[Arm], arms_text: str, settings: dict[str, Any], resume: bool,
-                overwrite: bool, protected: list[str]) -> BenchmarkState:
+                overwrite: bool, protected: list[str],
+                setting_defaults: dict[str, Any] | None = None) -> BenchmarkState:
     """A new benchmark folder (refused when it exists, unless --overwrite) or, with `resume`, the state of the one
-    there, refused when its arms or settings differ from these (naming the first that does)."""
+    there, refused when its arms or settings differ from these (naming the first that does). A setting the saved
+    state lacks (a run started by an older memprune) counts as its default in `setting_defaults`."""
     out = Path(out)
     fingerprints = {arm.name: arm.fingerprint() for arm in arms}
     if resume:
@@ -71,7 +73,7 @@ def open_folder(out: str | Path, arms: list[Arm], arms_text: str, settings: dict
             raise MemPruneError(f"Nothing to resume: '{out}' holds no {STATE_FILE} of an earlier `memprune benchmark`.")
         check_output_dir(out, True, protected)
         record = json.loads((out / STATE_FILE).read_text())
-        _refuse_changes(record["arms"], fingerprints, record["settings"], settings)
+        _refuse_changes(record["arms"], fingerprints, {**(setting_defaults or {}), **record["settings"]}, settings)
         return BenchmarkState(out, fingerprints, settings, record.get("built", {}), record.get("stages", []))
     if out.exists() and not overwrite:
         raise MemPruneError(f"Output folder '{out}' already exists: pass --resume to continue that benchmark or "

@@ -84,7 +84,7 @@ def run(options: dict[str, Any], cli: click.Group, echo: Callable[[str], Any] = 
     # the arms file is read before anything is written, so it may be the copy in OUT that a resume re-reads
     protected = protected_sources(model, settings.memorized, settings.reference)
     state = open_folder(options["out"], arms, text, settings.record(), options["resume"], options["overwrite"],
-                        protected)
+                        protected, BenchmarkSettings.defaults())
     outputs = run_benchmark(arms, settings, state, invoker(cli), commands, device=options["device"], log=echo)
     folder = Path(options["out"])
     write_run_json(folder, settings, {"arms": folder / ARMS_FILE, "memorized": settings.memorized,
