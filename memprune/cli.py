@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from .cli_benchmark import benchmark
 from .cli_common import (
     FriendlyGroup,
     MethodChoice,
@@ -402,6 +403,9 @@ def _register_optional_commands() -> None:
     except ImportError:
         return
     main.add_command(testbed)
+
+
+main.add_command(benchmark)
 
 
 _register_optional_commands()

@@ -90,3 +90,15 @@ def size_options(command):
                            help="Image width in pixels (default: the pipeline's).")(command)
     return click.option("--height", type=click.IntRange(min=1), default=None,
                         help="Image height in pixels (default: the pipeline's).")(command)
+
+
+class RegistryEpilogCommand(click.Command):
+    """A command whose --help ends with the registered methods (read from the registry when help is shown)."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        from .methods import available
+
+        super().format_epilog(ctx, formatter)
+        with formatter.section("Methods an arm may name"):
+            formatter.write_dl([(name, f"{module.METHOD.kind.replace('_', ' ')}: {module.METHOD.summary}")
+                                for name, module in sorted(available().items())])

@@ -58,3 +58,16 @@ def split_testbed_memorized(model: str | Path, out: str | Path, size: int = 10,
                                       seed=seed)
     write_prompts(located.prompts, Path(out) / "prompts_used.csv")
     return located, held_out
+
+
+BENCHMARK_PRESETS = ("testbed",)  # arms files shipped in memprune/benchmark_presets/
+
+
+def benchmark_preset(name: str) -> tuple[str, str]:
+    """(text, where it comes from) of a shipped arms file of `memprune benchmark --preset NAME`."""
+    from importlib.resources import files
+
+    if name not in BENCHMARK_PRESETS:
+        raise MemPruneError(f"Unknown benchmark preset '{name}': use one of {', '.join(BENCHMARK_PRESETS)}.")
+    resource = files("memprune") / "benchmark_presets" / f"{name}.toml"
+    return resource.read_text(), f"preset '{name}'"
