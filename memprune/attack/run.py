@@ -300,6 +300,8 @@ def attack_metrics(per_prompt: pd.DataFrame, generations: pd.DataFrame, settings
                    models: list[str], calibrated_on: str, groups: list[str] | None = None) -> pd.DataFrame:
     """The tidy metrics of the module docstring, per model and group (default: the memorized group only)."""
     rows = [("unedited", calibrated_on, "copy_threshold", threshold)]
+    per_prompt, generations = (frame if "group" in frame else frame.assign(group=settings.group)  # one group's rows
+                               for frame in (per_prompt, generations))
     for model, group in ((model, group) for model in models for group in groups or [settings.group]):
         prompts = per_prompt[(per_prompt.model == model) & (per_prompt.group == group)]
         gens = generations[(generations.model == model) & (generations.group == group)]
