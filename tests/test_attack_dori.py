@@ -279,3 +279,15 @@ def test_shipped_unseen_images_were_never_trained_on():
     for row in unseen.itertuples():
         assert np.array_equal(np.asarray(Image.open(Path(DEFAULT_MODEL) / row.image).convert("RGB")),
                               np.asarray(load_emoji(row.twemoji_file)))
+
+
+def test_testbed_defaults_fill_both_control_groups():
+    from memprune.commands.attack import with_testbed_defaults
+    from memprune.models import DEFAULT_MODEL
+
+    settings = with_testbed_defaults(AttackRunSettings(model=DEFAULT_MODEL))
+    captions = Path(DEFAULT_MODEL) / "captions"
+    assert settings.controls == str(captions / "non_memorized_same_style.csv")
+    assert settings.unseen == str(captions / "unseen_same_style.csv")
+    given = with_testbed_defaults(AttackRunSettings(model=DEFAULT_MODEL, controls="none", unseen="none"))
+    assert (given.controls, given.unseen) == ("none", "none")
