@@ -4,6 +4,13 @@ One attack run keeps the attacked embedding at a few steps (``BUDGET_STEPS`` up 
 last), generates from each on the run's fresh seeds and scores the copies with the run's threshold: the rate at
 step 0 is the unattacked rate (for ``--init prompt``), at the last step the attacked one. A memorized group whose
 curve rises no faster than its controls' is no evidence of memorization surviving the edit.
+
+Measured 2026-12-04 on the v-prediction testbed (DoRI's defaults, 6 held-out memorized captions and 6 of each
+control group, 2 fresh seeds, 25 sampling steps, threshold 0.384 calibrated as evaluate does): after 50 steps the
+attack brings back 83% of the same-style control and 83% of never-seen images on the unedited model (0% unattacked),
+against 92% of the memorized ones; on a Wanda ratio-0.1 prune 100% / 50% against 83% (58% unattacked). At 5–10
+steps the controls stay at 0–25% while the prune's memorized copies return (58% -> 83%): on this testbed only the
+short-budget end of the curve separates memorization from the attacker's own power.
 """
 from __future__ import annotations
 
