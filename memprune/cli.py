@@ -347,13 +347,28 @@ def card(folder, evaluation, name):
 @click.option("--guidance-scale", type=FiniteFloatRange(min=0), default=None,
               help="CFG scale (default: the pipeline's).")
 @click.option("--attack-steps", default=50, show_default=True, type=click.IntRange(min=0),
-              help="Adam steps on the embedding perturbation.")
-@click.option("--attack-lr", default=0.01, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
-              help="Adam learning rate of the perturbation.")
-@click.option("--bound", default=0.25, show_default=True, type=FiniteFloatRange(min=0),
-              help="Perturbation budget: ||delta|| <= bound * ||embedding||.")
-@click.option("--noise-samples", default=4, show_default=True, type=click.IntRange(min=1),
-              help="(t, noise) draws per attack step.")
+              help="Adam steps on the embedding (DoRI: 50).")
+@click.option("--attack-lr", default=0.1, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
+              help="Adam learning rate (DoRI: 0.1).")
+@click.option("--bound", default=None, type=FiniteFloatRange(min=0),
+              help="Optional budget ||delta|| <= bound * ||start embedding|| (default: none, as DoRI).")
+@click.option("--noise-samples", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Fresh (t, noise) draws per attack step (DoRI: 8).")
+@click.option("--init", "init", default="prompt", show_default=True, type=click.Choice(["prompt", "noise", "other"]),
+              help="Start: the prompt's embedding, noise, or another non-memorized prompt's (--init-prompt).")
+@click.option("--init-prompt", default=None,
+              help="--init other: the prompt to start from (default: the first --controls caption).")
+@click.option("--controls", default=None, type=click.Path(),
+              help="Same-style non-memorized captions with images, attacked as a false-positive floor (testbed "
+                   "default: its same-style captions; 'none': skip).")
+@click.option("--unseen", default=None, type=click.Path(),
+              help="Captions with images never seen in training, attacked as a floor (testbed default: its "
+                   "unseen_same_style.csv; 'none': skip).")
+@click.option("--num-controls", type=click.IntRange(min=1), default=None,
+              help="Rows per control group (default: as many as memorized prompts are attacked).")
+@click.option("--budget-step", "budget_steps", multiple=True, type=click.IntRange(min=0),
+              default=(0, 5, 10, 25, 50), show_default=True,
+              help="Attack steps of the attack-budget curve (repeatable; up to --attack-steps).")
 @click.option("--attack-seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the attack's (t, noise) draws.")
 @click.option("--threshold", type=FINITE_FLOAT, default=None,
@@ -375,10 +390,12 @@ def card(folder, evaluation, name):
 @out_option
 @overwrite_option
 def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, seed, guidance_scale, attack_steps,
-           attack_lr, bound, noise_samples, attack_seed, threshold, threshold_from, control, threshold_percentile,
-           fixed_threshold, similarity, sscd, height, width, device, dtype, out, overwrite):
-    """DoRI-style robustness check: optimise a bounded prompt-embedding perturbation toward each memorized training
-    image, then count copies on fresh seeds (memorization_rate_attacked) for the unedited and every edited model."""
+           attack_lr, bound, noise_samples, init, init_prompt, controls, unseen, num_controls, budget_steps,
+           attack_seed, threshold, threshold_from, control, threshold_percentile, fixed_threshold, similarity, sscd,
+           height, width, device, dtype, out, overwrite):
+    """DoRI's attack: optimise a prompt embedding toward each memorized training image (and, as the false-positive
+    floor, toward same-style control and unseen images), then count copies on fresh seeds
+    (memorization_rate_attacked) for the unedited and every edited model."""
     from .attack.embedding import AttackSettings
     from .attack.run import AttackRunSettings
     from .commands.attack import attack_to_folder
@@ -390,7 +407,9 @@ def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, s
         generation=GenerationSettings(steps=steps, seeds=seeds, seed=seed, guidance_scale=guidance_scale, height=height,
                                       width=width),
         attack=AttackSettings(attack_steps=attack_steps, attack_lr=attack_lr, bound=bound, noise_samples=noise_samples,
-                              attack_seed=attack_seed),
+                              attack_seed=attack_seed, init=init),
+        controls=controls, unseen=unseen, num_controls=num_controls, init_prompt=init_prompt,
+        budget_steps=tuple(budget_steps),
     )
     click.echo(attack_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype),
                                 log=click.echo))

@@ -4,8 +4,9 @@
 the fine-tunes, Wen's mitigation), runs one `memprune evaluate --compare ...` over all of them (same seeds, one
 copy threshold) and one `memprune attack` over the same models, and hands the three outputs to this module:
 
-- `comparison_metrics` joins evaluate's metrics.csv, attack's metrics.csv and the editing cost of each model into
-  one tidy table, one row per (model, group, metric), refusing duplicates;
+- `comparison_metrics` joins evaluate's metrics.csv, attack's metrics.csv (its memorized group and its control groups,
+  the attack's false-positive floor) and the editing cost of each model into one tidy table, one row per
+  (model, group, metric), refusing duplicates;
 - `comparison_table` picks the headline columns (one row per model) and `comparison_markdown` writes them.
 """
 from __future__ import annotations
@@ -40,6 +41,9 @@ COLUMNS = (
     Column("editing cost (s)", EDIT_GROUP, "edit_seconds", "seconds"),
     Column("memorization under attack", "memorized_held_out", "memorization_rate_attacked", "rate"),
     Column("copy similarity under attack", "memorized_held_out", "copy_similarity_attacked", "number"),
+    # the attack's false-positive floor beside it (memprune.attack.groups): the same attack on images not memorized
+    Column("floor: same-style control under attack", "same_style_control", "memorization_rate_attacked", "rate"),
+    Column("floor: unseen images under attack", "unseen", "memorization_rate_attacked", "rate"),
 )
 
 

@@ -1,6 +1,7 @@
 """memprune finetune --method adversarial: DoRI's adversarial fine-tuning on the shared loop."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from helpers import assert_refused, run
-from memprune.attack.embedding import AttackSettings, attack_prompt, encode_image
+from memprune.attack.embedding import attack_prompt, encode_image
 from memprune.conditioning import Conditioning, concatenated, default_size, encode_conditioning
 from memprune.errors import MemPruneError
 from memprune.finetune import FinetuneSettings, RetainData, apply_delta, run_finetune, trainable_parameters
@@ -54,7 +55,8 @@ def memorizing(tmp_path_factory):
 def _objective(pipe, path) -> float:
     """The attack's objective after optimisation: the denoising loss of the memorized image (round 0's budget/seed)."""
     image = load_image(path, default_size(pipe))
-    return attack_prompt(pipe, PROMPT, image, AttackSettings(attack_steps=ATTACK_STEPS, attack_seed=0)).loss_after
+    settings = dataclasses.replace(adversarial.ROUND_ATTACK, attack_steps=ATTACK_STEPS, attack_seed=0)
+    return attack_prompt(pipe, PROMPT, image, settings).loss_after
 
 
 @pytest.mark.parametrize("params", ["kv", "unet"])

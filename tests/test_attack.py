@@ -195,20 +195,24 @@ def test_attack_command(attack_inputs):
     assert list(metrics.columns) == ["model", "group", "metric", "value"]
     assert list(dict.fromkeys(metrics.model)) == ["unedited", "wanda", "nemo"]  # evaluate's --compare names
     attacked = metrics[metrics.metric.str.endswith("_attacked")]
-    assert set(attacked.group) == {"memorized_held_out"}
+    # Off a testbed --controls defaults to --control when it has images: the false-positive floor beside the attack.
+    assert set(attacked.group) == {"memorized_held_out", "same_style_control"}
     assert set(attacked.metric) == {"memorization_rate_attacked", "copy_similarity_attacked", "denoising_loss_attacked"}
     assert not metrics.duplicated(["model", "group", "metric"]).any() and np.isfinite(metrics.value).all()
     # One prompt attacked: "the cat" was used for locating, "a blue square" has no training image.
     per_prompt = pd.read_csv(out / "per_prompt.csv")
-    assert set(per_prompt.caption) == {"a red circle"} and len(per_prompt) == 3
+    memorized = per_prompt[per_prompt.group == "memorized_held_out"]
+    assert set(memorized.caption) == {"a red circle"} and len(memorized) == 3
     generations = pd.read_csv(out / "generations.csv")
     assert sorted(set(generations.seed)) == [1000, 1001]  # fresh seeds
     # Metrics by hand from the generations: rate strictly above the threshold, similarity means.
     threshold = metrics.query("metric == 'copy_threshold'").value.iloc[0]
     for model_name in ("unedited", "wanda"):
         for attacked_flag, suffix in ((False, ""), (True, "_attacked")):  # noqa: B007 (read by the query)
-            rows = generations.query("model == @model_name and attacked == @attacked_flag")
-            value = lambda m: metrics[(metrics.model == model_name) & (metrics.metric == m)].value.iloc[0]  # noqa: E731, B023
+            rows = generations.query("model == @model_name and attacked == @attacked_flag and "
+                                     "group == 'memorized_held_out'")
+            value = lambda m, name=model_name: metrics[(metrics.model == name) & (metrics.metric == m)  # noqa: E731
+                                                       & (metrics.group == "memorized_held_out")].value.iloc[0]
             assert value(f"memorization_rate{suffix}") == pytest.approx(np.mean(rows.copy_similarity > threshold))
             assert value(f"copy_similarity{suffix}") == pytest.approx(rows.copy_similarity.mean())
     # The threshold: 95th percentile of the control generations' nearest training image (one control prompt, 2 seeds).
@@ -221,7 +225,7 @@ def test_attack_command(attack_inputs):
     evaluation = pd.DataFrame([("wanda", "memorized_held_out", "memorization_rate", 0.5)], columns=metrics.columns)
     joined = comparison_metrics(evaluation, metrics)
     assert len(joined.query("metric == 'memorization_rate'")) == 1
-    assert len(joined.query("metric == 'memorization_rate_attacked'")) == 3
+    assert len(joined.query("metric == 'memorization_rate_attacked'")) == 6  # 3 models × (held-out, control)
     # Existing output: refused without --overwrite, replaced with it; a given threshold skips calibration.
     again = run(*args)
     assert again.exit_code != 0 and "already exists" in again.output

@@ -1,11 +1,15 @@
-"""The attack over models: every memorized prompt attacked on the unedited model and on every edited model, the
-attacked and baseline generations scored as evaluate scores copies.
+"""The attack over models: every memorized prompt, and its false-positive controls, attacked on the unedited model
+and on every edited model, the attacked and baseline generations scored as evaluate scores copies.
 
-For every memorized prompt with a known training image (minus ``exclude_prompts``, the first ``num_prompts``), on
-each model, memprune.attack.embedding optimises δ; generations from e + δ and from e use FRESH seeds (``seed`` ..
-``seed + seeds − 1``, default from 1000, never the attack's seed; ``seeds`` 2, ``steps`` 50); the copy similarity of
-every generation to its training image comes from evaluate's similarity backend, and a copy is counted when it is
-strictly above the copy threshold (evaluate's ``memorization_rate``).
+For every memorized prompt with a known training image (minus ``exclude_prompts``, the first ``num_prompts``) and
+every caption of the control groups (memprune.attack.groups: same-style images seen once, images never seen), on
+each model, memprune.attack.embedding optimises the embedding (``init`` other: from the first control caption that
+is not the attacked prompt, or ``init_prompt``; the run's notes name it); generations from the attacked embedding
+and from the prompt's e use FRESH seeds (``seed`` .. ``seed + seeds − 1``, default from 1000, never the attack's
+seed; ``seeds`` 2, ``steps`` 50); the copy similarity of every generation to its own target image comes from
+evaluate's similarity backend, and a copy is counted when it is strictly above the copy threshold (evaluate's
+``memorization_rate``). Calibrated on the same-style control (below), the threshold puts that group's unattacked
+rate near 100 − percentile by construction (against the nearest training image; here against its own image).
 
 Copy threshold — the same as evaluate's, by one of (first that applies): ``threshold`` (a number, e.g. from an
 evaluate run's metrics.csv); ``threshold_from`` (an evaluate output folder: its ``copy_threshold`` row, refused when
@@ -19,17 +23,19 @@ Models are named as evaluate names them (so rows join in memprune.compare): ``un
 tokenizer or text encoder differ from the base model's is refused (memprune.attack.text_side).
 
 Metrics (tidy model, group, metric, value; group ``memorized_held_out`` with ``exclude_prompts``, else
-``memorized``): memorization_rate, copy_similarity (baseline, same fresh seeds), memorization_rate_attacked,
-copy_similarity_attacked, denoising_loss(_attacked) (the objective on the attack's draws, before and after),
-perturbation_norm_relative, attack_seconds_per_prompt, n_prompts, n_generations, and copy_threshold (unedited);
-with ``fixed_thresholds``, memorization_rate@<t> and memorization_rate_attacked@<t> at each fixed threshold t.
+``memorized``, and one group per control group): memorization_rate, copy_similarity (baseline, same fresh seeds),
+memorization_rate_attacked, copy_similarity_attacked, denoising_loss(_attacked) (the objective on the attack's
+draws, before and after), perturbation_norm_relative, attack_seconds_per_prompt, n_prompts, n_generations, and
+copy_threshold (unedited); with ``fixed_thresholds``, memorization_rate@<t> and memorization_rate_attacked@<t> at each
+fixed threshold t.
+The attack-budget curve (memprune.attack.budget) scores generations from the embedding kept at ``budget_steps``.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +55,9 @@ from ..models import DEFAULT_MODEL, load_pipeline, resolve_device
 from ..prompts import PromptList, read_prompts, require_available
 from ..readback import read_metrics_csv, read_run_settings
 from ..similarity import load_image, make_backend
+from .budget import BUDGET_STEPS, budget_checkpoints, budget_curve
 from .embedding import AttackSettings, attack_prompt, generate_from_embeddings
+from .groups import CONTROL_GROUP, control_groups, other_prompt_for, other_prompts
 from .text_side import check_same_text_side, text_fingerprint, text_side
 
 GENERATION_SEED = 1000  # first fresh generation seed: far from the attack's seed and from evaluate's 0..seeds-1
@@ -73,9 +81,25 @@ class AttackRunSettings:
     generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(steps=50, seeds=2,
                                                                                        seed=GENERATION_SEED))
     attack: AttackSettings = field(default_factory=AttackSettings)
+    controls: str | None = None  # same-style images seen once (caption, image); "none": no such group
+    unseen: str | None = None  # images never seen in training (caption, image); "none": no such group
+    num_controls: int | None = None  # rows per control group (default: as many as memorized prompts attacked)
+    init_prompt: str | None = None  # the start of --init other (default: the first control caption)
+    budget_steps: tuple[int, ...] = BUDGET_STEPS  # the attack-budget curve's steps (up to --attack-steps)
 
     def __post_init__(self):
         self.model = self.model or DEFAULT_MODEL
+        if self.attack.attack_steps < 1:
+            raise MemPruneError("--attack-steps must be at least 1: 0 steps is the unattacked baseline, which every "
+                                "attack run reports beside the attacked rate.")
+        if self.num_controls is not None and self.num_controls < 1:
+            raise MemPruneError(f"--num-controls must be at least 1, got {self.num_controls}.")
+        if self.init_prompt is not None and self.attack.init != "other":
+            raise MemPruneError("--init-prompt is the start of --init other: give --init other with it.")
+        if any(k < 0 for k in self.budget_steps):
+            raise MemPruneError(f"--budget-steps must be 0 or more, got {', '.join(map(str, self.budget_steps))}.")
+        self.attack = replace(self.attack, checkpoints=budget_checkpoints(tuple(self.budget_steps),
+                                                                          self.attack.attack_steps))
         if self.generation.steps < 1 or self.generation.seeds < 1:
             raise MemPruneError("--steps and --seeds must be at least 1.")
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -171,6 +195,7 @@ class AttackRun:
     backend: str
     notes: list[str]
     timings: dict[str, float]
+    budget: pd.DataFrame = field(default_factory=pd.DataFrame)  # the attack-budget curve (memprune.attack.budget)
 
 
 def select_prompts(settings: AttackRunSettings) -> PromptList:
@@ -202,43 +227,86 @@ def select_prompts(settings: AttackRunSettings) -> PromptList:
     return prompts.subset(keep)
 
 
+@dataclass
+class AttackGroup:
+    """A group of prompts attacked on every model: its name (the metrics' group) and prompts with target images."""
+    name: str
+    prompts: PromptList
+    images: list[torch.Tensor]  # the target images at the pipeline's size
+    features: torch.Tensor  # their similarity features
+
+
+def score(backend, images: torch.Tensor, target_features: torch.Tensor) -> np.ndarray:
+    feats = backend.features(images)
+    return backend.paired(feats, target_features[None].expand_as(feats)).double().numpy()
+
+
 def attack_model(name: str, pipe, prompts: PromptList, training: list[torch.Tensor], train_features, backend,
                  threshold: float, settings: AttackRunSettings, size, progress: bool) -> tuple[list[dict], list[dict]]:
-    """Attack every prompt on one model; its per-prompt rows and its per-generation rows (baseline and attacked)."""
-    per_prompt, generations = [], []
+    """Attack every prompt on one model (the memorized group only); its per-prompt rows and its per-generation rows
+    (baseline and attacked)."""
+    group = AttackGroup(settings.group, prompts, training, train_features)
+    per_prompt, generations, _ = attack_groups(name, pipe, [group], backend, threshold, settings, size, progress)
+    return per_prompt, generations
+
+
+def attack_groups(name: str, pipe, groups: list[AttackGroup], backend, threshold: float, settings: AttackRunSettings,
+                  size, progress: bool, others: list[str] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """Attack every prompt of every group on one model: its per-prompt rows, its per-generation rows (baseline and
+    attacked) and its attack-budget rows (per generation and checkpoint)."""
+    per_prompt, generations, budget = [], [], []
     seeds = list(range(settings.generation.seed, settings.generation.seed + settings.generation.seeds))
-    for i in tqdm(range(len(prompts)), desc=f"attack {name}", disable=not progress, leave=False):
-        prompt = prompts.prompts[i]
+    last = settings.attack.attack_steps
+    jobs = [(group, i) for group in groups for i in range(len(group.prompts))]
+    for group, i in tqdm(jobs, desc=f"attack {name}", disable=not progress, leave=False):
+        prompt = group.prompts.prompts[i]
         with torch.no_grad():
             conditioning = encode(pipe, [prompt], None, size)
-        result = attack_prompt(pipe, prompt, training[i], settings.attack, conditioning)
-        row = {"model": name, "prompt_index": i, "caption": prompt, "image": prompts.image(i),
-               "denoising_loss": result.loss_before, "denoising_loss_attacked": result.loss_after,
-               "perturbation_norm_relative": result.relative_norm, "attack_seconds": result.seconds}
-        attacked_cond = conditioning.cond + result.delta.to(conditioning.cond)
-        for attacked, cond in ((False, conditioning.cond), (True, attacked_cond)):
-            images = generate_from_embeddings(pipe, conditioning, cond, settings.generation, size)
-            feats = backend.features(images)
-            similarity = backend.paired(feats, train_features[i][None].expand_as(feats)).double().numpy()
+        other = other_prompt_for(prompt, others) if settings.attack.init == "other" and others else None
+        result = attack_prompt(pipe, prompt, group.images[i], settings.attack, conditioning, other)
+        row = {"model": name, "group": group.name, "prompt_index": i, "caption": prompt,
+               "image": group.prompts.image(i), "denoising_loss": result.loss_before,
+               "denoising_loss_attacked": result.loss_after, "perturbation_norm_relative": result.relative_norm,
+               "attack_seconds": result.seconds}
+        similarities = {}
+        for attacked, delta in ((False, None), (True, result.delta)):
+            cond = conditioning.cond if delta is None else conditioning.cond + delta.to(conditioning.cond)
+            similarity = score(backend, generate_from_embeddings(pipe, conditioning, cond, settings.generation, size),
+                               group.features[i])
+            similarities[attacked] = similarity
             suffix = "_attacked" if attacked else ""
             row[f"copy_similarity{suffix}"] = float(similarity.mean())
             row[f"memorization_rate{suffix}"] = memorization_rate(similarity, threshold)
             for seed, value in zip(seeds, similarity, strict=True):
-                generations.append({"model": name, "prompt_index": i, "caption": prompt, "seed": seed,
-                                    "attacked": attacked, "copy_similarity": float(value),
+                generations.append({"model": name, "group": group.name, "prompt_index": i, "caption": prompt,
+                                    "seed": seed, "attacked": attacked, "copy_similarity": float(value),
                                     "is_copy": bool(value > threshold)})
+        for step, delta in sorted(result.checkpoints.items()):
+            if step == last:  # the attacked embedding itself
+                similarity = similarities[True]
+            elif step == 0 and settings.attack.init == "prompt":  # the prompt's own embedding
+                similarity = similarities[False]
+            else:
+                cond = conditioning.cond + delta.to(conditioning.cond)
+                similarity = score(backend, generate_from_embeddings(pipe, conditioning, cond, settings.generation,
+                                                                     size), group.features[i])
+            budget += [{"model": name, "group": group.name, "prompt_index": i, "seed": seed, "attack_steps": step,
+                        "copy_similarity": float(value)} for seed, value in zip(seeds, similarity, strict=True)]
         per_prompt.append(row)
-    return per_prompt, generations
+    return per_prompt, generations, budget
 
 
 def attack_metrics(per_prompt: pd.DataFrame, generations: pd.DataFrame, settings: AttackRunSettings, threshold: float,
-                   models: list[str], calibrated_on: str) -> pd.DataFrame:
+                   models: list[str], calibrated_on: str, groups: list[str] | None = None) -> pd.DataFrame:
+    """The tidy metrics of the module docstring, per model and group (default: the memorized group only)."""
     rows = [("unedited", calibrated_on, "copy_threshold", threshold)]
-    group = settings.group
-    for model in models:
-        prompts = per_prompt[per_prompt.model == model]
-        gens = generations[generations.model == model]
-        add = lambda metric, value, model=model: rows.append((model, group, metric, float(value)))  # noqa: E731
+    per_prompt, generations = (frame if "group" in frame else frame.assign(group=settings.group)  # one group's rows
+                               for frame in (per_prompt, generations))
+    for model, group in ((model, group) for model in models for group in groups or [settings.group]):
+        prompts = per_prompt[(per_prompt.model == model) & (per_prompt.group == group)]
+        gens = generations[(generations.model == model) & (generations.group == group)]
+        add = lambda metric, value, model=model, group=group: rows.append(  # noqa: E731
+            (model, group, metric, float(value)))
         add("n_prompts", len(prompts))
         add("n_generations", len(gens) // 2)
         for attacked, suffix in ((False, ""), (True, "_attacked")):
@@ -274,7 +342,7 @@ def copy_threshold(settings: AttackRunSettings, pipe, backend, size, progress: b
         tic = time.perf_counter()
         threshold, info = calibrate(pipe, backend, control, pool, settings, size, progress)
         timings["calibration"] = round(time.perf_counter() - tic, 3)
-        calibrated_on = "same_style_control"  # --control is the same-style role of evaluate
+        calibrated_on = CONTROL_GROUP  # --control is the same-style role of evaluate
     info["calibrated_on"] = calibrated_on
     return threshold, info
 
@@ -289,6 +357,11 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
     for folder in edited.values():
         notes.append(check_edited(settings.model, folder))
     prompts = select_prompts(settings)
+    controls = control_groups(settings.controls, settings.unseen, settings.num_controls, len(prompts))
+    if not controls:
+        notes.append("No control group (--controls, --unseen): the attacked rates have no false-positive floor beside "
+                     "them.")
+    others = init_other(settings, notes)
     if settings.threshold_from is not None:
         read_threshold(settings.threshold_from, settings)  # not an evaluate output: refused before loading
     backend = make_backend(settings.similarity, settings.sscd)
@@ -300,8 +373,10 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
     if not uses_cfg(pipe, settings.generation):
         notes.append("No classifier-free guidance (guidance scale <= 1): generations use the conditional branch only.")
     size = asked_size(pipe, settings.generation.height, settings.generation.width)
-    training = [load_image(prompts.image(i), size) for i in range(len(prompts))]
-    train_features = backend.features(torch.stack(training))
+    groups = []
+    for group_name, members in {settings.group: prompts, **controls}.items():
+        images = [load_image(members.image(i), size) for i in range(len(members))]
+        groups.append(AttackGroup(group_name, members, images, backend.features(torch.stack(images))))
     base_print = text_fingerprint(pipe)
     for folder in edited.values():  # refuse a foreign text side before minutes of attacking
         components = text_side(folder)
@@ -312,7 +387,7 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
     threshold, info = copy_threshold(settings, pipe, backend, size, progress, timings)
     log(f"Copy threshold: {threshold:.4f} ({info['description']}).")
 
-    per_prompt, generations = [], []
+    per_prompt, generations, budget = [], [], []
     for name in ["unedited", *edited]:
         if name != "unedited":
             tic = time.perf_counter()
@@ -321,14 +396,29 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
             check_same_text_side(base_print, text_fingerprint(pipe), edited[name])
             timings[f"load_{name}"] = round(time.perf_counter() - tic, 3)
         tic = time.perf_counter()
-        rows, gens = attack_model(name, pipe, prompts, training, train_features, backend, threshold, settings, size,
-                                  progress)
+        rows, gens, curve = attack_groups(name, pipe, groups, backend, threshold, settings, size, progress, others)
         timings[f"attack_{name}"] = round(time.perf_counter() - tic, 3)
         per_prompt += rows
         generations += gens
-        log(f"{name}: memorization {np.mean([r['memorization_rate'] for r in rows]):.1%} -> "
-            f"{np.mean([r['memorization_rate_attacked'] for r in rows]):.1%} under attack "
-            f"({timings[f'attack_{name}']:.0f} s).")
+        budget += curve
+        mean = lambda metric, group, rows=rows: np.mean([r[metric] for r in rows if r["group"] == group])  # noqa: E731
+        rates = ", ".join(f"{group.name} {mean('memorization_rate', group.name):.1%} -> "
+                          f"{mean('memorization_rate_attacked', group.name):.1%}" for group in groups)
+        log(f"{name}: copy rate unattacked -> under attack: {rates} ({timings[f'attack_{name}']:.0f} s).")
     per_prompt, generations = pd.DataFrame(per_prompt), pd.DataFrame(generations)
-    metrics = attack_metrics(per_prompt, generations, settings, threshold, ["unedited", *edited], info["calibrated_on"])
-    return AttackRun(metrics, per_prompt, generations, threshold, info, backend.description, notes, timings)
+    metrics = attack_metrics(per_prompt, generations, settings, threshold, ["unedited", *edited], info["calibrated_on"],
+                             [group.name for group in groups])
+    return AttackRun(metrics, per_prompt, generations, threshold, info, backend.description, notes, timings,
+                     budget_curve(pd.DataFrame(budget), threshold))
+
+
+def init_other(settings: AttackRunSettings, notes: list[str]) -> list[str] | None:
+    """The starts of --init other (memprune.attack.groups.other_prompts), said in the notes; None for other inits."""
+    if settings.attack.init != "other":
+        return None
+    fallback = next((path for path in (settings.controls, settings.control) if path not in (None, "none")), None)
+    others = other_prompts(settings.init_prompt, None if fallback is None else read_prompts(fallback))
+    source = "--init-prompt" if settings.init_prompt is not None else f"the first caption of '{fallback}'"
+    second = f"; for that caption itself, '{others[1]}'" if len(others) > 1 else ""
+    notes.append(f"--init other starts every attack from the embedding of '{others[0]}' ({source}{second}).")
+    return others

@@ -1,6 +1,7 @@
 """`memprune attack`: the DoRI-style robustness check of memprune.attack on the unedited and every edited model.
 
-Writes metrics.csv (tidy model, group, metric, value), per_prompt.csv, generations.csv and run.json, atomically.
+Writes metrics.csv (tidy model, group, metric, value), metrics.md (the headline rates, model × group),
+per_prompt.csv, generations.csv, budget.csv and budget.png (the attack-budget curve) and run.json, atomically.
 """
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..attack.budget import write_budget
 from ..attack.run import NO_THRESHOLD, AttackRun, AttackRunSettings, attack
 from ..errors import MemPruneError
+from ..prompts import read_prompts
 from . import defaults
 from .output import ProgressLog, atomic_output_dir, refuse_output, write_run_json
 
@@ -18,8 +21,10 @@ SUMMARY_METRICS = ["memorization_rate", "memorization_rate_attacked", "copy_simi
 
 
 def with_testbed_defaults(settings: AttackRunSettings) -> AttackRunSettings:
-    """The testbed's memorized captions as --prompts and, unless a threshold is given, its same-style captions as
-    --control; off a testbed both must be given."""
+    """The testbed's memorized captions as --prompts; unless a threshold is given, its same-style captions as
+    --control; its same-style captions as --controls and its unseen ones (when the testbed has them) as --unseen.
+    Off a testbed --prompts and a threshold source must be given, and --controls defaults to --control when that
+    file has images."""
     values: dict[str, Any] = {}  # AttackRunSettings fields, by name
     testbed = defaults.is_testbed(settings.model)
     if settings.prompts is None:
@@ -30,6 +35,14 @@ def with_testbed_defaults(settings: AttackRunSettings) -> AttackRunSettings:
         if not testbed:
             raise MemPruneError(NO_THRESHOLD)
         values["control"] = defaults.testbed_file(settings.model, "control")
+    if settings.controls is None:
+        if testbed:
+            values["controls"] = defaults.testbed_file(settings.model, "control")
+        elif settings.control is not None and any(read_prompts(settings.control).images or []):
+            values["controls"] = settings.control
+    unseen = defaults.testbed_file(settings.model, "unseen")
+    if settings.unseen is None and unseen is not None and Path(unseen).is_file():
+        values["unseen"] = unseen
     return replace(settings, **values)
 
 
@@ -44,21 +57,42 @@ def attack_to_folder(settings: AttackRunSettings, out, overwrite: bool = False, 
         result.metrics.to_csv(staging / "metrics.csv", index=False)
         result.per_prompt.to_csv(staging / "per_prompt.csv", index=False)
         result.generations.to_csv(staging / "generations.csv", index=False)
+        (staging / "metrics.md").write_text(metrics_markdown(result))
+        write_budget(result.budget, result.threshold, staging)
         inputs = {"prompts": settings.prompts, "exclude_prompts": settings.exclude_prompts, "control": settings.control,
-                  "sscd": settings.sscd}
+                  "controls": settings.controls, "unseen": settings.unseen, "sscd": settings.sscd}
         write_run_json(staging, settings, inputs, result.timings, similarity_backend=result.backend,
                        copy_threshold=result.threshold_info, notes=result.notes,
                        models={"unedited": settings.model, **settings.edited_models()})
     return summary(result, out, progress_log)
 
 
+def rates_table(result: AttackRun):
+    """Model × group: the unattacked and attacked copy rates and similarities (the false-positive floor beside the
+    memorized rows)."""
+    table = result.metrics[result.metrics.metric.isin(SUMMARY_METRICS)]
+    return table.pivot_table(index=["model", "group"], columns="metric", values="value", sort=False)[
+        [m for m in SUMMARY_METRICS if m in set(table.metric)]]
+
+
+def metrics_markdown(result: AttackRun) -> str:
+    table = rates_table(result)
+    lines = [f"Copy threshold {result.threshold:.4f} ({result.threshold_info['description']}).", "",
+             "| model | group | " + " | ".join(table.columns) + " |", "|---|---|" + "---:|" * len(table.columns)]
+    for (model, group), row in table.iterrows():
+        cells = [f"{value:.1%}" if metric.startswith("memorization") else f"{value:.3f}"
+                 for metric, value in row.items()]
+        lines.append(f"| {model} | {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary(result: AttackRun, out, printed: ProgressLog | None = None) -> str:
     """The lines the command prints at the end, less those `printed` already printed while it ran."""
-    table = result.metrics[result.metrics.metric.isin(SUMMARY_METRICS)]
     lines = [f"Similarity backend: {result.backend}",
              f"Copy threshold: {result.threshold:.4f} ({result.threshold_info['description']}).",
              *[f"Note: {note}" for note in result.notes]]
     lines = printed.unsaid(lines) if printed is not None else lines
-    lines += [table.pivot_table(index="model", columns="metric", values="value", sort=False).round(4).to_string(),
-              f"Metrics: {Path(out) / 'metrics.csv'}; per prompt: {Path(out) / 'per_prompt.csv'}"]
+    lines += [rates_table(result).round(4).to_string(),
+              f"Metrics: {Path(out) / 'metrics.csv'}; per prompt: {Path(out) / 'per_prompt.csv'}; attack-budget curve: "
+              f"{Path(out) / 'budget.png'}"]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ CAPTION_FILES = {
     "control": "non_memorized_same_style.csv",  # same style, each image seen once in training
     "general": "general_heldout.csv",  # general captions never seen in training (evaluate scores them)
     "general_train": "general_train.csv",  # general training captions (reference statistics, retain data)
+    "unseen": "unseen_same_style.csv",  # same style, never seen in training (memprune.testbed.unseen; may be absent)
 }
 
 

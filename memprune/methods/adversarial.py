@@ -28,8 +28,9 @@ embedding brings them back, and that fine-tuning *against* that search holds whe
 
 Other choices: each round is one call of the shared loop with a fresh Adam (DoRI alternates search and fine-tune;
 moment estimates of the previous round's embeddings do not carry over), seeded with ``seed + round`` so rounds
-draw different retain batches; the attack uses its own defaults (memprune.attack.embedding.AttackSettings: lr 0.01,
-bound 0.25 · ‖e‖, 4 noise draws per step) with ``attack_steps`` per round and ``attack_seed = seed + round``. The run
+draw different retain batches; the attack uses ROUND_ATTACK (lr 0.01, bound 0.25 · ‖e‖, 4 noise draws per step: the
+settings this method was built and tested with, pinned when `memprune attack` moved to DoRI's unbounded lr 0.1)
+with ``attack_steps`` per round and ``attack_seed = seed + round``. The run
 costs rounds · (attack_steps · prompts + steps) denoiser passes (of batches); DoRI's own budget on SD 1.4 was not
 available to us. Captions without a training image are not attacked and trained on their original embedding
 only. A non-finite loss stops the run (the loop's check) and a non-finite perturbation stops the attack: nothing is
@@ -52,6 +53,8 @@ from ..errors import MemPruneError
 from ..finetune import FinetuneHooks, FinetuneResult, FinetuneSettings, RetainData, apply_delta, run_finetune
 from ..models import denoiser
 from .base import MethodInfo
+
+ROUND_ATTACK = AttackSettings(attack_lr=0.01, bound=0.25, noise_samples=4)  # every round's attack (docstring)
 
 METHOD = MethodInfo(
     name="adversarial", kind="finetune",
@@ -199,7 +202,8 @@ def train(pipe, settings: FinetuneSettings, method_settings: AdversarialSettings
     histories, attacks = [], []
     try:
         for round_ in range(method_settings.rounds):
-            attack = AttackSettings(attack_steps=method_settings.attack_steps, attack_seed=settings.seed + round_)
+            attack = dataclasses.replace(ROUND_ATTACK, attack_steps=method_settings.attack_steps,
+                                         attack_seed=settings.seed + round_)
             attacked, records = attacked_embeddings(pipe, memorized, images, attack)
             attacks += [{"round": round_, **record} for record in records]
             round_settings = dataclasses.replace(settings, seed=settings.seed + round_)
