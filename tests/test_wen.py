@@ -122,13 +122,15 @@ def test_evaluate_mitigation_column(saved_pipelines, tmp_path):
         "model == @model and group == @group and metric == @metric").value.iloc[0]
     assert value("wen", "memorized", "seconds_per_image_ratio") > 0
     assert 0 <= value("wen", "memorized", "mitigation_iterations") <= 3
-    # The default target: median first-step norm of the unedited model on the non-memorized prompts, seeds 0 and 1.
+    # The default target (per-prompt mode): the median over the non-memorized prompts of the joint first-step norm of
+    # the unedited model over seeds 0 and 1, √(‖d_0‖² + ‖d_1‖²) — the loss's own units.
     from memprune.models import load_pipeline
 
     pipe = load_pipeline(str(saved_pipelines["sd1"]))
     norms = first_step_norms(pipe, ["the green dog", "a photo of the dog"], 2, [0, 1], 7.5)
-    assert value("wen", "memorized", "mitigation_target") == pytest.approx(np.median(norms), rel=1e-4)
-    # Half of the non-memorized generations lie at or below the median: they need no step.
+    joint = np.sqrt((norms**2).sum(axis=1))
+    assert value("wen", "memorized", "mitigation_target") == pytest.approx(np.median(joint), rel=1e-4)
+    # Half of the non-memorized prompts lie at or below the median: their images need no step.
     assert value("wen", "non_memorized", "mitigation_target_reached") >= 0.5
     # Generations at or below the target are left alone; the others start sampling from a lower norm.
     for group in ("memorized", "non_memorized"):
