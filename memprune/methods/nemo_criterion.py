@@ -95,6 +95,10 @@ def first_step(pipe, prompts: list[str], seeds: list[int], steps: int,
 def noise_differences(sample: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     """NeMo's noise difference ε̂ − x_t, min-max scaled to [0, 1] per sample and channel."""
     diff = prediction - sample
+    if not diff.abs().amax() > 0:
+        raise MemPruneError("NeMo's noise difference ε̂ − x_t is 0 at the first step for every seed: the scheduler has "
+                            "zero terminal SNR (ᾱ_T = 0, so ε̂ = x_T exactly) and the criterion cannot see the prompt. "
+                            "Use a model with SD 1.x's parametrization (non-zero terminal SNR).")
     low, high = diff.amin(dim=(-2, -1), keepdim=True), diff.amax(dim=(-2, -1), keepdim=True)
     return (diff - low) / (high - low).clamp_min(1e-12)
 

@@ -52,6 +52,7 @@ def _ssim_and_cs(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> tupl
     """Per pair (N,): mean SSIM and mean contrast-structure over valid positions, data range per pair."""
     flat_x, flat_y = x.flatten(1), y.flatten(1)
     data_range = torch.maximum(flat_x.amax(1) - flat_x.amin(1), flat_y.amax(1) - flat_y.amin(1)).view(-1, 1, 1, 1)
+    data_range = data_range.clamp_min(1e-12)  # two constant images: 1 when equal, instead of torchmetrics' 0/0
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mu_x, mu_y = _blur(x, window), _blur(y, window)
     var_x = (_blur(x * x, window) - mu_x**2).clamp_min(0)
