@@ -27,7 +27,7 @@ from torch import nn
 from .conditioning import text_noise_norm
 from .errors import MemPruneError
 from .generate import GenerationSettings, batches, generate, uses_cfg
-from .prediction import to_epsilon
+from .prediction import call_inputs, to_epsilon
 from .prompts import PromptList
 from .trace import Trace
 
@@ -70,8 +70,7 @@ class NoiseNormRecorder(Trace):
             )
         if self.scheduler is not None:
             args, kwargs = self.input[name]
-            sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-            timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+            sample, timestep = call_inputs(args, kwargs)
             eps = to_epsilon(eps.detach(), sample, timestep, self.scheduler)
         self._steps.append(text_noise_norm(eps.detach()).cpu())
 

@@ -52,6 +52,17 @@ def alpha_bar(scheduler, timestep, batch: int) -> torch.Tensor | None:
     return alphas[low] * (1 - weight) + alphas[high] * weight
 
 
+def call_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
+    """(x_t, timestep) of a denoiser call from its positional and keyword arguments (UNets: sample, DiTs:
+    hidden_states)."""
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+    if not torch.is_tensor(sample):
+        raise MemPruneError("The denoiser call holds no latent input (sample or hidden_states): cannot convert its "
+                            "output to an ε-prediction.")
+    return sample, timestep
+
+
 def noise_prediction(output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """The prediction part of a denoiser output: a learned-variance output's first half (channels 2C -> C)."""
     if output.shape[1] == 2 * sample.shape[1]:

@@ -72,7 +72,7 @@ def first_step(pipe, prompts: list[str], seeds: list[int], steps: int,
     the call runs the classifier-free-guidance batch [unconditional, conditional] and ε̂ is the guided
     ε_u + g·(ε_c − ε_u) (diffusers' order; their compute_noise_diff chunks the halves the other way round)."""
     from ..models import denoiser
-    from ..prediction import to_epsilon
+    from ..prediction import call_inputs, to_epsilon
 
     with Trace(denoiser(pipe), retain_input=True, retain_output=True, stop=True) as trace, torch.inference_mode():
         pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
@@ -81,8 +81,7 @@ def first_step(pipe, prompts: list[str], seeds: list[int], steps: int,
         raise MemPruneError("The pipeline call ended without calling its denoiser: NeMo cannot measure it.")
     args, kwargs = trace.input[""]
     output = trace.output[""]
-    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+    sample, timestep = call_inputs(args, kwargs)
     prediction = output[0] if isinstance(output, tuple) else output.sample
     eps = to_epsilon(prediction.float(), sample.float(), timestep, pipe.scheduler)
     sample = sample.float()

@@ -10,11 +10,11 @@ on the memorized prompts themselves:
 - the neurons of a prompt are those ``locate --method nemo`` stored for it (masks.json, ``nemo.prompts[i].neurons``:
   value-layer name -> rows), looked up by the prompt's exact text; a prompt without neurons (not memorized by the
   criterion, or not among the located prompts: every non-memorized prompt) is generated unchanged;
-- blocking is NeMo's deactivation (memprune.methods.nemo_criterion.Deactivated: the neuron's output set to what a
+- blocking is NeMo's deactivation (as memprune.methods.nemo_criterion.Deactivated: the neuron's output set to what a
   zeroed weight row gives) on every denoiser call of that prompt's generation, both halves of the
   classifier-free-guidance batch (their hook sits on the whole ``to_v`` output);
-- prompts of one pipeline call that share a neuron set (e.g. all prompts without neurons) run in one call; the
-  others run one call each, so no image sees another prompt's neurons. Each image keeps its own generator.
+- the prompts of one pipeline call stay in one call (so memprune detect's score and the timing see an ordinary
+  call): `PerSampleDeactivated` blocks each sample's own neurons only, so no image sees another prompt's neurons.
 
 No weight changes. ``records`` holds, per generated image, the number of neurons blocked (metric
 ``mitigation_neurons`` of evaluate).
@@ -26,10 +26,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch import nn
 
 from ..errors import MemPruneError
+from ..trace import Trace
 from .base import MethodInfo
 from .nemo_search import Neurons, count
 
@@ -73,13 +74,31 @@ class NeMoPromptRecord:
         return {"mitigation_neurons": float(self.neurons)}
 
 
-def _concatenated(parts: list):
-    """The `images` of several pipeline outputs as one batch (tensors, arrays or lists of PIL images)."""
-    if torch.is_tensor(parts[0]):
-        return torch.cat(parts)
-    if isinstance(parts[0], np.ndarray):
-        return np.concatenate(parts)
-    return [image for part in parts for image in part]
+class PerSampleDeactivated(Trace):
+    """Trace: in each value Linear, every sample's own neurons output what a zeroed weight row gives (bias or 0).
+
+    `neurons[i]` belongs to prompt i of the pipeline call; a denoiser batch of k·B rows (classifier-free guidance:
+    [unconditional, conditional]) gives row r prompt r mod B's neurons, both halves alike (their hook sits on the whole
+    to_v output of a one-prompt call)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], neurons: list[Neurons]):
+        self.per_sample = neurons
+        self.linears = {layer: linears[layer] for layer in sorted({name for n in neurons for name in n})}
+        super().__init__(self.linears, edit_output=self._deactivate)
+
+    def _deactivate(self, output: torch.Tensor, layer: str) -> torch.Tensor | None:
+        prompts = len(self.per_sample)
+        if output.shape[0] % prompts:
+            raise MemPruneError(f"A value layer saw a batch of {output.shape[0]} for {prompts} prompts: NeMo's "
+                                "per-prompt blocking needs the pipeline's [unconditional, conditional] layout.")
+        bias = self.linears[layer].bias
+        output = output.clone()
+        for row in range(output.shape[0]):
+            rows = self.per_sample[row % prompts].get(layer)
+            if rows:
+                index = torch.tensor(rows, device=output.device)
+                output[row, ..., index] = 0.0 if bias is None else bias[index].to(output.dtype)
+        return output
 
 
 class NeMoPromptPipeline:
@@ -101,33 +120,18 @@ class NeMoPromptPipeline:
     def neurons_of(self, prompt: str) -> Neurons:
         return self.settings.neurons.get(prompt, {})
 
-    def _call(self, prompt=None, generator=None, **kwargs):
-        from .nemo_criterion import Deactivated
-
+    def _call(self, prompt=None, **kwargs):
         if prompt is None or "prompt_embeds" in kwargs:
             raise MemPruneError("NeMo's per-prompt mitigation looks neurons up by prompt text: pass prompt text.")
         if kwargs.get("num_images_per_prompt", 1) != 1:
             raise MemPruneError("NeMo's per-prompt mitigation generates one image per prompt entry: use "
                                 "num_images_per_prompt 1 (repeat the prompt instead).")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        generators = generator if isinstance(generator, list) else [generator] * len(prompts)
-        runs: list[tuple[Neurons, list[int]]] = []  # consecutive prompts sharing a neuron set run in one call
-        for row, text in enumerate(prompts):
-            neurons = self.neurons_of(text)
-            if runs and runs[-1][0] == neurons:
-                runs[-1][1].append(row)
-            else:
-                runs.append((neurons, [row]))
-        outputs = []
-        for neurons, rows in runs:
-            gens = [generators[r] for r in rows]
-            with Deactivated(self.linears, neurons):
-                outputs.append(self.pipe(prompt=[prompts[r] for r in rows],
-                                         generator=gens if isinstance(generator, list) else generator, **kwargs))
-            self.records.extend(NeMoPromptRecord(prompts[r], count(neurons)) for r in rows)
-        first = outputs[0]
-        first.images = _concatenated([output.images for output in outputs])
-        return first
+        neurons = [self.neurons_of(text) for text in prompts]
+        with PerSampleDeactivated(self.linears, neurons):
+            output = self.pipe(prompt=prompts, **kwargs)
+        self.records.extend(NeMoPromptRecord(text, count(n)) for text, n in zip(prompts, neurons, strict=True))
+        return output
 
 
 def wrap(pipe, settings: NeMoPromptSettings, **_ignored):
