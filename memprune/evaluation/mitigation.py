@@ -64,18 +64,19 @@ def _wen(module, settings: EvaluateSettings, pipe, sources, groups, notes: list[
                             "above 1.")
     wen = settings.wen_settings()
     seeds = list(range(generation.seed, generation.seed + generation.seeds))
-    units = (f"joint norm over {len(seeds)} seeds per prompt" if wen.mode == "prompt" else "per-image norm")
+    units = (f"{wen.mode} mode: joint norm over {len(seeds)} seeds per prompt" if wen.mode == "prompt"
+             else f"{wen.mode} mode: per-image norm")
     if wen.target is None:
         calibration = calibration_group(groups)
         prompts = [sources[source].prompts[i] for source, i in groups[calibration].members]
         target = calibrate_target(pipe, prompts, generation.steps, seeds, guidance_scale(pipe, generation),
                                   mode=wen.mode)
         wen = replace(wen, target=target)
-        notes.append(f"Wen mitigation ({wen.mode} mode) target {wen.target:.4g} ({units}): median first-step value "
+        notes.append(f"Wen mitigation target {wen.target:.4g} ({units}): median first-step value "
                      f"of the unedited model on the {len(prompts)} {calibration} prompts x {len(seeds)} seeds (lr "
                      f"{wen.lr:g}, at most {wen.max_iterations} iterations).")
     else:
-        notes.append(f"Wen mitigation ({wen.mode} mode) target {wen.target:.4g} ({units}; given; lr {wen.lr:g}, at "
+        notes.append(f"Wen mitigation target {wen.target:.4g} ({units}; given; lr {wen.lr:g}, at "
                      f"most {wen.max_iterations} iterations).")
     log(notes[-1])
     return module.wrap(pipe, wen, seeds=seeds)
