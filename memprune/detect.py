@@ -6,7 +6,9 @@ With classifier-free guidance diffusers batches the denoiser input as [unconditi
 forward hook on the denoiser reads both predictions from the output the pipeline computes anyway: no
 extra denoiser passes. `score_first_step` is the same norm at the first (noisiest) step only, which Wen
 et al. found already separates memorized prompts. ε is the denoiser's output converted to an ε-prediction through
-the scheduler's prediction_type (memprune.prediction): on SD 1.x, an ε-model, it is the output itself, as theirs.
+the scheduler's prediction_type (memprune.prediction): on SD 1.x, an ε-model, it is the output itself, as theirs. On
+a v-model with zero terminal SNR ε at the first step is x_T whatever the prompt, so the first-step score is 0 there
+(the mean over steps is not).
 
 Labels of a prompt file (column type, label or group; or a memorized / is_memorized column) are read
 case-insensitively: memorized, memorised, mem, m, VM (verbatim), TM (template), 1, true, yes are

@@ -63,6 +63,17 @@ def call_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
     return sample, timestep
 
 
+def require_prompt_signal(scheduler, timestep, what: str) -> None:
+    """Refuse a first-step quantity that cannot depend on the prompt: a v- or x_0-model at ᾱ_t = 0 (zero terminal
+    SNR) predicts ε̂ = x_t exactly, whatever the text."""
+    alpha = alpha_bar(scheduler, timestep, 1)
+    if prediction_type(scheduler) != "epsilon" and alpha is not None and float(alpha[0]) == 0.0:
+        raise MemPruneError(f"{what} is undefined on this model: its scheduler has zero terminal SNR (ᾱ = 0 at the "
+                            f"first timestep {int(torch.as_tensor(timestep).flatten()[0])}), so its ε-prediction "
+                            "there is x_T exactly, whatever the prompt. Use a model with SD 1.x's parametrization "
+                            "(non-zero terminal SNR).")
+
+
 def noise_prediction(output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """The prediction part of a denoiser output: a learned-variance output's first half (channels 2C -> C)."""
     if output.shape[1] == 2 * sample.shape[1]:

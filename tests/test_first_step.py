@@ -122,8 +122,8 @@ def test_nemo_criterion_breaks_when_every_value_layer_is_zeroed(prediction_type,
     assert ms_ssim(vanilla, zeroed).max() < THEIR_THRESHOLD - 0.05
 
 
-def test_zero_terminal_snr_v_model_is_refused():
-    """ᾱ_T = 0: ε̂ = x_T exactly, the noise difference is 0 everywhere: one clear sentence, not NaN similarities."""
+def test_zero_terminal_snr_v_model_is_refused_by_nemo_and_wen():
+    """ᾱ_T = 0: ε̂ = x_T exactly whatever the prompt: NeMo and Wen refuse in one sentence (not NaN, not a no-op)."""
     from memprune.errors import MemPruneError
 
     pipe = sd1_pipeline()
@@ -131,7 +131,26 @@ def test_zero_terminal_snr_v_model_is_refused():
                                                rescale_betas_zero_snr=True, timestep_spacing="trailing")
     pipe.set_progress_bar_config(disable=True)
     with pytest.raises(MemPruneError, match="zero terminal SNR"):
-        noise_differences(*first_step(pipe, ["a red circle"] * 2, [0, 1], 10))
+        first_step(pipe, ["a red circle"] * 2, [0, 1], 10)
+    with pytest.raises(MemPruneError, match="zero terminal SNR"):  # the criterion's own guard, whatever the cause
+        noise_differences(torch.ones(2, 4, 8, 8), torch.ones(2, 4, 8, 8))
+    from memprune.methods.wen import WenSettings, first_step_norms, wrap
+
+    with pytest.raises(MemPruneError, match="Wen's first-step noise norm is undefined"):
+        first_step_norms(pipe, ["a red circle"], 10, [0], 7.5)
+    with pytest.raises(MemPruneError, match="zero terminal SNR"):
+        wrap(pipe, WenSettings(target=1.0))(prompt=["a red circle"], num_inference_steps=10)
+
+
+def test_wen_norm_converts_v_to_epsilon():
+    """Wen's first-step norm on a v-model: √ᾱ·‖v_c − v_u‖ by hand (ε = √ᾱ·v + √(1−ᾱ)·x_t; x_t cancels)."""
+    from memprune.methods.wen import first_step_norms
+
+    pipe = with_prediction(sd1_pipeline(), "v_prediction")
+    pipe.set_progress_bar_config(disable=True)
+    norms = first_step_norms(pipe, ["a red circle"], 4, [0], 7.5)
+    _, t, v_c, v_u = unet_by_hand(pipe, "a red circle", 0, 4)
+    assert norms[0, 0] == pytest.approx(np.sqrt(alphas(pipe, t)) * np.linalg.norm((v_c - v_u).ravel()), rel=1e-4)
 
 
 def _ssim_numpy(x: np.ndarray, y: np.ndarray, taps: int):

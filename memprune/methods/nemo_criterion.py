@@ -72,7 +72,7 @@ def first_step(pipe, prompts: list[str], seeds: list[int], steps: int,
     the call runs the classifier-free-guidance batch [unconditional, conditional] and ε̂ is the guided
     ε_u + g·(ε_c − ε_u) (diffusers' order; their compute_noise_diff chunks the halves the other way round)."""
     from ..models import denoiser
-    from ..prediction import call_inputs, to_epsilon
+    from ..prediction import call_inputs, require_prompt_signal, to_epsilon
 
     with Trace(denoiser(pipe), retain_input=True, retain_output=True, stop=True) as trace, torch.inference_mode():
         pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
@@ -82,6 +82,7 @@ def first_step(pipe, prompts: list[str], seeds: list[int], steps: int,
     args, kwargs = trace.input[""]
     output = trace.output[""]
     sample, timestep = call_inputs(args, kwargs)
+    require_prompt_signal(pipe.scheduler, timestep, "NeMo's first-step noise difference")
     prediction = output[0] if isinstance(output, tuple) else output.sample
     eps = to_epsilon(prediction.float(), sample.float(), timestep, pipe.scheduler)
     sample = sample.float()

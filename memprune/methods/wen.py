@@ -64,7 +64,7 @@ from ..conditioning import (
 )
 from ..errors import MemPruneError
 from ..models import denoiser, pipeline_modules
-from ..prediction import to_epsilon
+from ..prediction import require_prompt_signal, to_epsilon
 from .base import MethodInfo
 
 METHOD = MethodInfo(
@@ -243,6 +243,7 @@ class WenPipeline:
             conditioning = encode(pipe, prompts, negative_prompt, size).detached()
             pipe.scheduler.set_timesteps(steps, device=denoiser(pipe).device)
             t = pipe.scheduler.timesteps[0]
+            require_prompt_signal(pipe.scheduler, t, "Wen's first-step noise norm")
             latents = initial_latents(pipe, generators, len(prompts), size, conditioning.cond.dtype)
             if self.settings.mode == "prompt" and self.seeds is not None:
                 optimised, records = self._from_cache(prompts, negative_prompt, size, steps, latents, conditioning)
@@ -339,6 +340,7 @@ def first_step_norms(pipe, prompts: list[str], steps: int, seeds: list[int], gui
             conditioning = encode(pipe, batch, None, size)  # a pipeline call: set the timesteps after it
             pipe.scheduler.set_timesteps(steps, device=denoiser(pipe).device)
             t = pipe.scheduler.timesteps[0]
+            require_prompt_signal(pipe.scheduler, t, "Wen's first-step noise norm")
             rows = list(range(len(batch)))
             for column, seed in enumerate(seeds):
                 generators = [torch.Generator("cpu").manual_seed(seed) for _ in batch]
