@@ -184,7 +184,7 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr
 @click.option("--wen-lr", default=0.05, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
               help="wen: AdamW learning rate on the prompt embedding.")
 @click.option("--wen-iterations", default=10, show_default=True, type=click.IntRange(min=1),
-              help="wen: at most this many optimisation steps per image.")
+              help="wen: at most this many optimisation steps per embedding (per prompt, or per image).")
 @click.option("--wen-target", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="wen: target first-step noise norm (default: median of the unedited model's non-memorized prompts).")
 @click.option("--wen-mode", type=click.Choice(["prompt", "image"]), default="prompt", show_default=True,
