@@ -46,7 +46,7 @@ def main():
               help="Generations per prompt [wanda: 1; nemo: 10, its criterion's seeds].")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="First seed.")
 @click.option("--guidance-scale", type=FiniteFloatRange(min=0), default=None,
-              help="CFG scale (default: the pipeline's).")
+              help="CFG scale (default: the pipeline's; nemo: 1, no guidance, for its criterion and threshold alike).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Prompts per pipeline call.")
 @click.option("--ratio", default=None, type=FiniteFloatRange(0, 1, min_open=True),
@@ -170,7 +170,7 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, gates, mask_lay
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1),
               help="Sampling steps per generation.")
 @click.option("--guidance-scale", type=FiniteFloatRange(min=0), default=None,
-              help="CFG scale (default: the pipeline's).")
+              help="CFG scale (default: the pipeline's; nemo: 1, no guidance, for its criterion and threshold alike).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Prompts per pipeline call.")
 @click.option("--similarity", type=click.Choice(["ssim", "l2"]), default="ssim", show_default=True,
@@ -188,14 +188,18 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, gates, mask_lay
 @click.option("--random-control-seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the random control's choice of weights.")
 @click.option("--mitigation", type=MethodChoice("mitigation"), default=None,
-              help="Add a column: the unedited model with this generation-time mitigation (wen: Wen et al. 2024), same "
-                   "seeds.")
+              help="Add a column: the unedited model with this generation-time mitigation (wen: Wen et al. 2024; "
+                   "nemo_prompt: each prompt with its own NeMo neurons blocked), same seeds.")
 @click.option("--wen-lr", default=0.05, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
               help="wen: AdamW learning rate on the prompt embedding.")
 @click.option("--wen-iterations", default=10, show_default=True, type=click.IntRange(min=1),
-              help="wen: at most this many optimisation steps per image.")
+              help="wen: at most this many optimisation steps per embedding (per prompt, or per image).")
 @click.option("--wen-target", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="wen: target first-step noise norm (default: median of the unedited model's non-memorized prompts).")
+@click.option("--wen-mode", type=click.Choice(["prompt", "image"]), default="prompt", show_default=True,
+              help="wen: one embedding per prompt, loss the joint norm of its seeds' images (theirs), or per image.")
+@click.option("--nemo-neurons", default=None, type=click.Path(),
+              help="nemo_prompt: the `memprune locate --method nemo` folder holding each prompt's neurons.")
 @fixed_threshold_option
 @click.option("--clip-model", default=None, help="CLIP score with this transformers CLIPModel folder (or hub id).")
 @click.option("--fid-reference", default=None, type=click.Path(),
@@ -210,9 +214,9 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, gates, mask_lay
 @overwrite_option
 def evaluate(model, edited, compare, memorized, reference, control, general, exclude_prompts, seeds, seed, steps,
              guidance_scale, batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes,
-             random_control, random_control_seed, mitigation, wen_lr, wen_iterations, wen_target, fixed_threshold,
-             clip_model, fid_reference, fid_prompts, fid_count, inception, height, width, device, dtype, out,
-             overwrite):
+             random_control, random_control_seed, mitigation, wen_lr, wen_iterations, wen_target, wen_mode,
+             nemo_neurons, fixed_threshold, clip_model, fid_reference, fid_prompts, fid_count, inception, height, width,
+             device, dtype, out, overwrite):
     """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
     from .commands.evaluate import evaluate_to_folder
     from .evaluation.settings import EvaluateSettings
@@ -226,6 +230,7 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
         attributes=attributes,
         random_control=random_control, random_control_seed=random_control_seed,
         mitigation=mitigation, wen_lr=wen_lr, wen_iterations=wen_iterations, wen_target=wen_target,
+        wen_mode=wen_mode, nemo_neurons=nemo_neurons,
         fixed_thresholds=fixed_threshold, clip_model=clip_model, fid_reference=fid_reference, fid_prompts=fid_prompts,
         fid_count=fid_count, inception=inception,
     )
@@ -345,7 +350,7 @@ def card(folder, evaluation, name):
 @click.option("--seed", default=1000, show_default=True, type=click.IntRange(min=0),
               help="First fresh generation seed (not the attack's seed).")
 @click.option("--guidance-scale", type=FiniteFloatRange(min=0), default=None,
-              help="CFG scale (default: the pipeline's).")
+              help="CFG scale (default: the pipeline's; nemo: 1, no guidance, for its criterion and threshold alike).")
 @click.option("--attack-steps", default=50, show_default=True, type=click.IntRange(min=0),
               help="Adam steps on the embedding (DoRI: 50).")
 @click.option("--attack-lr", default=0.1, show_default=True, type=FiniteFloatRange(min=0, min_open=True),

@@ -5,7 +5,10 @@
 With classifier-free guidance diffusers batches the denoiser input as [unconditional, conditional], so a
 forward hook on the denoiser reads both predictions from the output the pipeline computes anyway: no
 extra denoiser passes. `score_first_step` is the same norm at the first (noisiest) step only, which Wen
-et al. found already separates memorized prompts.
+et al. found already separates memorized prompts. ε is the denoiser's output converted to an ε-prediction through
+the scheduler's prediction_type (memprune.prediction): on SD 1.x, an ε-model, it is the output itself, as theirs. On
+a v-model with zero terminal SNR ε at the first step is x_T whatever the prompt, so the first-step score is 0 there
+(the mean over steps is not).
 
 Labels of a prompt file (column type, label or group; or a memorized / is_memorized column) are read
 case-insensitively: memorized, memorised, mem, m, VM (verbatim), TM (template), 1, true, yes are
@@ -26,6 +29,7 @@ from torch import nn
 from .conditioning import text_noise_norm
 from .errors import MemPruneError
 from .generate import GenerationSettings, batches, generate, uses_cfg
+from .prediction import call_inputs, to_epsilon
 from .prompts import PromptList
 from .trace import Trace
 
@@ -36,15 +40,16 @@ LABEL_EXTRA_COLUMNS = ("memorized", "is_memorized", "memorised")
 
 
 class NoiseNormRecorder(Trace):
-    """Trace: a forward hook on the denoiser collects ‖ε_cond − ε_uncond‖₂ per sample and step.
+    """Trace: a forward hook on the denoiser collects ‖ε_cond − ε_uncond‖₂ per sample and step, ε converted from the
+    output through `scheduler` (memprune.prediction.to_epsilon at the call's own input and timestep).
 
     Call `new_generation(batch_size)` before each pipeline call; `scores()` then returns a (steps, batch)
     tensor for that call. It removes exactly its own hook on exit, also after an exception.
     """
 
-    def __init__(self, denoiser: nn.Module):
-        super().__init__(denoiser, edit_output=self._record)
-        self.denoiser = denoiser
+    def __init__(self, denoiser: nn.Module, scheduler=None):
+        super().__init__(denoiser, edit_output=self._record, retain_input=True)
+        self.denoiser, self.scheduler = denoiser, scheduler
         self.expected: int | None = None
         self._steps: list[torch.Tensor] = []
 
@@ -65,6 +70,10 @@ class NoiseNormRecorder(Trace):
                 "the detection score needs "
                 "the classifier-free guidance batch [unconditional, conditional] in one call."
             )
+        if self.scheduler is not None:
+            args, kwargs = self.input[name]
+            sample, timestep = call_inputs(args, kwargs)
+            eps = to_epsilon(eps.detach(), sample, timestep, self.scheduler)
         self._steps.append(text_noise_norm(eps.detach()).cpu())
 
     def scores(self) -> torch.Tensor:
@@ -93,7 +102,7 @@ def generate_with_scores(pipe, prompts: list[str], settings: GenerationSettings,
 
     cfg = uses_cfg(pipe, settings)
     sizes = [len(batch) for _ in range(settings.seeds) for _, batch in batches(prompts, settings.batch_size)]
-    recorder = NoiseNormRecorder(denoiser(pipe))
+    recorder = NoiseNormRecorder(denoiser(pipe), pipe.scheduler)
     calls = iter(sizes)
 
     def before_call():

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -239,3 +240,125 @@ def test_nemo_refuses_without_non_memorized_prompts(saved_pipelines, tmp_path):
         assert_refused(result, "NeMo needs non-memorized prompts")
         assert len([line for line in result.output.strip().splitlines() if line]) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_threshold_is_calibrated_at_the_detection_guidance(monkeypatch):
+    """Every criterion call — the threshold's non-memorized prompts and the memorized prompt alike — runs at the
+    settings' guidance; the threshold equals mean + 1 std (ddof 1) of the pairwise MS-SSIM at that guidance by hand."""
+    from memprune.methods import nemo_criterion
+    from memprune.methods.nemo import NeMoRun
+    from memprune.methods.nemo_criterion import noise_differences
+    from memprune.methods.nemo_ssim import ms_ssim
+
+    pipe = sd1_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    settings = NeMoSettings(seeds=3, steps=4, guidance_scale=3.0, batch_size=8)
+    run = NeMoRun(pipe, settings, progress=False)
+    guidances = []
+    real = nemo_criterion.first_step
+
+    def spy(pipe, prompts, seeds, steps, guidance_scale=1.0):
+        guidances.append(guidance_scale)
+        return real(pipe, prompts, seeds, steps, guidance_scale)
+
+    monkeypatch.setattr("memprune.methods.nemo.first_step", spy)
+    reference = ["the green dog", "a blue square"]
+    threshold, info = run.calibrate_threshold(reference)
+    assert guidances == [3.0, 3.0] and info["guidance_scale"] == 3.0
+    values = []
+    for prompt in reference:
+        diffs = noise_differences(*real(pipe, [prompt] * 3, [0, 1, 2], 4, 3.0))
+        values += [ms_ssim(diffs[i : i + 1], diffs[j : j + 1]).item() for i in range(3) for j in range(i + 1, 3)]
+    assert threshold == pytest.approx(np.mean(values) + np.std(values, ddof=1), rel=1e-5)
+    unguided = []
+    for prompt in reference:
+        diffs = noise_differences(*real(pipe, [prompt] * 3, [0, 1, 2], 4, 1.0))
+        unguided += [ms_ssim(diffs[i : i + 1], diffs[j : j + 1]).item() for i in range(3) for j in range(i + 1, 3)]
+    assert abs(threshold - (np.mean(unguided) + np.std(unguided, ddof=1))) > 1e-3  # the guidance matters here
+    guidances.clear()
+    run.locate_prompt("a red circle", run.reference_statistics(reference), threshold)
+    # the statistics (one call: 2 prompts) and the prompt's activations without guidance (as theirs), then every
+    # criterion call at the detection guidance
+    assert guidances[:2] == [1.0, 1.0] and len(guidances) > 2 and set(guidances[2:]) == {3.0}
+
+
+def test_per_prompt_mitigation_blocks_exactly_each_prompts_neurons(monkeypatch, tmp_path):
+    """nemo_prompt: one call, each sample's value-layer outputs blocked at its own prompt's neurons only (hook check on
+    the to_v outputs of both CFG halves), its image equal to that prompt generated alone from weights with those rows
+    zeroed; a prompt without neurons is left alone."""
+    import copy
+
+    from memprune.generate import GenerationSettings, generate
+    from memprune.methods import nemo_prompt
+    from memprune.methods.nemo_prompt import NeMoPromptSettings, wrap
+
+    pipe = sd1_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    linears = nemo_layers(pipe.unet, "all")
+    names = list(linears)
+    neurons = {"a red circle": {names[0]: [1, 2]}, "the green dog": {names[-1]: [3], names[1]: [0]}}
+    (tmp_path / "masks.json").write_text(json.dumps({"nemo": {"prompts": [
+        {"prompt": prompt, "neurons": rows} for prompt, rows in neurons.items()]}}))
+    wrapped = wrap(pipe, NeMoPromptSettings.from_folder(tmp_path))
+    seen, zero_columns = [], []
+    real = nemo_prompt.PerSampleDeactivated
+
+    class Spy(real):
+        def __init__(self, linears, chosen):
+            super().__init__(linears, chosen)
+            seen.append(chosen)
+
+        def _deactivate(self, output, layer):  # what each row of the edited output has at zero, per layer
+            edited = super()._deactivate(output, layer)
+            zero_columns.append((layer, [sorted(torch.nonzero((r == 0).all(0)).flatten().tolist()) for r in edited]))
+            return edited
+
+    monkeypatch.setattr(nemo_prompt, "PerSampleDeactivated", Spy)
+    prompts = ["a red circle", "the green dog", "a photo of the cat"]
+    settings = GenerationSettings(steps=3, seeds=1, batch_size=3)
+    images = [image for _, _, image in generate(wrapped, prompts, settings, output_type="latent", progress=False)]
+    assert seen == [[neurons["a red circle"], neurons["the green dog"], {}]]  # one call, each prompt its own
+    assert zero_columns and {layer for layer, _ in zero_columns} == {names[0], names[1], names[-1]}
+    for layer, rows in zero_columns:  # 6 rows: [uncond × 3, cond × 3], row r is prompt r mod 3's
+        expected = [neurons.get(prompts[r % 3], {}).get(layer, []) for r in range(6)]
+        assert rows == expected, layer
+    assert [(r.prompt, r.neurons) for r in wrapped.records] == [("a red circle", 2), ("the green dog", 2),
+                                                                ("a photo of the cat", 0)]
+    plain = [image for _, _, image in generate(pipe, prompts, settings, output_type="latent", progress=False)]
+    torch.testing.assert_close(images[2], plain[2], rtol=1e-4, atol=1e-4)  # batch of 1 vs 3: float rounding
+    for index, prompt in enumerate(prompts[:2]):
+        zeroed = copy.deepcopy(pipe)
+        linears = nemo_layers(zeroed.unet, "all")
+        with torch.no_grad():
+            for layer, rows in neurons[prompt].items():
+                linears[layer].weight[rows] = 0
+        alone = next(generate(zeroed, [prompt], settings, output_type="latent", progress=False))[2]
+        torch.testing.assert_close(images[index], alone, rtol=1e-4, atol=1e-5)
+        assert (images[index] - plain[index]).abs().max() > 1e-3  # the blocking changes the generation
+
+
+@pytest.mark.slow
+def test_evaluate_nemo_per_prompt_column(saved_pipelines, tmp_path):
+    """evaluate --mitigation nemo_prompt --nemo-neurons: a column scored on the memorized prompts themselves, its
+    mitigation_neurons the mean count per image of each group (memorized: the located prompts' own; others: 0)."""
+    model = saved_pipelines["sd1"]
+    name = next(iter(nemo_layers(StableDiffusionPipeline.from_pretrained(str(model)).unet, "all")))
+    located = tmp_path / "located"
+    located.mkdir()
+    (located / "masks.json").write_text(json.dumps({"nemo": {"prompts": [
+        {"prompt": "a red circle", "neurons": {name: [0, 1, 2]}}, {"prompt": "the cat", "neurons": {}}]}}))
+    (tmp_path / "memorized.txt").write_text("a red circle\nthe cat\n")
+    (tmp_path / "reference.txt").write_text("the green dog\na photo of the dog\n")
+    common = ("evaluate", "--model", model, "--memorized", tmp_path / "memorized.txt", "--reference",
+              tmp_path / "reference.txt", "--steps", 2, "--seeds", 2, "--device", "cpu", "--grid-prompts", 0,
+              "--mitigation", "nemo_prompt")
+    result = run(*common, "--nemo-neurons", located, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert list(dict.fromkeys(metrics.model)) == ["unedited", "nemo_prompt"]
+    value = lambda group, metric: metrics.query(  # noqa: E731
+        "model == 'nemo_prompt' and group == @group and metric == @metric").value.iloc[0]
+    assert value("memorized", "mitigation_neurons") == pytest.approx(1.5)  # 3 and 0 neurons
+    assert value("non_memorized", "mitigation_neurons") == 0
+    assert_refused(run(*common, "--out", tmp_path / "o2"), "--nemo-neurons")
+    assert_refused(run(*common, "--nemo-neurons", tmp_path, "--out", tmp_path / "o3"), "masks.json")

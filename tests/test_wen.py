@@ -122,13 +122,15 @@ def test_evaluate_mitigation_column(saved_pipelines, tmp_path):
         "model == @model and group == @group and metric == @metric").value.iloc[0]
     assert value("wen", "memorized", "seconds_per_image_ratio") > 0
     assert 0 <= value("wen", "memorized", "mitigation_iterations") <= 3
-    # The default target: median first-step norm of the unedited model on the non-memorized prompts, seeds 0 and 1.
+    # The default target (per-prompt mode): the median over the non-memorized prompts of the joint first-step norm of
+    # the unedited model over seeds 0 and 1, √(‖d_0‖² + ‖d_1‖²) — the loss's own units.
     from memprune.models import load_pipeline
 
     pipe = load_pipeline(str(saved_pipelines["sd1"]))
     norms = first_step_norms(pipe, ["the green dog", "a photo of the dog"], 2, [0, 1], 7.5)
-    assert value("wen", "memorized", "mitigation_target") == pytest.approx(np.median(norms), rel=1e-4)
-    # Half of the non-memorized generations lie at or below the median: they need no step.
+    joint = np.sqrt((norms**2).sum(axis=1))
+    assert value("wen", "memorized", "mitigation_target") == pytest.approx(np.median(joint), rel=1e-4)
+    # Half of the non-memorized prompts lie at or below the median: their images need no step.
     assert value("wen", "non_memorized", "mitigation_target_reached") >= 0.5
     # Generations at or below the target are left alone; the others start sampling from a lower norm.
     for group in ("memorized", "non_memorized"):
@@ -143,3 +145,64 @@ def test_evaluate_mitigation_column(saved_pipelines, tmp_path):
         "--out", tmp_path / "nocfg")
     assert refused.exit_code != 0 and "classifier-free guidance" in refused.output
     assert "Traceback" not in refused.output
+
+
+def _embeddings_per_call(monkeypatch, pipe) -> list[torch.Tensor]:
+    """The prompt_embeds of every pipeline call the wrapper makes (spy on the stock pipeline's class call)."""
+    import functools
+
+    calls = []
+    real = type(pipe).__call__
+
+    @functools.wraps(real)  # keeps the call's signature: memprune reads the default guidance scale from it
+    def spy(self, *args, **kwargs):
+        if "prompt_embeds" in kwargs:  # the generation, not the encoding calls
+            calls.append(kwargs["prompt_embeds"].detach().clone())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    return calls
+
+
+def test_per_prompt_loss_is_the_joint_norm_by_hand():
+    """Wen's loss (per-prompt mode, seeds 0-2): √(Σ_s ‖ε_c − ε_u‖²) over the prompt's images, by hand — not the
+    per-image norm; every image's record is the prompt's."""
+    pipe = BUILDERS["sd1"]()
+    pipe.set_progress_bar_config(disable=True)
+    seeds = [0, 1, 2]
+    cond, uncond = pipe.encode_prompt(PROMPTS[0], "cpu", 1, True)
+    per_image = np.array([norm_by_hand(pipe, cond, uncond, seed, 3) for seed in seeds])
+    wrapped = wrap(pipe, WenSettings(target=0.0, max_iterations=1), seeds=seeds)
+    list(generate(wrapped, [PROMPTS[0]], GenerationSettings(steps=3, seeds=3), output_type="latent", progress=False))
+    records = wrapped.records
+    assert len(records) == 3 and all(r is records[0] for r in records)  # one optimisation for the prompt
+    assert records[0].images == 3 and records[0].iterations == 1
+    assert records[0].initial_norm == pytest.approx(np.sqrt((per_image**2).sum()), rel=1e-4)
+    assert records[0].initial_norm > per_image.max() * 1.2  # the test tells the joint norm from a per-image one
+
+
+def test_per_prompt_mode_shares_one_embedding_across_seeds(monkeypatch):
+    pipe = BUILDERS["sd1"]()
+    pipe.set_progress_bar_config(disable=True)
+    original, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
+    calls = _embeddings_per_call(monkeypatch, pipe)
+    settings = GenerationSettings(steps=3, seeds=3, batch_size=2)
+    wrapped = wrap(pipe, WenSettings(target=0.0, max_iterations=2), seeds=[0, 1, 2])
+    list(generate(wrapped, PROMPTS, settings, output_type="latent", progress=False))
+    assert len(calls) == 3  # one call per seed, both prompts in it
+    for call in calls[1:]:
+        torch.testing.assert_close(call, calls[0], rtol=0, atol=0)  # the same embedding for every seed
+    assert not torch.allclose(calls[0], original)  # and it was optimised
+    assert not torch.allclose(calls[0][0], calls[0][1])  # one per prompt
+
+    calls.clear()  # per-image mode: each seed's image gets its own embedding
+    per_image = wrap(pipe, WenSettings(target=0.0, max_iterations=2, mode="image"))
+    list(generate(per_image, PROMPTS, settings, output_type="latent", progress=False))
+    assert not torch.allclose(calls[0], calls[1])
+
+
+def test_per_prompt_mode_refuses_other_seeds():
+    wrapped = wrap(BUILDERS["sd1"](), WenSettings(target=0.0, max_iterations=1), seeds=[0, 1])
+    with pytest.raises(MemPruneError, match="optimised on seeds"):
+        list(generate(wrapped, PROMPTS[:1], GenerationSettings(steps=2, seeds=1, seed=5), output_type="latent",
+                      progress=False))

@@ -16,7 +16,7 @@ METRICS = (
     "diversity", "clip_score", "fid", "kid", "kid_std", "attribute_accuracy", "detection_score",
     "detection_score_first_step", "detection_auc",
     "detection_auc_first_step", "seconds_per_image", "seconds_per_image_ratio",
-    "mitigation_target", "mitigation_iterations", "mitigation_target_reached",
+    "mitigation_target", "mitigation_iterations", "mitigation_target_reached", "mitigation_neurons",
 )
 COLUMNS = ["model", "group", "metric", "value"]
 # memorization_rate@<t>: the rate at a fixed copy threshold t (memprune.evaluation.fixed_thresholds), sorted by t;

@@ -40,6 +40,8 @@ class EvaluateSettings:
     wen_lr: float = 0.05  # --wen-lr
     wen_iterations: int = 10  # --wen-iterations
     wen_target: float | None = None  # --wen-target; None: calibrated in the run (memprune.methods.wen)
+    wen_mode: str = "prompt"  # --wen-mode: one embedding per prompt (Wen et al.) or per image
+    nemo_neurons: str | None = None  # --nemo-neurons: `locate --method nemo` folder (--mitigation nemo_prompt)
     fixed_thresholds: tuple[float, ...] = ()  # --fixed-threshold: memorization_rate@<t> (fixed_thresholds)
     clip_model: str | None = None  # --clip-model: a transformers CLIPModel folder or hub id (clip_score)
     fid_reference: str | None = None  # --fid-reference: images folder or .npz statistics (memprune.evaluation.fid)
@@ -66,6 +68,9 @@ class EvaluateSettings:
 
             get(self.mitigation, "mitigation")
             self.wen_settings()  # refuse a bad --wen-lr/--wen-iterations/--wen-target now
+            if self.mitigation == "nemo_prompt" and self.nemo_neurons is None:
+                raise MemPruneError("--mitigation nemo_prompt needs --nemo-neurons FOLDER (the output of "
+                                    "`memprune locate --method nemo`).")
             if self.mitigation in self.edited_models():
                 raise MemPruneError(f"An edited model is named '{self.mitigation}', the name of the mitigation column: "
                                     "rename its folder.")
@@ -78,7 +83,8 @@ class EvaluateSettings:
     def wen_settings(self) -> WenSettings:
         from ..methods.wen import WenSettings
 
-        return WenSettings(lr=self.wen_lr, max_iterations=self.wen_iterations, target=self.wen_target)
+        return WenSettings(lr=self.wen_lr, max_iterations=self.wen_iterations, target=self.wen_target,
+                           mode=self.wen_mode)
 
     def prompt_file(self, role: str) -> str | None:
         """The file of a role (memorized, reference, control, general), None when absent or "none"."""

@@ -9,19 +9,28 @@ or the timestep. As in their code, the activation of neuron j for a prompt is th
 The method, per memorized prompt (their `3_detect_memorized_neurons.py`, our own code):
 1. Statistics: per neuron, the mean and (sample) standard deviation of that activation over non-memorized prompts
    (float64, merged batch by batch with Chan's update, so memory does not grow with the prompt count).
-2. Memorization criterion: the *noise difference* of a generation is the first-step noise prediction minus the
-   latent the denoiser was given, min-max scaled to [0, 1] per sample and channel. For a memorized prompt the noise
-   differences of different seeds look alike. A seed counts as memorized when its highest SSIM to any other seed
-   exceeds the threshold; prompts without such a seed are skipped (no neurons).
-3. Threshold: the mean plus one standard deviation of the pairwise SSIM between seeds of non-memorized prompts
-   (their README: 0.428 on SD v1.4), calibrated here on `calibration_prompts` reference prompts; or given.
+2. Memorization criterion: the *noise difference* of a generation is the first-step ε-prediction minus the latent
+   the denoiser was given, ε̂ − x_t, min-max scaled to [0, 1] per sample and channel. Theirs runs on SD 1.x, an
+   ε-model, where ε̂ is the output; memprune converts any output to ε̂ through the scheduler's prediction_type
+   (memprune.prediction): on a v-model the raw output minus x_t would measure something else (at zero terminal SNR
+   its ε̂ is x_T itself, and the difference carries no image). For a memorized prompt the noise differences of
+   different seeds look alike. A seed counts as memorized when its highest MS-SSIM (memprune.methods.nemo_ssim) to
+   any other seed exceeds the threshold; prompts without such a seed are skipped (no neurons).
+3. Threshold: the mean plus one standard deviation of the pairwise MS-SSIM between seeds of non-memorized prompts
+   (their README: 0.428 on SD v1.4), calibrated here on `calibration_prompts` reference prompts by the criterion
+   itself, so at the guidance detection uses (theirs: calibrated at guidance 7, detected at 0); or given.
 4. Initial candidates: neurons with |z| > θ, z = (a - mean) / std, plus the top-k neurons by |a| per layer. θ starts
    at 5 and drops by 0.25 (k grows by 1) until deactivating the candidates breaks memorization: the highest SSIM,
    over the memorized seeds, between the noise difference with and without the candidates falls to the threshold.
 5. Refinement: layer by layer (last layer first) give back a whole layer's candidates if memorization stays broken
    without them; then neuron by neuron in the remaining layers, keep only the neurons still needed.
-6. The union over prompts is a neuron mask: whole rows of each `to_v` weight (`memprune prune` zeroes them; to_v has
-   no bias in SD, so a zeroed row is exactly NeMo's deactivation, which sets the neuron's output to 0).
+6. Two scenarios from the same neurons. *Per prompt* (NeMo's own evaluation): each memorized prompt generated with its
+   own refined neurons deactivated, scored on the memorized prompts themselves — the generation-time mitigation
+   `memprune evaluate --mitigation nemo_prompt --nemo-neurons LOCATED` (memprune.methods.nemo_prompt), fed by the
+   per-prompt neurons `edit` stores in masks.json. *Union* (this weight edit): the union over prompts is a neuron
+   mask, whole rows of each `to_v` weight (`memprune prune` zeroes them; to_v has no bias in SD, so a zeroed row is
+   exactly NeMo's deactivation, which sets the neuron's output to 0), scored on held-out prompts — a generalisation
+   their paper does not claim.
 
 Choices their paper/code leaves open or that we made differently (all in `NeMoSettings`):
 - Layers: their code hooks the seven value layers of SD v1's down and mid blocks only (`layers="down_mid"`, the
@@ -31,10 +40,13 @@ Choices their paper/code leaves open or that we made differently (all in `NeMoSe
 - Which step: their loop never calls the scheduler, so it returns the prediction of the *second* timestep on the
   initial noise; we take the first denoiser call of an ordinary pipeline call (timestep t_0, latent x_T), stopped
   right after it. `steps` sets the scheduler's timesteps as their `num_inference_steps` does.
-- Guidance: none (guidance scale 1, the conditional prediction only), as their detection default (guidance 0).
-- Similarity: single-scale SSIM (memprune.similarity, Gaussian window σ = 1.5, 11 taps, 7 below 32 px, valid
-  positions, data range 1) instead of their 3-scale MS-SSIM (kernel 11), which needs latents of at least 44 px
-  (the testbed's are 8 × 8). Threshold comparisons are "≤ threshold = broken" (theirs: strict <).
+- Guidance: `guidance_scale` (`--guidance-scale`, default 1: none, the conditional prediction only, as their
+  detection default guidance 0) is used by the criterion for the memorized prompts and the threshold alike; the
+  activations (statistics and z-scores) are always recorded without guidance, as theirs.
+- Similarity: their 3-scale MS-SSIM (torchmetrics' formula, 11-tap Gaussian window) where the latent has at least
+  44 pixels a side; fewer scales on smaller latents and single-scale SSIM with a 7-tap window on the testbed's 8 × 8
+  latents (memprune.methods.nemo_ssim says exactly when). Threshold comparisons are "≤ threshold = broken" (theirs:
+  strict <).
 - Seeds: `seeds` (their 10; `locate --method nemo` defaults --seeds to 10) consecutive seeds from `seed`; the
   memorized prompt's activations come from the first one (they depend on the prompt only).
 - Reference prompts: all of `--reference` in a `--sample-seed` order for the statistics (theirs: 50k LAION
@@ -94,15 +106,14 @@ def settings_from_options(options: dict) -> NeMoSettings:
         raise MemPruneError("--subsets is an analysis of Wanda masks: run it with --method wanda.")
     if options.get("processes", 1) > 1 or options.get("resume") or options.get("height") or options.get("width"):
         raise MemPruneError("--processes, --resume, --height and --width are not supported with --method nemo yet.")
-    if options.get("guidance_scale") not in (None, 0.0, 1.0):
-        raise MemPruneError("NeMo's criterion runs without guidance (as theirs): "
-                            "drop --guidance-scale with --method nemo.")
     check_reference(options.get("reference"))
+    guidance = options.get("guidance_scale")
     seeds = options.get("seeds")
     return NeMoSettings(theta=options.get("theta", 5.0), min_theta=options.get("min_theta", 1.0),
                         theta_step=options.get("theta_step", 0.25), ssim_threshold=options.get("ssim_threshold"),
                         seeds=10 if seeds is None else seeds, seed=options.get("seed", 0),
                         steps=options.get("steps", 50), batch_size=options.get("batch_size", 8),
+                        guidance_scale=1.0 if guidance is None else guidance,
                         layers=options.get("nemo_layers", "down_mid"),
                         refine_unbroken=options.get("nemo_unbroken", "refine") == "refine")
 
@@ -142,18 +153,21 @@ class NeMoRun:
         with Deactivated(self.linears, neurons):
             for batch in self._chunks(seeds):
                 self.calls += 1
-                outputs = first_step(self.pipe, [prompt] * len(batch), batch, self.settings.steps)
+                outputs = first_step(self.pipe, [prompt] * len(batch), batch, self.settings.steps,
+                                     self.settings.guidance_scale)
                 parts.append(noise_differences(*outputs))
         return torch.cat(parts)
 
     def calibrate_threshold(self, prompts: list[str]) -> tuple[float, dict]:
-        """Mean + threshold_std × std of the pairwise SSIM between seeds of non-memorized prompts (their 0.428)."""
+        """Mean + threshold_std × std of the pairwise similarity between seeds of non-memorized prompts (their 0.428),
+        measured by the criterion itself (`diffs`), so at the guidance the memorized prompts are judged at."""
         seeds = self.all_seeds()
         bar = tqdm(prompts, desc="NeMo SSIM threshold", disable=not self.progress, leave=False)
         values = torch.cat([pairwise_ssims(self.diffs(prompt, seeds)) for prompt in bar])
         mean, std = values.double().mean().item(), values.double().std().item()
         return mean + self.settings.threshold_std * std, {"pairwise_ssim_mean": mean, "pairwise_ssim_std": std,
-                                                          "calibration_prompts": len(prompts)}
+                                                          "calibration_prompts": len(prompts),
+                                                          "guidance_scale": self.settings.guidance_scale}
 
     def all_seeds(self) -> list[int]:
         return list(range(self.settings.seed, self.settings.seed + self.settings.seeds))
@@ -161,12 +175,13 @@ class NeMoRun:
     def locate_prompt(self, prompt: str, statistics: dict[str, tuple[torch.Tensor, torch.Tensor]],
                       threshold: float) -> dict:
         """NeMo for one memorized prompt: its refined neurons and what led to them."""
-        from ..similarity import ssim
+        from .nemo_ssim import ms_ssim
 
         seeds = self.all_seeds()
-        with ValueRecorder(self.linears) as recorder:
-            vanilla = self.diffs(prompt, seeds)
+        with ValueRecorder(self.linears) as recorder:  # activations without guidance, as theirs
+            first_step(self.pipe, [prompt], seeds[:1], self.settings.steps)
         activations = {name: rows[0] for name, rows in recorder.take().items()}
+        vanilla = self.diffs(prompt, seeds)
         pairwise = max_pairwise_ssim(vanilla)
         memorized = pairwise > threshold
         result: dict[str, Any] = {
@@ -179,7 +194,7 @@ class NeMoRun:
         reference = vanilla[memorized]
 
         def similarity(neurons: Neurons) -> float:
-            return ssim(reference, self.diffs(prompt, look, neurons)).max().item()
+            return ms_ssim(reference, self.diffs(prompt, look, neurons)).max().item()
 
         z = {name: zscores(activations[name], *statistics[name], self.settings.two_sided) for name in self.linears}
         search = search_theta(z, activations, lambda neurons: similarity(neurons) <= threshold, self.settings)

@@ -63,41 +63,55 @@ class Deactivated(Trace):
         return output
 
 
-def first_step(pipe, prompts: list[str], seeds: list[int], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latent input, noise prediction) of the first denoiser call of an unguided pipeline call, one generation per
-    (prompt, seed) with its own CPU generator (as memprune.generate: a seed gives the same x_T in any batch)."""
+def first_step(pipe, prompts: list[str], seeds: list[int], steps: int,
+               guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, ε̂) of the first denoiser call of a pipeline call, one generation per (prompt, seed) with its own CPU
+    generator (as memprune.generate: a seed gives the same x_T in any batch).
+
+    ε̂ is the output converted to an ε-prediction through the scheduler (memprune.prediction); with guidance above 1
+    the call runs the classifier-free-guidance batch [unconditional, conditional] and ε̂ is the guided
+    ε_u + g·(ε_c − ε_u) (diffusers' order; their compute_noise_diff chunks the halves the other way round)."""
     from ..models import denoiser
+    from ..prediction import call_inputs, require_prompt_signal, to_epsilon
 
     with Trace(denoiser(pipe), retain_input=True, retain_output=True, stop=True) as trace, torch.inference_mode():
-        pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+        pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
              generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds])
     if "" not in trace.output:
         raise MemPruneError("The pipeline call ended without calling its denoiser: NeMo cannot measure it.")
     args, kwargs = trace.input[""]
     output = trace.output[""]
-    sample = args[0] if args else kwargs["sample"]
+    sample, timestep = call_inputs(args, kwargs)
+    require_prompt_signal(pipe.scheduler, timestep, "NeMo's first-step noise difference")
     prediction = output[0] if isinstance(output, tuple) else output.sample
-    return sample.float().cpu(), prediction.float().cpu()
+    eps = to_epsilon(prediction.float(), sample.float(), timestep, pipe.scheduler)
+    sample = sample.float()
+    if len(eps) == 2 * len(prompts):  # classifier-free guidance: [unconditional, conditional]
+        uncond, cond = eps.chunk(2)
+        eps, sample = uncond + guidance_scale * (cond - uncond), sample.chunk(2)[1]
+    return sample.cpu(), eps.cpu()
 
 
 def noise_differences(sample: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
-    """NeMo's noise difference ε̂ − x, min-max scaled to [0, 1] per sample and channel."""
+    """NeMo's noise difference ε̂ − x_t, min-max scaled to [0, 1] per sample and channel."""
     diff = prediction - sample
+    if not diff.abs().amax() > 0:
+        raise MemPruneError("NeMo's noise difference ε̂ − x_t is 0 at the first step for every seed: the scheduler has "
+                            "zero terminal SNR (ᾱ_T = 0, so ε̂ = x_T exactly) and the criterion cannot see the prompt. "
+                            "Use a model with SD 1.x's parametrization (non-zero terminal SNR).")
     low, high = diff.amin(dim=(-2, -1), keepdim=True), diff.amax(dim=(-2, -1), keepdim=True)
     return (diff - low) / (high - low).clamp_min(1e-12)
 
 
 def max_pairwise_ssim(diffs: torch.Tensor) -> torch.Tensor:
-    """Each seed's highest SSIM against any other seed of the same prompt."""
-    from ..similarity import ssim_matrix
+    """Each seed's highest (MS-)SSIM against any other seed of the same prompt (memprune.methods.nemo_ssim)."""
+    from .nemo_ssim import max_pairwise
 
-    matrix = ssim_matrix(diffs, diffs)
-    matrix.fill_diagonal_(float("-inf"))
-    return matrix.max(dim=1).values
+    return max_pairwise(diffs)
 
 
 def pairwise_ssims(diffs: torch.Tensor) -> torch.Tensor:
-    from ..similarity import ssim_matrix
+    """The (MS-)SSIM of every pair of seeds (i < j)."""
+    from .nemo_ssim import pairwise
 
-    rows, columns = torch.triu_indices(len(diffs), len(diffs), offset=1)
-    return ssim_matrix(diffs, diffs)[rows, columns]
+    return pairwise(diffs)[1]

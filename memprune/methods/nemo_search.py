@@ -30,6 +30,7 @@ class NeMoSettings:
     seeds: int = 10  # generations per prompt in the criterion (theirs: 10)
     seed: int = 0  # first seed
     steps: int = 50  # scheduler steps (only the first is run); also the steps the masks are stored at
+    guidance_scale: float = 1.0  # the criterion's guidance, for detection and threshold alike (theirs detect at 0)
     batch_size: int = 8  # prompts (statistics) or seeds (criterion) per pipeline call
     layers: str = "down_mid"  # "down_mid" (their code) or "all" cross-attention value layers
     refine_unbroken: bool = True  # θ_min without breaking memorization: refine anyway (theirs) or select nothing
@@ -39,6 +40,8 @@ class NeMoSettings:
             raise MemPruneError(f"Unknown NeMo layers '{self.layers}': use one of {', '.join(LAYER_CHOICES)}.")
         if self.seeds < 2:
             raise MemPruneError(f"NeMo compares seeds with each other: --seeds must be at least 2, got {self.seeds}.")
+        if not self.guidance_scale >= 0:
+            raise MemPruneError(f"NeMo's --guidance-scale must be 0 or more, got {self.guidance_scale}.")
         if self.steps < 1 or self.batch_size < 1 or self.calibration_prompts < 2:
             raise MemPruneError("NeMo needs --steps >= 1, --batch-size >= 1 and at least 2 calibration prompts.")
         if self.theta_step <= 0 or self.min_theta > self.theta:
