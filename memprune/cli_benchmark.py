@@ -21,8 +21,9 @@ from .cli_types import FINITE_FLOAT
 @click.option("--arms", "arms_file", default=None, type=click.Path(dir_okay=False),
               help="Arms file (TOML): one [arms.NAME] table per arm, method = \"NAME\" and that method's options as "
                    "the command line names them (ratio = 0.1, timesteps = 10); control = false: no random control.")
-@click.option("--preset", type=click.Choice(["testbed"]), default=None,
-              help="A shipped arms file instead of --arms (testbed: the methods comparison of the embedded testbed).")
+@click.option("--preset", type=click.Choice(["testbed", "field"]), default=None,
+              help="A shipped arms file instead of --arms (testbed: the methods comparison of the embedded testbed; "
+                   "field: the papers' edits at their authors' settings, for a real Stable Diffusion model).")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1),
               help="Sampling steps of evaluate and attack.")
 @click.option("--seeds", default=4, show_default=True, type=click.IntRange(min=1), help="Evaluate seeds per prompt.")

@@ -252,6 +252,19 @@ def test_help_lists_the_registered_methods_and_the_preset_parses():
                              "plain_finetune"]
 
 
+def test_field_preset_parses_with_a_random_control_beside_each_located_edit():
+    from memprune.benchmark.arms import columns, parse_arms
+    from memprune.cli import main
+    from memprune.commands.benchmark import command_options
+    from memprune.commands.defaults import benchmark_preset
+
+    arms = {arm.name: arm for arm in parse_arms(*benchmark_preset("field")[:1], command_options(main))}
+    assert columns(list(arms.values())) == ["wanda_0.01", "random_0.01", "nemo", "random_nemo", "uniforget", "doco",
+                                            "plain_finetune", "adversarial", "wen"]
+    assert arms["wanda_0.01"].argv("locate") == ["--ratio", "0.01", "--num-prompts", "10", "--sample-seed", "0"]
+    assert arms["doco"].argv("finetune") == ["--steps", "1000", "--lr", "5e-05"]  # CUIG's DoCo schedule
+
+
 def test_preset_testbed_needs_a_testbed(inputs, tmp_path):
     assert_refused(run("benchmark", "--model", inputs["model"], "--preset", "testbed", "--out", tmp_path / "o"),
                    "is not a memprune testbed")

@@ -61,7 +61,7 @@ def split_testbed_memorized(model: str | Path, out: str | Path, size: int = 10,
     return located, held_out
 
 
-BENCHMARK_PRESETS = ("testbed",)  # arms files shipped in memprune/benchmark_presets/
+BENCHMARK_PRESETS = ("testbed", "field")  # arms files shipped in memprune/benchmark_presets/
 
 
 def benchmark_preset(name: str) -> tuple[str, str]:
