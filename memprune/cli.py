@@ -127,11 +127,17 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
               help="uniforget: DDIM steps of the trajectory whose final latents are matched.")
 @click.option("--masks-out", default=None, type=click.Path(file_okay=False),
               help="uniforget: where the trained masks go (default: OUT-uniforget-masks).")
+@click.option("--rounds", default=None, type=click.IntRange(min=1),
+              help="robust-wanda: attack + re-locate rounds after the Wanda mask [default: 2].")
+@click.option("--attack-steps", default=None, type=click.IntRange(min=0),
+              help="robust-wanda: attack steps per located prompt and round [default: 50].")
+@click.option("--memorized", default=None, type=click.Path(),
+              help="robust-wanda: memorized prompts with an image column (testbed default: its memorized.csv).")
 @device_option
 @out_option
 @overwrite_option
-def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr, sampling_steps, masks_out, device,
-          out, overwrite):
+def prune(model, method, masks_folder, timesteps, neutral, beta, train_steps, lr, sampling_steps, masks_out, rounds,
+          attack_steps, memorized, device, out, overwrite):
     """Zero the located weights and save an edited pipeline that stock diffusers loads."""
     options = dict(locals())
     from .commands import prune as command

@@ -33,7 +33,8 @@ from .base import ENTRY_POINTS, KINDS, NEEDS, STAGES, MethodInfo
 
 __all__ = ["ENTRY_POINTS", "KINDS", "NEEDS", "STAGES", "MethodInfo", "available", "get", "names", "register"]
 
-BUILTIN = ("wanda", "nemo", "uniforget", "wen", "gradproj", "doco", "plain", "adversarial")  # modules of this package
+BUILTIN = ("wanda", "nemo", "uniforget", "wen", "gradproj", "doco", "plain", "adversarial",
+           "robust_wanda")  # modules of this package
 
 _registered: dict[str, ModuleType] = {}
 
