@@ -269,6 +269,10 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
               help="Instead of --retain: a folder of image/caption pairs (metadata.csv, or a .txt beside each image).")
 @click.option("--anchors", default=None, type=click.Path(),
               help="doco: anchor captions (default: the retain captions).")
+@click.option("--data", default=None, type=click.Path(),
+              help="Instead of --retain: the images/captions to learn (a folder as --retain-images, or a CSV).")
+@click.option("--protect", default=None, type=click.Path(),
+              help="gradproj: captions of --data images that must not be learned (selective learning).")
 @click.option("--params", type=click.Choice(["kv", "unet"]), default="kv", show_default=True,
               help="kv: cross-attention to_k/to_v only; unet: every denoiser parameter.")
 @click.option("--energy", default=0.97, show_default=True, type=FiniteFloatRange(0, 1, min_open=True),
@@ -291,8 +295,8 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, devic
 @device_option
 @out_option
 @overwrite_option
-def finetune(model, method, memorized, retain, retain_images, anchors, params, energy, steps, lr, batch_size,
-             retain_prompts, sampling_steps, seed, rounds, attack_steps, from_dir, device, out, overwrite):
+def finetune(model, method, memorized, retain, retain_images, anchors, data, protect, params, energy, steps, lr,
+             batch_size, retain_prompts, sampling_steps, seed, rounds, attack_steps, from_dir, device, out, overwrite):
     """Fine-tune the denoiser on retain data (gradient projection, DoCo, adversarial or the plain control); save it."""
     options = dict(locals())
     from .commands import finetune as command
