@@ -135,12 +135,18 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
               help="uniforget: DDIM steps of the trajectory whose final latents are matched.")
 @click.option("--masks-out", default=None, type=click.Path(file_okay=False),
               help="uniforget: where the trained masks go (default: OUT-uniforget-masks).")
+@click.option("--rounds", default=None, type=click.IntRange(min=1),
+              help="robust-wanda: attack + re-locate rounds after the Wanda mask [default: 2].")
+@click.option("--attack-steps", default=None, type=click.IntRange(min=0),
+              help="robust-wanda: attack steps per located prompt and round [default: 50].")
+@click.option("--memorized", default=None, type=click.Path(),
+              help="robust-wanda: memorized prompts with an image column (testbed default: its memorized.csv).")
 @device_option
 @save_dtype_option
 @out_option
 @overwrite_option
 def prune(model, method, masks_folder, timesteps, neutral, beta, gates, mask_layers, train_steps, lr, sampling_steps,
-          masks_out, device, dtype, out, overwrite):
+          masks_out, rounds, attack_steps, memorized, device, dtype, out, overwrite):
     """Zero the located weights and save an edited pipeline that stock diffusers loads."""
     options = dict(locals())
     from .commands import prune as command
@@ -281,6 +287,10 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, heigh
               help="Instead of --retain: a folder of image/caption pairs (metadata.csv, or a .txt beside each image).")
 @click.option("--anchors", default=None, type=click.Path(),
               help="doco: anchor captions (default: the retain captions).")
+@click.option("--data", default=None, type=click.Path(),
+              help="Instead of --retain: the images/captions to learn (a folder as --retain-images, or a CSV).")
+@click.option("--protect", default=None, type=click.Path(),
+              help="gradproj: captions of --data images that must not be learned (selective learning).")
 @click.option("--params", type=click.Choice(["kv", "xattn", "unet"]), default=None,
               help="kv: cross-attention to_k/to_v only; xattn: all cross-attention Linears (q, k, v, out); unet: every "
                    "denoiser parameter [default: xattn for doco, kv otherwise].")
@@ -309,9 +319,9 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, heigh
 @save_dtype_option
 @out_option
 @overwrite_option
-def finetune(model, method, memorized, retain, retain_images, anchors, params, retention, energy, steps, lr, batch_size,
-             retain_prompts, sampling_steps, seed, rounds, attack_steps, from_dir, height, width, device, dtype, out,
-             overwrite):
+def finetune(model, method, memorized, retain, retain_images, anchors, data, protect, params, retention, energy, steps,
+             lr, batch_size, retain_prompts, sampling_steps, seed, rounds, attack_steps, from_dir, height, width,
+             device, dtype, out, overwrite):
     """Fine-tune the denoiser on retain data (gradient projection, DoCo, adversarial or the plain control); save it."""
     options = dict(locals())
     from .commands import finetune as command

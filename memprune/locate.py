@@ -7,11 +7,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import PartialStats, prompts_key
+from .conditioning import Conditioning, pipeline_kwargs, rows_of
 from .distributed import Processes, reduce_stats
 from .errors import MemPruneError
-from .generate import GenerationSettings, call_plan, generate, uses_cfg
+from .generate import GenerationSettings, call_plan, generate, guidance_scale, pipeline_call_kwargs, uses_cfg
 from .masks import Masks, subset_overlap
 from .methods.wanda import SelectionSettings, select
 from .models import denoiser, layer_shapes, model_identity, output_linears
@@ -89,6 +92,39 @@ def record_prompts(pipe, prompts: list[str], generation: GenerationSettings, hal
     total.check_finite()
     total = reduce_stats(processes, total)
     total.meta.update({"prompts": len(prompts), "half": half, "steps": generation.steps, "seeds": generation.seeds})
+    return total
+
+
+def one_prompt(conditioning: Conditioning, index: int) -> Conditioning:
+    """Row `index` of a conditioning (its prompt and, with CFG, the negative prompt's row)."""
+    rows, n = torch.tensor([index]), len(conditioning)
+    uncond = None if conditioning.uncond_kwargs is None else rows_of(conditioning.uncond_kwargs, rows, n)
+    return Conditioning(rows_of(conditioning.kwargs, rows, n), uncond, [conditioning.prompts[index]])
+
+
+def record_embeddings(pipe, conditioning: Conditioning, embeddings: list[torch.Tensor],
+                      generation: GenerationSettings, half: Half = "both", progress: bool = True,
+                      desc: str = "recording embeddings") -> NeuronStats:
+    """record_prompts for prompt *embeddings* instead of text: generate from each (1, T, D) token embedding in
+    `embeddings` (row i replaces prompt i of `conditioning`, e.g. an attack's e + δ; the negative prompt and the
+    other conditioning entries stay as encoded) with `generation`'s seeds, hooks on, latents discarded."""
+    cfg = uses_cfg(pipe, generation)
+    check_half(pipe, half, cfg)
+    seeds = list(range(generation.seed, generation.seed + generation.seeds))
+    total = NeuronStats()
+    recorder = ActivationRecorder(denoiser(pipe), half=half, cfg=cfg)
+    with recorder, torch.inference_mode():
+        for i, cond in enumerate(tqdm(embeddings, desc=desc, disable=not progress, leave=False)):
+            one = one_prompt(conditioning, i)
+            batch = one.repeated(len(seeds), cond.to(one.cond))
+            recorder.new_generation()
+            pipe(num_inference_steps=generation.steps, guidance_scale=guidance_scale(pipe, generation),
+                 generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds], output_type="latent",
+                 **pipeline_kwargs(batch), **pipeline_call_kwargs(pipe, generation))
+            total.merge(recorder.take_stats().to("cpu"))
+    total.check_finite()
+    total.meta.update({"prompts": len(embeddings), "half": half, "steps": generation.steps,
+                       "seeds": generation.seeds, "embeddings": True})
     return total
 
 

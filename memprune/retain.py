@@ -43,12 +43,28 @@ def generated_retain_data(pipe, prompts: list[str], settings: FinetuneSettings) 
     return RetainData(stacked, conditioning, "generated", time.perf_counter() - start)
 
 
-def read_image_captions(folder: str | Path) -> tuple[list[Path], list[str]]:
+def read_image_captions(folder: str | Path, option: str = "--retain-images") -> tuple[list[Path], list[str]]:
     """Image/caption pairs of a folder: a metadata.csv / captions.csv (caption + image/file_name columns), or
-    one same-named .txt caption beside each image. Refuses a folder with no images or only empty captions."""
+    one same-named .txt caption beside each image; or of such a CSV file itself (image paths relative to its
+    folder; a row repeated is an image seen that many times). Refuses a folder with no images or only empty
+    captions. `option` names the input in the refusals."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise MemPruneError(f"--retain-images '{folder}' is not a folder of image/caption pairs.")
+    if folder.is_file() and folder.suffix.lower() == ".csv":
+        images, captions = _table_pairs(folder.parent, folder)
+    elif not folder.is_dir():
+        raise MemPruneError(f"{option} '{folder}' is not a folder of image/caption pairs (nor a CSV of them).")
+    else:
+        images, captions = _folder_pairs(folder)
+    if not images:
+        raise MemPruneError(f"{option} '{folder}' holds no images.")
+    if not any(captions):
+        raise MemPruneError(f"{option} '{folder}': every caption of its {len(images)} images is empty, so "
+                            "there is no retain data.")
+    check_images(list(dict.fromkeys(images)))
+    return images, captions
+
+
+def _folder_pairs(folder: Path) -> tuple[list[Path], list[str]]:
     for table in ("metadata.csv", "captions.csv"):
         path = folder / table
         if path.is_file():
@@ -62,12 +78,6 @@ def read_image_captions(folder: str | Path) -> tuple[list[Path], list[str]]:
             raise MemPruneError(f"Image '{missing[0]}' has no caption: add {missing[0].with_suffix('.txt').name} "
                                 "or a metadata.csv with file_name and caption columns.")
         captions = [_utf8(txt).strip() for _, txt in pairs]
-    if not images:
-        raise MemPruneError(f"--retain-images '{folder}' holds no images.")
-    if not any(captions):
-        raise MemPruneError(f"--retain-images '{folder}': every caption of its {len(images)} images is empty, so "
-                            "there is no retain data.")
-    check_images(images)
     return images, captions
 
 
@@ -131,10 +141,11 @@ def _image_tensor(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def image_retain_data(pipe, folder: str | Path, settings: FinetuneSettings) -> RetainData:
-    """VAE latents (posterior mean) of a folder's images, with their captions' conditioning."""
+def image_retain_data(pipe, folder: str | Path, settings: FinetuneSettings,
+                      option: str = "--retain-images") -> RetainData:
+    """VAE latents (posterior mean) of a folder's (or a CSV's) images, with their captions' conditioning."""
     start = time.perf_counter()
-    images, captions = read_image_captions(folder)
+    images, captions = read_image_captions(folder, option)
     net = denoiser(pipe)
     default = int(net.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
     size = settings.size[0] if settings.size else default

@@ -38,14 +38,19 @@ def run(options: dict[str, Any]) -> str:
     model = model_or_default(options["model"])
     if options.get("retention") is not None and options["method"] != "doco":
         raise MemPruneError("--retention is used by --method doco only.")
+    data = options.get("data")
+    if data is not None and (options["retain_images"] is not None or options["retain"] is not None):
+        raise MemPruneError("Give --data (the images/captions to learn) or --retain/--retain-images, not both.")
     settings = FinetuneSettings(steps=options["steps"], lr=options["lr"], seed=options["seed"],
                                 params=options["params"],
                                 batch_size=options["batch_size"], retain_prompts=options["retain_prompts"] or None,
-                                retain_images=options["retain_images"], sampling_steps=options["sampling_steps"],
+                                retain_images=data or options["retain_images"],
+                                sampling_steps=options["sampling_steps"],
                                 height=options.get("height"), width=options.get("width"))
     method_settings = methods.get(options["method"], "finetune").settings_from_options(options)
     inputs = FinetuneInputs(memorized=options["memorized"], retain=options["retain"], anchors=options["anchors"],
-                            from_dir=options.get("from_dir"))
+                            from_dir=options.get("from_dir"), protect=options.get("protect"),
+                            data_option="--data" if data is not None else "--retain-images")
     # Trained in float32 (Adam on half-precision weights loses small updates); --dtype is the dtype it is saved in.
     return finetune_to_folder(model, options["method"], options["out"], settings, inputs, method_settings,
                               overwrite=options["overwrite"], device=options["device"],
@@ -60,6 +65,8 @@ class FinetuneInputs:
     retain: str | None = None
     anchors: str | None = None  # doco only (default: the retain prompts)
     from_dir: str | None = None  # --from: an edit of the model to start from (e.g. a pruned folder)
+    protect: str | None = None  # gradproj's selective learning: captions whose images the run must not learn
+    data_option: str = "--retain-images"  # what the image/caption input was called (--data or --retain-images)
 
 
 def default_params(settings: FinetuneSettings, module) -> FinetuneSettings:
@@ -70,7 +77,7 @@ def default_params(settings: FinetuneSettings, module) -> FinetuneSettings:
 
 
 def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None) -> FinetuneInputs:
-    memorized = inputs.memorized or testbed_file(model, "memorized")
+    memorized = inputs.memorized or inputs.protect or testbed_file(model, "memorized")
     retain = inputs.retain
     if retain is not None and retain_images is not None:
         raise MemPruneError("Give --retain FILE or --retain-images DIR, not both: "
@@ -83,7 +90,20 @@ def resolve_inputs(model: str, inputs: FinetuneInputs, retain_images: str | None
                                 "when --model is not a memprune testbed.")
     if memorized is None:
         raise MemPruneError("--memorized FILE is required when --model is not a memprune testbed.")
-    return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors, from_dir=inputs.from_dir)
+    return FinetuneInputs(memorized=memorized, retain=retain, anchors=inputs.anchors, from_dir=inputs.from_dir,
+                          protect=inputs.protect, data_option=inputs.data_option)
+
+
+def check_protect_option(module, inputs: FinetuneInputs) -> None:
+    """--protect belongs to a method that learns selectively (gradproj) and replaces --memorized there."""
+    if inputs.protect is None:
+        return
+    if not callable(getattr(module, "check_protected", None)):
+        raise MemPruneError(f"--protect is used by --method gradproj only (selective learning), not by "
+                            f"--method {module.METHOD.name}.")
+    if inputs.memorized is not None:
+        raise MemPruneError("Give --protect (the captions to keep out of what is learned) or --memorized, not both: "
+                            "with --protect they define the projected subspace.")
 
 
 def check_started_from(model: str, folder: str) -> dict:
@@ -141,6 +161,8 @@ def _folder_record(folder) -> dict | None:
     if folder is None:
         return None
     folder = Path(folder)
+    if folder.is_file():  # a CSV of image/caption pairs (--data FILE)
+        return _file_record(folder)
     listing = [f"{p.relative_to(folder)}:{file_sha256(p)}" for p in sorted(folder.rglob("*")) if p.is_file()]
     return {"path": str(folder.resolve()), "sha256": hashlib.sha256("\n".join(listing).encode()).hexdigest(),
             "files": len(listing)}
@@ -156,18 +178,23 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     inputs = inputs or FinetuneInputs()
     started_from = check_started_from(model, inputs.from_dir) if inputs.from_dir else None
     protected = refuse_output(out, overwrite, model, inputs.from_dir)  # before minutes of work, not after
+    check_protect_option(module, inputs)
     inputs = resolve_inputs(model, inputs, settings.retain_images)
     assert inputs.memorized is not None  # resolve_inputs refuses a missing --memorized
-    memorized_list = read_prompts(inputs.memorized)
+    memorized_list = read_prompts(inputs.protect or inputs.memorized)
     memorized = memorized_list.prompts
     if inputs.retain is not None:
         retain_prompts = read_prompts(inputs.retain).prompts
     else:
         assert settings.retain_images is not None  # resolve_inputs: --retain or --retain-images
-        retain_prompts = read_image_captions(settings.retain_images)[1]
-    check_disjoint(memorized, retain_prompts)
+        retain_prompts = read_image_captions(settings.retain_images, inputs.data_option)[1]
+    notes = []
+    if inputs.protect:  # the protected captions are *in* the data on purpose (selective learning)
+        notes += module.check_protected(memorized, retain_prompts, inputs.retain is None, inputs.data_option)
+    else:
+        check_disjoint(memorized, retain_prompts)
     anchors = read_prompts(inputs.anchors).prompts if inputs.anchors else None
-    notes = retain_count_notes(settings, len(retain_prompts))
+    notes += retain_count_notes(settings, len(retain_prompts))
     if anchors is not None:
         check_disjoint(memorized, anchors, "anchor")
         notes += anchor_notes(model, inputs.anchors)
@@ -177,7 +204,7 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
     trainable_parameters(denoiser(pipe), settings.params or "kv")  # fail now on --params naming nothing
     with timer("retain_data"):
         if settings.retain_images:
-            retain = image_retain_data(pipe, settings.retain_images, settings)
+            retain = image_retain_data(pipe, settings.retain_images, settings, inputs.data_option)
         else:
             retain = generated_retain_data(pipe, retain_prompts, settings)
     method_settings = method_settings if method_settings is not None else module.settings_from_options({})
@@ -197,7 +224,8 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
         "settings": _jsonable(settings),
         "method_settings": _jsonable(method_settings),
         "data": {"memorized": _file_record(inputs.memorized), "retain": _file_record(inputs.retain),
-                 "retain_images": _folder_record(settings.retain_images), "anchors": _file_record(inputs.anchors),
+                 "protect": _file_record(inputs.protect), "retain_images": _folder_record(settings.retain_images),
+                 "anchors": _file_record(inputs.anchors),
                  "retain_source": retain.source, "retain_count": len(retain.prompts)},
         "steps": settings.steps,
         "seconds": {**timer.seconds},
@@ -224,7 +252,8 @@ def finetune_to_folder(model: str, method: str, out, settings: FinetuneSettings 
         write_card(staging, info)
         write_run_json(staging, {"model": model, "method": method, "settings": settings,
                                  "method_settings": method_settings},
-                       {"memorized": inputs.memorized, "retain": inputs.retain, "anchors": inputs.anchors},
+                       {"memorized": inputs.memorized, "retain": inputs.retain, "anchors": inputs.anchors,
+                        "protect": inputs.protect},
                        timer.seconds)
     changed = info["changed_parameters"]
     largest = max(changes.values()) if changes else 0.0

@@ -19,10 +19,16 @@ from ..precision import cast_components, describe, save_dtypes, saved_dtypes
 from ..prune import apply_masks, prune_info, save_pruned, verify_pruned
 from .defaults import model_or_default
 from .output import Timer, atomic_output_dir, check_output_dir, refuse_output, write_run_json
+from .robust import robust_to_folder
 from .uniforget import uniforget_to_folder
 
+
+def _uniforget_stage(model, options, masks_out, settings, **kwargs) -> str:
+    return uniforget_to_folder(model, options["neutral"], masks_out, settings, **kwargs)
+
+
 # The prune-stage methods' commands: each selects into a masks folder and returns its summary.
-PRUNE_STAGES = {"uniforget": uniforget_to_folder}
+PRUNE_STAGES: dict[str, Callable[..., str]] = {"uniforget": _uniforget_stage, "robust-wanda": robust_to_folder}
 
 
 def run(options: dict[str, Any], echo: Callable[[str], Any] = print) -> None:
@@ -36,7 +42,7 @@ def run(options: dict[str, Any], echo: Callable[[str], Any] = print) -> None:
         masks_out = options["masks_out"] or f"{str(out).rstrip('/')}-{module.METHOD.name}-masks"
         check_output_dir(out, overwrite)  # fail before minutes of training, not after
         stage = PRUNE_STAGES[module.METHOD.name]
-        echo(stage(model, options["neutral"], masks_out, module.settings_from_options(options),
+        echo(stage(model, options, masks_out, module.settings_from_options(options),
                    wanda_masks=masks_folder, overwrite=overwrite, device=options["device"]))
         masks_folder = masks_out
     elif masks_folder is None:

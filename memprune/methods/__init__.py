@@ -34,7 +34,8 @@ from .base import ENTRY_POINTS, KINDS, NEEDS, STAGES, MethodInfo
 __all__ = ["ENTRY_POINTS", "KINDS", "NEEDS", "STAGES", "MethodInfo", "available", "get", "names", "register"]
 
 # modules of this package
-BUILTIN = ("wanda", "nemo", "nemo_prompt", "uniforget", "wen", "gradproj", "doco", "plain", "adversarial")
+BUILTIN = ("wanda", "nemo", "nemo_prompt", "uniforget", "wen", "gradproj", "doco", "plain", "adversarial",
+           "robust_wanda")
 
 _registered: dict[str, ModuleType] = {}
 

@@ -29,6 +29,14 @@ subspace during training, so the weights that read the text cannot learn anythin
   checks it, and checks that the gradient projection alone leaks under Adam.
 - **Data.** Retain data only (the shared loop's generated retain latents, or --retain-images); the memorized
   captions are used for U and are refused as retain captions.
+- **Selective learning (the paper's setting).** `--data FOLDER_OR_CSV --protect FILE`: the run learns a mixture
+  of image/caption pairs that *contains* the images to protect (typically duplicated, the way training sets
+  repeat images), and U is built from the --protect captions instead of --memorized. The protected rows are
+  those of --data whose caption is a --protect caption (after prompts.normalise_caption); they are learned
+  with every K/V update projected off U, so their captions' keys and values never move. `check_protected`
+  refuses the overlaps that are not the point: --protect captions among generated retain captions (data the
+  run is meant to learn freely), and a --data whose every caption is protected (nothing left to learn).
+  scripts/gradproj_scenario.py runs the paper's three arms (projected, plain, data-filtered) on the testbed.
 
 What this means post hoc: with ΔW·U = 0, the keys and values that the fine-tuned model computes for the memorized
 captions' tokens are unchanged (exactly for the rank-k part, approximately for the rest of their energy). The
@@ -88,6 +96,33 @@ def settings_from_options(options: dict) -> GradProjSettings:
     if options.get("anchors") is not None:
         raise MemPruneError("--anchors is used by --method doco only.")
     return GradProjSettings(energy=options.get("energy", GradProjSettings.energy))
+
+
+def check_protected(protect: list[str], learned: list[str], from_data: bool, option: str = "--data") -> list[str]:
+    """Refuse --protect captions that overlap the learned captions where that is not the point (naming them);
+    the notes to print otherwise. `from_data`: the learned captions label images of --data (the mixture, where
+    protected captions are expected); else they are generated retain captions (where they are not)."""
+    from ..prompts import overlapping_captions
+
+    if not protect:
+        raise MemPruneError("The --protect file holds no caption: give the captions whose images must not be learned.")
+    rows = overlapping_captions(learned, protect)
+    named = list(dict.fromkeys(learned[i] for i in rows))
+    listed = "; ".join(f"'{p}'" for p in named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+    if not from_data:
+        if rows:
+            raise MemPruneError(f"{len(named)} retain captions are also --protect captions ({listed}): the retain "
+                                "data is learned freely, so protecting its captions is not the point; remove them "
+                                "from one of the files (or give the mixture with --data).")
+        return []
+    if len(rows) == len(learned):
+        raise MemPruneError(f"Every caption of {option} is a --protect caption ({listed}): nothing is left to learn; "
+                            "--data must also hold images to learn.")
+    if not rows:
+        return [f"no caption of {option} is a --protect caption: the run learns no protected image, so the "
+                "projection only constrains how the other captions are learned."]
+    return [f"{len(rows)} of the {len(learned)} {option} rows ({len(named)} captions) are protected: learned with "
+            "every K/V update projected off the --protect captions' subspace."]
 
 
 def subspace(vectors: torch.Tensor, energy: float = 0.97, center: bool = False) -> tuple[torch.Tensor, float]:
