@@ -197,8 +197,8 @@ def test_resume_with_a_changed_arm_is_refused_naming_it(inputs, tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ('[arms.a]\nmethod = "wanda"\n\n[arms.b]\nmethod = "pruneall"\n',
-     "line 5: arm 'b' names unknown method 'pruneall': use one of adversarial, doco, gradproj, nemo, plain, "
-     "uniforget, wanda, wen."),
+     "line 5: arm 'b' names unknown method 'pruneall': use one of adversarial, doco, gradproj, nemo, "
+     "nemo_prompt, plain, robust-wanda, uniforget, wanda, wen."),
     ('[arms.a]\nmethod = "wanda"\nratio = 0.1\nrate = 0.2\n', "line 4: arm 'a' sets unknown option 'rate' for method "
      "wanda: valid options are"),
     ('[arms.a]\nmethod = "wanda"\ntheta = 3.0\n', "line 3: arm 'a' sets unknown option 'theta'"),  # nemo's

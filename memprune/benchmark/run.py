@@ -170,7 +170,8 @@ def build_arm(arm: Arm, settings: BenchmarkSettings, state: BenchmarkState, runn
     if arm.stage == "locate":
         run_command(runner, ["locate", "--method", arm.method, *common, *options("locate"), "--out", str(masks),
                              "--overwrite"], what)
-        run_command(runner, ["prune", *common, "--masks", str(masks), *options("prune"), "--out", str(model),
+        # the prune after a locate applies its masks: the memorized prompts are for prune's own selections
+        run_command(runner, ["prune", *common, "--masks", str(masks), *arm.argv("prune"), "--out", str(model),
                              "--overwrite"], what)
     elif arm.stage == "prune":
         run_command(runner, ["prune", "--method", arm.method, *common, *options("prune"), "--masks-out", str(masks),
