@@ -140,7 +140,8 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
 @click.option("--attack-steps", default=None, type=click.IntRange(min=0),
               help="robust-wanda: attack steps per located prompt and round [default: 50].")
 @click.option("--memorized", default=None, type=click.Path(),
-              help="robust-wanda: memorized prompts with an image column (testbed default: its memorized.csv).")
+              help="robust-wanda: memorized prompts with an image column; uniforget: prompts the neutral ones must not "
+                   "include (testbed default: its memorized.csv).")
 @device_option
 @save_dtype_option
 @out_option

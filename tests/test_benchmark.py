@@ -312,8 +312,8 @@ def test_each_kind_is_built_by_its_commands(tmp_path):
          "--granularity", "neuron", "--out", str(masks / "w"), "--overwrite"],
         ["prune", "--model", "M", "--device", "cpu", "--masks", str(masks / "w"), "--timesteps", "3", "--out",
          str(models / "w"), "--overwrite"],
-        ["prune", "--method", "uniforget", "--model", "M", "--device", "cpu", "--beta", "5", "--neutral", "n.txt",
-         "--masks-out", str(masks / "u"), "--out", str(models / "u"), "--overwrite"],
+        ["prune", "--method", "uniforget", "--model", "M", "--device", "cpu", "--memorized", "mem.csv", "--beta", "5",
+         "--neutral", "n.txt", "--masks-out", str(masks / "u"), "--out", str(models / "u"), "--overwrite"],
         ["finetune", "--method", "plain", "--model", "M", "--device", "cpu", "--steps", "7", "--memorized", "own.csv",
          "--params", "unet", "--out", str(models / "p"), "--overwrite"],
     ]

@@ -24,7 +24,8 @@ from .uniforget import uniforget_to_folder
 
 
 def _uniforget_stage(model, options, masks_out, settings, **kwargs) -> str:
-    return uniforget_to_folder(model, options["neutral"], masks_out, settings, **kwargs)
+    return uniforget_to_folder(model, options["neutral"], masks_out, settings, memorized=options["memorized"],
+                               **kwargs)
 
 
 # The prune-stage methods' commands: each selects into a masks folder and returns its summary.
