@@ -9,10 +9,12 @@ from .cli_common import (
     MethodChoice,
     device_option,
     dtype_option,
+    echo_summary,
     fixed_threshold_option,
     model_option,
     out_option,
     overwrite_option,
+    processes_option,
     save_dtype_option,
     size_options,
     torch_dtype,
@@ -83,9 +85,7 @@ def main():
               help="Image height in pixels (default: the pipeline's).")
 @click.option("--width", type=click.IntRange(min=1), default=None,
               help="Image width in pixels (default: the pipeline's).")
-@click.option("--processes", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Split the generations over N local processes (gloo on CPU, one GPU each on CUDA); "
-                   "or start it with `accelerate launch -m memprune locate ...`.")
+@processes_option("locate")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from the partial statistics in OUT.partial.")
 @click.option("--checkpoint-every", default=60.0, show_default=True, type=FiniteFloatRange(min=0),
               help="Seconds between saves of the partial statistics (OUT.partial) that --resume continues from.")
@@ -101,12 +101,8 @@ def locate(model, method, memorized, memorized_label, reference, steps, seeds, s
     neurons (NeMo)."""
     options = {**locals(), "dtype": torch_dtype(dtype)}  # before the imports below add names to locals()
     from .commands import locate as command
-    from .distributed import naming_this_rank
 
-    with naming_this_rank():
-        summary = command.run(options)
-    if summary:  # empty on the other processes of a launcher
-        click.echo(summary)
+    echo_summary(command.run, options)  # prints nothing on the other processes of a launcher
 
 
 @main.command()
@@ -214,6 +210,7 @@ def prune(model, method, masks_folder, timesteps, neutral, beta, gates, mask_lay
 @click.option("--fid-prompts", default=None, type=click.Path(), help="FID captions (default: the shipped 10,000 COCO).")
 @click.option("--fid-count", default=None, type=click.IntRange(min=2), help="Use the first N FID captions.")
 @click.option("--inception", default=None, type=click.Path(), help="FID Inception TorchScript file (clean-fid's).")
+@processes_option("evaluate")
 @size_options
 @device_option
 @dtype_option
@@ -223,7 +220,7 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
              guidance_scale, batch_size, similarity, sscd, threshold_percentile, grid_prompts, attributes,
              random_control, random_control_seed, mitigation, wen_lr, wen_iterations, wen_target, wen_mode,
              nemo_neurons, fixed_threshold, clip_model, fid_reference, fid_prompts, fid_count, inception, height, width,
-             device, dtype, out, overwrite):
+             processes, device, dtype, out, overwrite):
     """Generate with fixed seeds from the unedited and edited model; write metrics.csv, metrics.md and image grids."""
     from .commands.evaluate import evaluate_to_folder
     from .evaluation.settings import EvaluateSettings
@@ -241,8 +238,8 @@ def evaluate(model, edited, compare, memorized, reference, control, general, exc
         fixed_thresholds=fixed_threshold, clip_model=clip_model, fid_reference=fid_reference, fid_prompts=fid_prompts,
         fid_count=fid_count, inception=inception,
     )
-    click.echo(evaluate_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype),
-                                  log=click.echo))
+    echo_summary(evaluate_to_folder, settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype),
+                 log=click.echo, processes=processes)
 
 
 @main.command()
@@ -400,6 +397,7 @@ def card(folder, evaluation, name):
 @click.option("--similarity", type=click.Choice(["ssim", "l2"]), default="ssim", show_default=True)
 @click.option("--sscd", default=None, type=click.Path(),
               help="SSCD model file (TorchScript, or .onnx with onnxruntime).")
+@processes_option("attack", "the attacks (with their generations)")
 @size_options
 @device_option
 @dtype_option
@@ -408,7 +406,7 @@ def card(folder, evaluation, name):
 def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, seed, guidance_scale, attack_steps,
            attack_lr, bound, noise_samples, init, init_prompt, controls, unseen, num_controls, budget_steps,
            attack_seed, threshold, threshold_from, control, threshold_percentile, fixed_threshold, similarity, sscd,
-           height, width, device, dtype, out, overwrite):
+           height, width, processes, device, dtype, out, overwrite):
     """DoRI's attack: optimise a prompt embedding toward each memorized training image (and, as the false-positive
     floor, toward same-style control and unseen images), then count copies on fresh seeds
     (memorization_rate_attacked) for the unedited and every edited model."""
@@ -427,8 +425,8 @@ def attack(model, edited, prompts, exclude_prompts, num_prompts, steps, seeds, s
         controls=controls, unseen=unseen, num_controls=num_controls, init_prompt=init_prompt,
         budget_steps=tuple(budget_steps),
     )
-    click.echo(attack_to_folder(settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype),
-                                log=click.echo))
+    echo_summary(attack_to_folder, settings, out, overwrite=overwrite, device=device, dtype=torch_dtype(dtype),
+                 log=click.echo, processes=processes)
 
 
 def _register_optional_commands() -> None:

@@ -12,6 +12,7 @@ from .cli_common import (
     model_option,
     out_option,
     overwrite_option,
+    processes_option,
 )
 from .cli_types import FINITE_FLOAT
 
@@ -48,13 +49,14 @@ from .cli_types import FINITE_FLOAT
               help="One evaluate and one attack per model (a resume keeps each finished one; the unedited model is "
                    "generated once per model) instead of one over all.")
 @click.option("--resume", is_flag=True, help="Continue the benchmark in OUT: finished models and stages are kept.")
+@processes_option("benchmark", "the generations of evaluate and attack (their --processes)")
 @device_option
 @dtype_option
 @out_option
 @overwrite_option
 def benchmark(model, arms_file, preset, steps, seeds, memorized, reference, exclude_prompts, attack, attack_prompts,
               threshold, fixed_threshold, similarity, sscd, control_seed, evaluate_option, attack_option, per_model,
-              resume, device, dtype, out, overwrite):
+              resume, processes, device, dtype, out, overwrite):
     """Build every arm of an arms file (each weight edit beside its random control), evaluate and attack them all
     with the same seeds, and write comparison.csv, comparison.md and comparison.png into OUT."""
     options = dict(locals())

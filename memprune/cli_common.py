@@ -102,3 +102,21 @@ class RegistryEpilogCommand(click.Command):
         with formatter.section("Methods an arm may name"):
             formatter.write_dl([(name, f"{module.METHOD.kind.replace('_', ' ')}: {module.METHOD.summary}")
                                 for name, module in sorted(available().items())])
+
+
+def processes_option(command: str, what: str = "the generations"):
+    """--processes N of a command that splits its work over local processes (memprune.distributed)."""
+    return click.option("--processes", default=1, show_default=True, type=click.IntRange(min=1),
+                        help=f"Split {what} over N local processes (gloo on CPU, one GPU each on CUDA); "
+                             f"or start it with `accelerate launch -m memprune {command} ...`.")
+
+
+def echo_summary(run, *args, **kwargs) -> None:
+    """Print what `run(*args, **kwargs)` returns; under a launcher its errors name the rank, and the other
+    processes (which return '') print nothing."""
+    from .distributed import naming_this_rank  # imports torch: only when a command runs
+
+    with naming_this_rank():
+        summary = run(*args, **kwargs)
+    if summary:
+        click.echo(summary)

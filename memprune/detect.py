@@ -28,7 +28,7 @@ from torch import nn
 
 from .conditioning import text_noise_norm
 from .errors import MemPruneError
-from .generate import GenerationSettings, batches, generate, uses_cfg
+from .generate import Call, GenerationSettings, call_plan, generate, uses_cfg
 from .prediction import call_inputs, to_epsilon
 from .prompts import PromptList
 from .trace import Trace
@@ -93,29 +93,30 @@ def require_cfg(pipe, settings: GenerationSettings) -> None:
 
 
 def generate_with_scores(pipe, prompts: list[str], settings: GenerationSettings, output_type: str = "latent",
-                         progress: bool = True, desc: str = "generating"):
+                         progress: bool = True, desc: str = "generating", calls: list[Call] | None = None):
     """generate() with the Wen score recorded: yield (prompt_index, seed, image, per-step scores or None).
 
-    Per-step scores are a float64 array of length steps; they are None without classifier-free guidance.
+    Per-step scores are a float64 array of length steps; they are None without classifier-free guidance. `calls`
+    (default: all of call_plan) runs only those pipeline calls, as generate() does.
     """
     from .models import denoiser
 
     cfg = uses_cfg(pipe, settings)
-    sizes = [len(batch) for _ in range(settings.seeds) for _, batch in batches(prompts, settings.batch_size)]
+    calls = call_plan(prompts, settings) if calls is None else calls
     recorder = NoiseNormRecorder(denoiser(pipe), pipe.scheduler)
-    calls = iter(sizes)
+    sizes = iter([len(call.prompts) for call in calls])
 
     def before_call():
-        recorder.new_generation(next(calls))
+        recorder.new_generation(next(sizes))
 
     if not cfg:
         for index, seed, image in generate(pipe, prompts, settings, output_type=output_type, progress=progress,
-                                           desc=desc):
+                                           desc=desc, calls=calls):
             yield index, seed, image, None
         return
     with recorder:
         for index, seed, image in generate(pipe, prompts, settings, output_type=output_type, before_call=before_call,
-                                           progress=progress, desc=desc):
+                                           progress=progress, desc=desc, calls=calls):
             # generate() yields a call's items right after that call (batches start at multiples of batch_size),
             # before the next before_call(): the recorder holds this call's scores.
             per_step = recorder.scores()[:, index % settings.batch_size].double().numpy()

@@ -86,6 +86,15 @@ class Processes:
 
         return gather_object([item])
 
+    def gather_to_main(self, item) -> list | None:
+        """Every rank's `item`, in rank order, on the main process only (None on the others): what only the main
+        process scores (images) is not copied to every rank."""
+        if not self.distributed:
+            return [item]
+        parts: list | None = [None] * self.world if self.is_main else None
+        torch.distributed.gather_object(item, parts, dst=0)
+        return parts
+
     def barrier(self) -> None:
         if self.distributed:
             from accelerate import PartialState
@@ -187,6 +196,15 @@ def _failure_message(report: Path, world: int, rank: int, exit_code: int | None)
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     return (f"Process {rank} of {world} {how} without a message; "
             "the other processes were stopped and nothing was written.")
+
+
+def check_devices(device: str, world: int) -> None:
+    """Refuse more local processes than GPUs on CUDA (each process takes one)."""
+    from .models import resolve_device
+
+    if resolve_device(device).type == "cuda" and world > torch.cuda.device_count():
+        raise MemPruneError(f"--processes {world} on CUDA takes one GPU each, but {torch.cuda.device_count()} "
+                            "are visible: use at most that many, or --device cpu.")
 
 
 def spawn(world: int, target, kwargs: dict, threads: int | None = None):

@@ -29,6 +29,10 @@ draws, before and after), perturbation_norm_relative, attack_seconds_per_prompt,
 copy_threshold (unedited); with ``fixed_thresholds``, memorization_rate@<t> and memorization_rate_attacked@<t> at each
 fixed threshold t.
 The attack-budget curve (memprune.attack.budget) scores generations from the embedding kept at ``budget_steps``.
+
+Over several processes (``processes``, memprune.work_split) each attacks its round-robin share of the (group, prompt)
+jobs on every model (memprune.attack.jobs); the main process calibrates the threshold, gathers the jobs' similarities
+and alone makes the rows, in job order; a model's attack seconds are the sum over the processes.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,7 +49,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cli_types import require_finite
-from ..conditioning import asked_size, encode
+from ..conditioning import asked_size
+from ..distributed import Processes
 from ..errors import MemPruneError
 from ..evaluation.fixed_thresholds import backend_name, check_fixed_thresholds, fixed_rates
 from ..evaluation.inputs import check_edited
@@ -55,9 +61,11 @@ from ..models import DEFAULT_MODEL, load_pipeline, resolve_device
 from ..prompts import PromptList, read_prompts, require_available
 from ..readback import read_metrics_csv, read_run_settings
 from ..similarity import load_image, make_backend
+from ..work_split import gather_in_order, share
 from .budget import BUDGET_STEPS, budget_checkpoints, budget_curve
-from .embedding import AttackSettings, attack_prompt, generate_from_embeddings
-from .groups import CONTROL_GROUP, control_groups, other_prompt_for, other_prompts
+from .embedding import AttackSettings
+from .groups import CONTROL_GROUP, control_groups, other_prompts
+from .jobs import AttackGroup, job_rows, jobs_of, run_job
 from .text_side import check_same_text_side, text_fingerprint, text_side
 
 GENERATION_SEED = 1000  # first fresh generation seed: far from the attack's seed and from evaluate's 0..seeds-1
@@ -227,75 +235,6 @@ def select_prompts(settings: AttackRunSettings) -> PromptList:
     return prompts.subset(keep)
 
 
-@dataclass
-class AttackGroup:
-    """A group of prompts attacked on every model: its name (the metrics' group) and prompts with target images."""
-    name: str
-    prompts: PromptList
-    images: list[torch.Tensor]  # the target images at the pipeline's size
-    features: torch.Tensor  # their similarity features
-
-
-def score(backend, images: torch.Tensor, target_features: torch.Tensor) -> np.ndarray:
-    feats = backend.features(images)
-    return backend.paired(feats, target_features[None].expand_as(feats)).double().numpy()
-
-
-def attack_model(name: str, pipe, prompts: PromptList, training: list[torch.Tensor], train_features, backend,
-                 threshold: float, settings: AttackRunSettings, size, progress: bool) -> tuple[list[dict], list[dict]]:
-    """Attack every prompt on one model (the memorized group only); its per-prompt rows and its per-generation rows
-    (baseline and attacked)."""
-    group = AttackGroup(settings.group, prompts, training, train_features)
-    per_prompt, generations, _ = attack_groups(name, pipe, [group], backend, threshold, settings, size, progress)
-    return per_prompt, generations
-
-
-def attack_groups(name: str, pipe, groups: list[AttackGroup], backend, threshold: float, settings: AttackRunSettings,
-                  size, progress: bool, others: list[str] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
-    """Attack every prompt of every group on one model: its per-prompt rows, its per-generation rows (baseline and
-    attacked) and its attack-budget rows (per generation and checkpoint)."""
-    per_prompt, generations, budget = [], [], []
-    seeds = list(range(settings.generation.seed, settings.generation.seed + settings.generation.seeds))
-    last = settings.attack.attack_steps
-    jobs = [(group, i) for group in groups for i in range(len(group.prompts))]
-    for group, i in tqdm(jobs, desc=f"attack {name}", disable=not progress, leave=False):
-        prompt = group.prompts.prompts[i]
-        with torch.no_grad():
-            conditioning = encode(pipe, [prompt], None, size)
-        other = other_prompt_for(prompt, others) if settings.attack.init == "other" and others else None
-        result = attack_prompt(pipe, prompt, group.images[i], settings.attack, conditioning, other)
-        row = {"model": name, "group": group.name, "prompt_index": i, "caption": prompt,
-               "image": group.prompts.image(i), "denoising_loss": result.loss_before,
-               "denoising_loss_attacked": result.loss_after, "perturbation_norm_relative": result.relative_norm,
-               "attack_seconds": result.seconds}
-        similarities = {}
-        for attacked, delta in ((False, None), (True, result.delta)):
-            cond = conditioning.cond if delta is None else conditioning.cond + delta.to(conditioning.cond)
-            similarity = score(backend, generate_from_embeddings(pipe, conditioning, cond, settings.generation, size),
-                               group.features[i])
-            similarities[attacked] = similarity
-            suffix = "_attacked" if attacked else ""
-            row[f"copy_similarity{suffix}"] = float(similarity.mean())
-            row[f"memorization_rate{suffix}"] = memorization_rate(similarity, threshold)
-            for seed, value in zip(seeds, similarity, strict=True):
-                generations.append({"model": name, "group": group.name, "prompt_index": i, "caption": prompt,
-                                    "seed": seed, "attacked": attacked, "copy_similarity": float(value),
-                                    "is_copy": bool(value > threshold)})
-        for step, delta in sorted(result.checkpoints.items()):
-            if step == last:  # the attacked embedding itself
-                similarity = similarities[True]
-            elif step == 0 and settings.attack.init == "prompt":  # the prompt's own embedding
-                similarity = similarities[False]
-            else:
-                cond = conditioning.cond + delta.to(conditioning.cond)
-                similarity = score(backend, generate_from_embeddings(pipe, conditioning, cond, settings.generation,
-                                                                     size), group.features[i])
-            budget += [{"model": name, "group": group.name, "prompt_index": i, "seed": seed, "attack_steps": step,
-                        "copy_similarity": float(value)} for seed, value in zip(seeds, similarity, strict=True)]
-        per_prompt.append(row)
-    return per_prompt, generations, budget
-
-
 def attack_metrics(per_prompt: pd.DataFrame, generations: pd.DataFrame, settings: AttackRunSettings, threshold: float,
                    models: list[str], calibrated_on: str, groups: list[str] | None = None) -> pd.DataFrame:
     """The tidy metrics of the module docstring, per model and group (default: the memorized group only)."""
@@ -348,9 +287,12 @@ def copy_threshold(settings: AttackRunSettings, pipe, backend, size, progress: b
 
 
 def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progress: bool = True,
-           log: Callable[[str], None] | None = None) -> AttackRun:
-    """Attack the unedited model and every edited model (module docstring); models are loaded one at a time."""
-    log = log or (lambda message: None)
+           log: Callable[[str], None] | None = None, processes: Processes | None = None) -> AttackRun | None:
+    """Attack the unedited model and every edited model (module docstring); models are loaded one at a time. With
+    `processes` this process attacks its share; the main process returns the run, the others None."""
+    processes = processes or Processes()
+    main = processes.is_main
+    log = log if log is not None and main else (lambda message: None)
     settings.check_inputs()
     notes, timings = [], {}
     edited = settings.edited_models()
@@ -384,10 +326,13 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
             check_same_text_side(base_print, text_fingerprint(components), folder)
     timings["load_unedited"] = round(time.perf_counter() - tic, 3)
 
-    threshold, info = copy_threshold(settings, pipe, backend, size, progress, timings)
-    log(f"Copy threshold: {threshold:.4f} ({info['description']}).")
+    threshold, info = 0.0, {"calibrated_on": settings.group}
+    if main:  # only the main process makes rows: the others need no threshold
+        threshold, info = copy_threshold(settings, pipe, backend, size, progress, timings)
+        log(f"Copy threshold: {threshold:.4f} ({info['description']}).")
 
-    per_prompt, generations, budget = [], [], []
+    jobs = jobs_of(groups)
+    local: dict[tuple, Any] = {}
     for name in ["unedited", *edited]:
         if name != "unedited":
             tic = time.perf_counter()
@@ -396,8 +341,23 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
             check_same_text_side(base_print, text_fingerprint(pipe), edited[name])
             timings[f"load_{name}"] = round(time.perf_counter() - tic, 3)
         tic = time.perf_counter()
-        rows, gens, curve = attack_groups(name, pipe, groups, backend, threshold, settings, size, progress, others)
-        timings[f"attack_{name}"] = round(time.perf_counter() - tic, 3)
+        for place in tqdm(share(len(jobs), processes), desc=f"attack {name}", disable=not (progress and main),
+                          leave=False):
+            group, i = jobs[place]
+            local[name, place] = run_job(pipe, group, i, backend, settings, size, others)
+        local["seconds", name, processes.rank] = time.perf_counter() - tic
+    gathered = gather_in_order(processes, local)
+    if gathered is None:
+        return None
+    per_prompt, generations, budget = [], [], []
+    for name in ["unedited", *edited]:
+        rows, gens, curve = [], [], []
+        for place in range(len(jobs)):
+            row, gen, points = job_rows(name, gathered[name, place], threshold, settings)
+            rows.append(row)
+            gens += gen
+            curve += points
+        timings[f"attack_{name}"] = round(sum(gathered["seconds", name, rank] for rank in range(processes.world)), 3)
         per_prompt += rows
         generations += gens
         budget += curve

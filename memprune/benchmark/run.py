@@ -4,7 +4,8 @@ Each arm is built by invoking memprune's own commands in this process (`runner`,
 the click group called with an argv), so an arm's options go through the same parsing, checks and defaults as
 when a user types them, and an option the commands gain works here unchanged. In-process, not subprocesses: no
 second import of torch and diffusers per command (seconds each on a small machine, most of a tiny test) and a
-failing command's one-sentence error comes back as a MemPruneError naming the arm.
+failing command's one-sentence error comes back as a MemPruneError naming the arm. With `processes` > 1 evaluate
+and attack get --processes and start their own local processes (memprune.work_split): the same scores, sooner.
 
 Random controls are built here with memprune.control.random_control_of (the control `memprune evaluate` builds
 in memory: as many random non-zero weights per denoiser tensor as the edit zeroes, seeded per tensor) and saved as
@@ -78,7 +79,9 @@ class BenchmarkOutputs:
 
 
 def run_benchmark(arms: list[Arm], settings: BenchmarkSettings, state: BenchmarkState, runner: Runner,
-                  commands: CommandOptions, device: str = "auto", log: Log = print) -> BenchmarkOutputs:
+                  commands: CommandOptions, device: str = "auto", log: Log = print,
+                  processes: int = 1) -> BenchmarkOutputs:
+    """Build the arms, score them with evaluate and attack (each over `processes` local processes), write the table."""
     outputs = BenchmarkOutputs(state.folder)
     models = [arm for arm in arms if arm.builds_model]
     for number, arm in enumerate(models, 1):
@@ -98,7 +101,7 @@ def run_benchmark(arms: list[Arm], settings: BenchmarkSettings, state: Benchmark
             outputs.built.append(column)
     model_columns = [column for column in columns(arms) if column in state.built]
     exclude = settings.exclude_prompts or held_out_source(state.folder, models)
-    for scoring in scoring_runs(arms, model_columns, settings, state, exclude, device):
+    for scoring in scoring_runs(arms, model_columns, settings, state, exclude, device, processes):
         if scoring.stage in state.stages:
             log(f"{scoring.stage}: done before, kept.")
             continue
@@ -124,8 +127,9 @@ class Scoring:
 
 
 def scoring_runs(arms: list[Arm], model_columns: list[str], settings: BenchmarkSettings, state: BenchmarkState,
-                 exclude: str | None, device: str) -> list[Scoring]:
-    """The evaluate run(s), then the attack run(s): one of each over all models, or one of each per model."""
+                 exclude: str | None, device: str, processes: int = 1) -> list[Scoring]:
+    """The evaluate run(s), then the attack run(s): one of each over all models, or one of each per model; each
+    over `processes` local processes (their --processes: the same results, sooner)."""
     mitigations = [arm for arm in arms if arm.kind == "mitigation"]
     if not settings.per_model:
         groups = [("", model_columns, mitigations)]
@@ -136,14 +140,14 @@ def scoring_runs(arms: list[Arm], model_columns: list[str], settings: BenchmarkS
     for suffix, models, mitigated in groups:
         folder = state.folder / "evaluate" / suffix[1:]
         runs.append(Scoring(f"evaluate{suffix}", folder, models,
-                            evaluate_argv(mitigated, models, settings, state, exclude, device, folder)))
+                            evaluate_argv(mitigated, models, settings, state, exclude, device, folder, processes)))
     for suffix, models, _ in groups if settings.attack else []:
         if suffix and not models:
             continue  # an attack on a generation-time mitigation is not defined
         evaluation = state.folder / "evaluate" / suffix[1:]
         folder = state.folder / "attack" / suffix[1:]
         runs.append(Scoring(f"attack{suffix}", folder, models,
-                            attack_argv(models, settings, state, exclude, device, folder, evaluation)))
+                            attack_argv(models, settings, state, exclude, device, folder, evaluation, processes)))
     return runs
 
 
@@ -214,6 +218,10 @@ def held_out_source(folder: Path, arms: Sequence[Arm]) -> str | None:
     return None
 
 
+def _processes(processes: int) -> list[str]:
+    return ["--processes", str(processes)] if processes > 1 else []
+
+
 def _shared_metric_options(settings: BenchmarkSettings) -> list[str]:
     shared = [arg for value in settings.fixed_thresholds for arg in ("--fixed-threshold", str(value))]
     if settings.sscd:
@@ -224,9 +232,9 @@ def _shared_metric_options(settings: BenchmarkSettings) -> list[str]:
 
 
 def evaluate_argv(arms: list[Arm], model_columns: list[str], settings: BenchmarkSettings, state: BenchmarkState,
-                  exclude: str | None, device: str, out: Path) -> list[str]:
+                  exclude: str | None, device: str, out: Path, processes: int = 1) -> list[str]:
     argv = ["evaluate", "--model", settings.model, "--no-random-control", "--steps", str(settings.steps),
-            "--seeds", str(settings.seeds), "--device", device, "--dtype", settings.dtype]
+            "--seeds", str(settings.seeds), "--device", device, *_processes(processes), "--dtype", settings.dtype]
     argv += [arg for column in model_columns for arg in ("--compare", str(state.model_folder(column)))]
     for arm in arms:
         if arm.kind == "mitigation":
@@ -238,9 +246,9 @@ def evaluate_argv(arms: list[Arm], model_columns: list[str], settings: Benchmark
 
 
 def attack_argv(model_columns: list[str], settings: BenchmarkSettings, state: BenchmarkState, exclude: str | None,
-                device: str, out: Path, evaluation: Path) -> list[str]:
+                device: str, out: Path, evaluation: Path, processes: int = 1) -> list[str]:
     argv = ["attack", "--model", settings.model, "--steps", str(settings.steps), "--device", device,
-            "--dtype", settings.dtype]
+            *_processes(processes), "--dtype", settings.dtype]
     argv += [arg for column in model_columns for arg in ("--edited", str(state.model_folder(column)))]
     # evaluate's copy threshold (same backend) unless one is given: attacked and unattacked rates share it
     argv += ["--threshold", str(settings.threshold)] if settings.threshold is not None else \

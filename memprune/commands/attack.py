@@ -2,6 +2,9 @@
 
 Writes metrics.csv (tidy model, group, metric, value), metrics.md (the headline rates, model × group),
 per_prompt.csv, generations.csv, budget.csv and budget.png (the attack-budget curve) and run.json, atomically.
+
+`--processes N` (or `accelerate launch -m memprune attack ...`) splits the (group, prompt) jobs over processes
+(memprune.work_split); the main process scores and writes alone, so the folder is the one a single process writes.
 """
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ..attack.budget import write_budget
-from ..attack.run import NO_THRESHOLD, AttackRun, AttackRunSettings, attack
+from ..attack.groups import control_groups
+from ..attack.run import NO_THRESHOLD, AttackRun, AttackRunSettings, attack, select_prompts
+from ..distributed import current_processes
 from ..errors import MemPruneError
 from ..prompts import read_prompts
+from ..work_split import check_work, start_processes
 from . import defaults
 from .output import ProgressLog, atomic_output_dir, refuse_output, write_run_json
 
@@ -46,13 +52,36 @@ def with_testbed_defaults(settings: AttackRunSettings) -> AttackRunSettings:
     return replace(settings, **values)
 
 
+def check_work_size(settings: AttackRunSettings, world: int) -> None:
+    """Refuse more processes than (group, prompt) jobs of one model (the unit each process takes a share of)."""
+    settings.check_inputs()
+    prompts = select_prompts(settings)
+    controls = control_groups(settings.controls, settings.unseen, settings.num_controls, len(prompts))
+    jobs = len(prompts) + sum(len(members) for members in controls.values())
+    check_work(world, jobs, "attacks per model",
+               f"{len(prompts)} prompts to attack and {jobs - len(prompts)} control captions")
+
+
 def attack_to_folder(settings: AttackRunSettings, out, overwrite: bool = False, device: str = "auto", dtype=None,
-                     progress: bool = True, log: Callable[[str], None] | None = None) -> str:
-    """The `memprune attack` command as a function: writes the folder, returns the summary to print."""
+                     progress: bool = True, log: Callable[[str], None] | None = None, processes: int = 1) -> str:
+    """The `memprune attack` command as a function: writes the folder, returns the summary to print ('' on a
+    launcher's other processes). `processes > 1` runs it in that many local processes (memprune.work_split)."""
     settings = with_testbed_defaults(settings)
     protected = refuse_output(out, overwrite, settings.model, *settings.edited)
+    if processes != 1:
+        check_work_size(settings, max(processes, 1))
+        return start_processes(processes, device, attack_to_folder, dict(
+            settings=settings, out=str(out), overwrite=overwrite, device=device, dtype=dtype, progress=progress,
+            log=log))
+    group = current_processes(device)
+    if group.distributed:
+        check_work_size(settings, group.world)
     progress_log = ProgressLog(log)
-    result = attack(settings, device=device, dtype=dtype, progress=progress, log=progress_log)
+    result = attack(settings, device=device, dtype=dtype, progress=progress, log=progress_log,
+                    processes=group if group.distributed else None)
+    if result is None:
+        group.barrier()  # the others wait until the main process has written the folder
+        return ""
     with atomic_output_dir(out, overwrite, protected) as staging:
         result.metrics.to_csv(staging / "metrics.csv", index=False)
         result.per_prompt.to_csv(staging / "per_prompt.csv", index=False)
@@ -63,7 +92,8 @@ def attack_to_folder(settings: AttackRunSettings, out, overwrite: bool = False, 
                   "controls": settings.controls, "unseen": settings.unseen, "sscd": settings.sscd}
         write_run_json(staging, settings, inputs, result.timings, similarity_backend=result.backend,
                        copy_threshold=result.threshold_info, notes=result.notes,
-                       models={"unedited": settings.model, **settings.edited_models()})
+                       models={"unedited": settings.model, **settings.edited_models()}, processes=group.world)
+    group.barrier()
     return summary(result, out, progress_log)
 
 

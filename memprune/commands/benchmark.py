@@ -85,7 +85,8 @@ def run(options: dict[str, Any], cli: click.Group, echo: Callable[[str], Any] = 
     protected = protected_sources(model, settings.memorized, settings.reference)
     state = open_folder(options["out"], arms, text, settings.record(), options["resume"], options["overwrite"],
                         protected, BenchmarkSettings.defaults())
-    outputs = run_benchmark(arms, settings, state, invoker(cli), commands, device=options["device"], log=echo)
+    outputs = run_benchmark(arms, settings, state, invoker(cli), commands, device=options["device"], log=echo,
+                            processes=options["processes"])
     folder = Path(options["out"])
     write_run_json(folder, settings, {"arms": folder / ARMS_FILE, "memorized": settings.memorized,
                                       "reference": settings.reference, "sscd": settings.sscd},

@@ -4,6 +4,9 @@ as further columns, all from the same seeds; with it every edited model is named
 
 Writes metrics.csv (tidy: model, group, metric, value), generations.csv, metrics.md, grids/ (one image grid per
 group), copy_similarity_ecdf.png (when training images are known) and run.json, atomically.
+
+`--processes N` (or `accelerate launch -m memprune evaluate ...`) splits the pipeline calls over processes
+(memprune.work_split); the main process scores and writes alone, so the folder is the one a single process writes.
 """
 from __future__ import annotations
 
@@ -12,11 +15,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ..distributed import Processes, current_processes
 from ..errors import MemPruneError
+from ..evaluation.inputs import read_sources
 from ..evaluation.report import metrics_markdown, summary_table, threshold_lines
 from ..evaluation.run import EvaluationResult, evaluate
 from ..evaluation.settings import PROMPT_ROLES, EvaluateSettings
+from ..generate import call_plan
 from ..prune import PRUNE_INFO
+from ..work_split import check_work, start_processes
 from . import defaults
 from .output import ProgressLog, atomic_output_dir, refuse_output, write_run_json
 
@@ -43,22 +50,46 @@ def with_testbed_defaults(settings: EvaluateSettings) -> EvaluateSettings:
 
 
 def run_evaluation(settings: EvaluateSettings, pipe=None, edited_pipe=None, device: str = "auto", dtype=None,
-                   progress: bool = True, log: Callable[[str], None] | None = None) -> EvaluationResult:
+                   progress: bool = True, log: Callable[[str], None] | None = None,
+                   processes: Processes | None = None) -> EvaluationResult | None:
     """memprune.evaluation.run.evaluate with the command's inputs: the testbed's default prompt files and, on a
-    testbed, its attribute classifier."""
+    testbed, its attribute classifier. With `processes`, None on every process but the main one."""
     settings = with_testbed_defaults(settings)
     classifier: Literal["testbed"] | None = "testbed" if defaults.is_testbed(settings.model) else None
+    extra = {} if processes is None else {"processes": processes}
     return evaluate(settings, pipe=pipe, edited_pipe=edited_pipe, attribute_classifier=classifier, device=device,
-                    dtype=dtype, progress=progress, log=log)
+                    dtype=dtype, progress=progress, log=log, **extra)
+
+
+def check_work_size(settings: EvaluateSettings, world: int) -> None:
+    """Refuse more processes than pipeline calls of one model (the unit each process takes a share of)."""
+    sources, _ = read_sources(settings)
+    calls = sum(len(call_plan(prompts.prompts, settings.generation)) for prompts in sources.values())
+    prompts = sum(len(prompts) for prompts in sources.values())
+    check_work(world, calls, "pipeline calls", f"{prompts} prompts in {len(sources)} files x "
+               f"{settings.generation.seeds} seeds in batches of {settings.generation.batch_size}")
 
 
 def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False, device: str = "auto", dtype=None,
-                       progress: bool = True, log: Callable[[str], None] | None = None) -> str:
-    """The `memprune evaluate` command as a function: writes the folder, returns the summary to print."""
+                       progress: bool = True, log: Callable[[str], None] | None = None, processes: int = 1) -> str:
+    """The `memprune evaluate` command as a function: writes the folder, returns the summary to print ('' on a
+    launcher's other processes). `processes > 1` runs it in that many local processes (memprune.work_split)."""
     settings = with_testbed_defaults(settings)
     protected = refuse_output(out, overwrite, settings.model, *settings.edited_models().values())
+    if processes != 1:
+        check_work_size(settings, max(processes, 1))
+        return start_processes(processes, device, evaluate_to_folder, dict(
+            settings=settings, out=str(out), overwrite=overwrite, device=device, dtype=dtype, progress=progress,
+            log=log))
+    group = current_processes(device)
+    if group.distributed:
+        check_work_size(settings, group.world)
     progress_log = ProgressLog(log)
-    result = run_evaluation(settings, device=device, dtype=dtype, progress=progress, log=progress_log)
+    result = run_evaluation(settings, device=device, dtype=dtype, progress=progress, log=progress_log,
+                            processes=group if group.distributed else None)
+    if result is None:
+        group.barrier()  # the others wait until the main process has written the folder
+        return ""
     with atomic_output_dir(out, overwrite, protected) as staging:
         result.metrics.to_csv(staging / "metrics.csv", index=False)
         result.generations.to_csv(staging / "generations.csv", index=False)
@@ -66,7 +97,9 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
         (staging / "metrics.md").write_text(metrics_markdown(result, settings, grids))
         write_run_json(staging, settings, _inputs(settings), result.timings, similarity_backend=result.backend,
                        copy_threshold=result.threshold_info, notes=result.notes, random_controls=result.random_controls,
-                       groups={name: len(group.members) for name, group in result.groups.items()})
+                       groups={name: len(members.members) for name, members in result.groups.items()},
+                       processes=group.world)
+    group.barrier()
     return summary(result, out, progress_log)
 
 

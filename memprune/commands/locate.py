@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import methods
 from ..errors import MemPruneError
@@ -124,7 +123,7 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
     (accelerate launch) this process does its share and only the main one writes. Running statistics are saved in
     OUT.partial every `checkpoint_seconds`; `resume` continues from them."""
     from ..checkpoint import open_partial
-    from ..distributed import current_processes, spawn
+    from ..distributed import check_devices, current_processes, spawn
     from ..masks import summarize_overlap
     from ..models import load_pipeline, resolve_device
     from ..plots import write_locate_plots
@@ -136,9 +135,7 @@ def locate_to_folder(settings: LocateSettings, out, overwrite: bool = False, dev
         check_output_dir(out, overwrite, protected)
         check_prompt_files(settings)
         check_work_size(settings, processes)  # before starting any process
-        if resolve_device(device).type == "cuda" and processes > torch.cuda.device_count():
-            raise MemPruneError(f"--processes {processes} on CUDA takes one GPU each, but {torch.cuda.device_count()} "
-                                "are visible: use at most that many, or --device cpu.")
+        check_devices(device, processes)
         return spawn(processes, locate_to_folder, dict(settings=settings, out=str(out), overwrite=overwrite,
                                                        device=device, dtype=dtype, resume=resume,
                                                        checkpoint_seconds=checkpoint_seconds))

@@ -6,6 +6,11 @@ edit zeroes (memprune.control; seed ``random_control_seed``), named by ``schema.
 evidence only where it beats it; with ``mitigation``, the unedited model wrapped by it (memprune.evaluation.mitigation).
 Every model is timed in the same run with the same settings: generation alternates the models per prompt file, after
 one warm-up call each. The metrics are memprune.evaluation.scoring's.
+
+Over several processes (``processes``, memprune.work_split) every process generates its round-robin share of the
+pipeline calls of every prompt file with every model (a generation-time mitigation runs whole on the main process,
+its per-image records in order); the main process gathers the images and detection scores, puts them back in call
+order and alone scores them; a model's generation seconds are the sum over the processes.
 """
 from __future__ import annotations
 
@@ -20,10 +25,12 @@ import torch
 
 from ..control import applied, random_control_edit_of
 from ..detect import generate_with_scores, summarize_steps
-from ..generate import GenerationSettings, generate, uses_cfg
+from ..distributed import Processes
+from ..generate import Call, GenerationSettings, call_plan, generate, uses_cfg
 from ..models import load_pipeline, resolve_device
 from ..prompts import PromptList
 from ..similarity import make_backend
+from ..work_split import gather_in_order, share
 from .classifier import AttributeClassifier, load_testbed_classifier
 from .fixed_thresholds import sscd_gen_note
 from .inputs import Group, build_groups, check_edited, read_sources
@@ -60,14 +67,18 @@ class EvaluationResult:
 
 def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None,
              attribute_classifier: AttributeClassifier | Literal["testbed"] | None = None, device: str = "auto",
-             dtype=None, progress: bool = True, log: Callable[[str], None] | None = None) -> EvaluationResult:
+             dtype=None, progress: bool = True, log: Callable[[str], None] | None = None,
+             processes: Processes | None = None) -> EvaluationResult | None:
     """Generate every prompt file with every model (same seeds) and compute the metrics (see the module docstring).
 
     `settings` name every prompt file (memprune.commands.evaluate fills a testbed's defaults). `pipe`/`edited_pipe`
     may be given loaded; otherwise they are loaded from settings.model / settings.edited. `attribute_classifier`:
     None, a callable, or "testbed": the testbed's classifier of settings.model, loaded when there are general captions.
+    With `processes` this process generates its share; the main process returns the result, the others None.
     """
-    log = log or (lambda message: None)
+    processes = processes or Processes()
+    main = processes.is_main
+    log = log if log is not None and main else (lambda message: None)
     settings.check_prompt_files()
     notes = [check_edited(settings.model, folder) for folder in settings.edited_models().values()]
     backend = make_backend(settings.similarity, settings.sscd)
@@ -75,9 +86,9 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None,
     sources, roles = read_sources(settings)
     groups, group_notes = build_groups(settings, sources, roles)
     notes += group_notes
-    classifier = _classifier(attribute_classifier, settings, groups, notes, log)
+    classifier = _classifier(attribute_classifier, settings, groups, notes, log) if main else None
     notes += [note for note in [sscd_gen_note(sources[roles["memorized"]])] if note]
-    utility = prepare_utility(settings, resolve_device(device), log, notes)
+    utility = prepare_utility(settings, resolve_device(device), log, notes) if main else None
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -89,14 +100,17 @@ def evaluate(settings: EvaluateSettings, pipe=None, edited_pipe=None,
         notes.append("No classifier-free guidance (guidance scale <= 1): detection metrics are skipped.")
 
     mitigated: dict[str, object] = {}
-    if settings.mitigation is not None:
+    if settings.mitigation is not None and main:  # the main process alone generates with it
         tic = time.perf_counter()
         mitigated = mitigation_pipes(settings, pipes["unedited"], sources, groups, notes, log)
         pipes.update(mitigated)
         timings["mitigation_calibration"] = round(time.perf_counter() - tic, 3)
 
     first_prompt = sources[roles["memorized"]].prompts[0]
-    generated, records = _generate_all(pipes, mitigated, sources, first_prompt, settings.generation, progress, timings)
+    generated, records = _generate_all(pipes, mitigated, sources, first_prompt, settings.generation,
+                                       progress and main, timings, processes)
+    if not main or utility is None:  # another process: its share is with the main process, which scores
+        return None
 
     tic = time.perf_counter()
     scores = score(settings, backend, sources, groups, list(pipes), generated, cfg, classifier)
@@ -163,47 +177,74 @@ def add_random_controls(pipes: dict, settings: EvaluateSettings, notes: list[str
 
 
 def _generate_all(pipes: dict, mitigated: dict, sources: dict[str, PromptList], warm_up_prompt: str,
-                  generation: GenerationSettings, progress: bool,
-                  timings: dict[str, float]) -> tuple[Generated, dict[tuple[str, str], list]]:
+                  generation: GenerationSettings, progress: bool, timings: dict[str, float],
+                  processes: Processes) -> tuple[Generated, dict[tuple[str, str], list]]:
     """Every prompt file with every model, the models alternating per file (load drift hits all alike); the
-    mitigation's per-image records by (model, source)."""
+    mitigation's per-image records by (model, source). Over several processes each generates its share of every
+    file's pipeline calls (module docstring) and the main process gets the whole (the others: an empty Generated)."""
     for model in pipes.values():
         with applied(model) as model_pipe:
             _warm_up(model_pipe, warm_up_prompt, generation)
     for model_pipe in mitigated.values():
         model_pipe.records.clear()  # the warm-up's records are not part of the evaluation
-    generated = Generated({}, {}, {}, {})
+    plans = {source: call_plan(prompts.prompts, generation) for source, prompts in sources.items()}
+    work = [(source, index) for source, plan in plans.items() for index in range(len(plan))]
+    mine = {work[place] for place in share(len(work), processes)}
+    local: dict[tuple[str, str], tuple[dict, float]] = {}
     records: dict[tuple[str, str], list] = {}
     for source, prompts in sources.items():
         for model, model_or_edit in pipes.items():
             if model in mitigated:
                 model_or_edit.records.clear()
+            calls = plans[source] if model in mitigated else [
+                call for index, call in enumerate(plans[source]) if (source, index) in mine]
             tic = time.perf_counter()
-            key = (model, source)
             with applied(model_or_edit) as model_pipe:
-                images, mean, first = generate_images(model_pipe, prompts.prompts, generation, f"{model}: {source}",
-                                                      progress)
-            generated.images[key], generated.detection_mean[key], generated.detection_first[key] = images, mean, first
-            generated.seconds[key] = time.perf_counter() - tic
-            timings[f"generate_{model}_{source}"] = round(generated.seconds[key], 3)
+                parts = generate_parts(model_pipe, prompts.prompts, generation, f"{model}: {source}", progress, calls)
+            local[model, source] = (parts, time.perf_counter() - tic)
             if model in mitigated:
-                records[key] = list(model_or_edit.records)
+                records[model, source] = list(model_or_edit.records)
+    generated = Generated({}, {}, {}, {})
+    gathered = gather_in_order(processes, {(processes.rank, key): value for key, value in local.items()})
+    if gathered is None:
+        return generated, records
+    for source, prompts in sources.items():
+        for model in pipes:
+            key = (model, source)
+            shares = [value for (_, name), value in gathered.items() if name == key]
+            parts = {place: part for rank_parts, _ in shares for place, part in rank_parts.items()}
+            images, mean, first = assemble(parts, len(prompts), generation.seeds)
+            generated.images[key], generated.detection_mean[key], generated.detection_first[key] = images, mean, first
+            generated.seconds[key] = sum(seconds for _, seconds in shares)
+            timings[f"generate_{model}_{source}"] = round(generated.seconds[key], 3)
     return generated, records
+
+
+Part = tuple[torch.Tensor, float, float]  # one generation: image (3, H, W) in [0, 1], Wen score mean and first step
+
+
+def generate_parts(pipe, prompts: list[str], generation: GenerationSettings, desc: str, progress: bool,
+                   calls: list[Call] | None = None) -> dict[tuple[int, int], Part]:
+    """The generations of `calls` (default: all), by (prompt index, seed - first seed)."""
+    parts = {}
+    for index, seed, image, per_step in generate_with_scores(pipe, prompts, generation, "pt", progress, desc, calls):
+        mean, first = summarize_steps(per_step) if per_step is not None else (np.nan, np.nan)
+        parts[index, seed - generation.seed] = (image.detach().to("cpu", torch.float32).clamp(0, 1), mean, first)
+    return parts
+
+
+def assemble(parts: dict[tuple[int, int], Part], n: int, seeds: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Images (P, S, 3, H, W), per-generation Wen scores (P, S) mean and first step (NaN without CFG)."""
+    images = torch.stack([torch.stack([parts[i, s][0] for s in range(seeds)]) for i in range(n)])
+    mean = np.array([[parts[i, s][1] for s in range(seeds)] for i in range(n)], dtype=float).reshape(n, seeds)
+    first = np.array([[parts[i, s][2] for s in range(seeds)] for i in range(n)], dtype=float).reshape(n, seeds)
+    return images, mean, first
 
 
 def generate_images(pipe, prompts: list[str], generation: GenerationSettings, desc: str,
                     progress: bool) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Images (P, S, 3, H, W), per-generation Wen scores (P, S) mean and first step (NaN without CFG)."""
-    n, seeds = len(prompts), generation.seeds
-    images: dict[tuple[int, int], torch.Tensor] = {}
-    mean = np.full((n, seeds), np.nan)
-    first = np.full((n, seeds), np.nan)
-    for index, seed, image, per_step in generate_with_scores(pipe, prompts, generation, "pt", progress, desc):
-        s = seed - generation.seed
-        images[index, s] = image.detach().to("cpu", torch.float32).clamp(0, 1)
-        if per_step is not None:
-            mean[index, s], first[index, s] = summarize_steps(per_step)
-    return torch.stack([torch.stack([images[i, s] for s in range(seeds)]) for i in range(n)]), mean, first
+    return assemble(generate_parts(pipe, prompts, generation, desc, progress), len(prompts), generation.seeds)
 
 
 def _warm_up(pipe, prompt: str, generation: GenerationSettings) -> None:
