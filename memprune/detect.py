@@ -93,11 +93,12 @@ def require_cfg(pipe, settings: GenerationSettings) -> None:
 
 
 def generate_with_scores(pipe, prompts: list[str], settings: GenerationSettings, output_type: str = "latent",
-                         progress: bool = True, desc: str = "generating", calls: list[Call] | None = None):
+                         progress: bool = True, desc: str = "generating", calls: list[Call] | None = None,
+                         before_call=None):
     """generate() with the Wen score recorded: yield (prompt_index, seed, image, per-step scores or None).
 
     Per-step scores are a float64 array of length steps; they are None without classifier-free guidance. `calls`
-    (default: all of call_plan) runs only those pipeline calls, as generate() does.
+    (default: all of call_plan) runs only those pipeline calls, as generate() does; `before_call()` runs before each.
     """
     from .models import denoiser
 
@@ -106,17 +107,19 @@ def generate_with_scores(pipe, prompts: list[str], settings: GenerationSettings,
     recorder = NoiseNormRecorder(denoiser(pipe), pipe.scheduler)
     sizes = iter([len(call.prompts) for call in calls])
 
-    def before_call():
+    def before_recorded_call():
+        if before_call is not None:
+            before_call()
         recorder.new_generation(next(sizes))
 
     if not cfg:
         for index, seed, image in generate(pipe, prompts, settings, output_type=output_type, progress=progress,
-                                           desc=desc, calls=calls):
+                                           desc=desc, calls=calls, before_call=before_call):
             yield index, seed, image, None
         return
     with recorder:
-        for index, seed, image in generate(pipe, prompts, settings, output_type=output_type, before_call=before_call,
-                                           progress=progress, desc=desc, calls=calls):
+        for index, seed, image in generate(pipe, prompts, settings, output_type=output_type,
+                                           before_call=before_recorded_call, progress=progress, desc=desc, calls=calls):
             # generate() yields a call's items right after that call (batches start at multiples of batch_size),
             # before the next before_call(): the recorder holds this call's scores.
             per_step = recorder.scores()[:, index % settings.batch_size].double().numpy()

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from helpers import assert_refused, run
-from memprune.distributed import Processes
+from memprune.distributed import FAULT_ENV, Processes
 from memprune.work_split import share
 from test_attack import attack_inputs  # noqa: F401 (the module fixture: tiny model, edited copies, images)
 from test_evaluate import write_edited
@@ -68,7 +68,7 @@ def same_tables(one: Path, two: Path, name: str, timing: tuple[str, ...] = ()) -
 
 
 @pytest.mark.slow
-def test_two_processes_evaluate_equals_one(evaluate_inputs):
+def test_two_processes_evaluate_equals_one_and_a_failing_rank_stops_all(evaluate_inputs, monkeypatch):
     folder, args = evaluate_inputs["folder"], evaluate_inputs["args"]
     one = run(*args, "--out", folder / "one")
     assert one.exit_code == 0, one.output
@@ -83,10 +83,15 @@ def test_two_processes_evaluate_equals_one(evaluate_inputs):
     for name in grids:  # the generations themselves, pixel for pixel
         with Image.open(folder / "one" / "grids" / name) as a, Image.open(folder / "two" / "grids" / name) as b:
             assert np.array_equal(np.asarray(a), np.asarray(b)), name
+    # Process 1 raises at its second pipeline call: the other is stopped, the message names process 1, no folder.
+    monkeypatch.setenv(FAULT_ENV, "1:1")
+    failed = run(*args, "--processes", 2, "--out", folder / "failed")
+    assert_refused(failed, "Process 1 of 2 failed (RuntimeError: injected fault in process 1 after 1 pipeline calls)")
+    assert not (folder / "failed").exists()
 
 
 @pytest.mark.slow
-def test_two_processes_attack_equals_one(attack_inputs):  # noqa: F811
+def test_two_processes_attack_equals_one_and_a_failing_rank_stops_all(attack_inputs, monkeypatch):  # noqa: F811
     folder, model, edited = attack_inputs["folder"], attack_inputs["model"], attack_inputs["edited"]
     args = ("attack", "--model", model, "--edited", edited["wanda"], "--prompts", folder / "memorized.csv",
             "--control", folder / "control.csv", *ATTACK)
@@ -99,6 +104,10 @@ def test_two_processes_attack_equals_one(attack_inputs):  # noqa: F811
     same_tables(folder / "attack_one", folder / "attack_two", "per_prompt.csv", ("attack_seconds",))
     same_tables(folder / "attack_one", folder / "attack_two", "generations.csv")
     same_tables(folder / "attack_one", folder / "attack_two", "budget.csv")
+    monkeypatch.setenv(FAULT_ENV, "0:1")  # the main process fails at its second attack
+    failed = run(*args, "--processes", 2, "--out", folder / "attack_failed")
+    assert_refused(failed, "Process 0 of 2 failed (RuntimeError: injected fault in process 0 after 1 pipeline calls)")
+    assert not (folder / "attack_failed").exists()
 
 
 def test_benchmark_passes_processes_to_evaluate_and_attack(tmp_path):

@@ -344,6 +344,8 @@ def attack(settings: AttackRunSettings, device: str = "auto", dtype=None, progre
         for place in tqdm(share(len(jobs), processes), desc=f"attack {name}", disable=not (progress and main),
                           leave=False):
             group, i = jobs[place]
+            if processes.faults is not None:  # memprune.distributed.FAULT_ENV: tests of a failing process
+                processes.faults.before_call()
             local[name, place] = run_job(pipe, group, i, backend, settings, size, others)
         local["seconds", name, processes.rank] = time.perf_counter() - tic
     gathered = gather_in_order(processes, local)

@@ -200,7 +200,8 @@ def _generate_all(pipes: dict, mitigated: dict, sources: dict[str, PromptList], 
                 call for index, call in enumerate(plans[source]) if (source, index) in mine]
             tic = time.perf_counter()
             with applied(model_or_edit) as model_pipe:
-                parts = generate_parts(model_pipe, prompts.prompts, generation, f"{model}: {source}", progress, calls)
+                parts = generate_parts(model_pipe, prompts.prompts, generation, f"{model}: {source}", progress, calls,
+                                       processes.faults.before_call if processes.faults is not None else None)
             local[model, source] = (parts, time.perf_counter() - tic)
             if model in mitigated:
                 records[model, source] = list(model_or_edit.records)
@@ -224,10 +225,11 @@ Part = tuple[torch.Tensor, float, float]  # one generation: image (3, H, W) in [
 
 
 def generate_parts(pipe, prompts: list[str], generation: GenerationSettings, desc: str, progress: bool,
-                   calls: list[Call] | None = None) -> dict[tuple[int, int], Part]:
+                   calls: list[Call] | None = None, before_call=None) -> dict[tuple[int, int], Part]:
     """The generations of `calls` (default: all), by (prompt index, seed - first seed)."""
     parts = {}
-    for index, seed, image, per_step in generate_with_scores(pipe, prompts, generation, "pt", progress, desc, calls):
+    for index, seed, image, per_step in generate_with_scores(pipe, prompts, generation, "pt", progress, desc, calls,
+                                                             before_call):
         mean, first = summarize_steps(per_step) if per_step is not None else (np.nan, np.nan)
         parts[index, seed - generation.seed] = (image.detach().to("cpu", torch.float32).clamp(0, 1), mean, first)
     return parts
