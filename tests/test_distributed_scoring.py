@@ -32,8 +32,9 @@ def evaluate_inputs(saved_pipelines, tmp_path_factory):
     (folder / "memorized.txt").write_text("a red circle\nthe cat\na blue square\n")
     (folder / "reference.txt").write_text("the green dog\na photo of the dog\n")
     edited = write_edited(model, folder / "edited", model)
+    # Wen's mitigation runs whole on the main process: its per-image records must come out in order too
     args = ("evaluate", "--model", model, "--edited", edited, "--memorized", folder / "memorized.txt",
-            "--reference", folder / "reference.txt", *EVALUATE)
+            "--reference", folder / "reference.txt", "--mitigation", "wen", "--wen-iterations", 2, *EVALUATE)
     return {"folder": folder, "args": args}
 
 
@@ -77,6 +78,7 @@ def test_two_processes_evaluate_equals_one_and_a_failing_rank_stops_all(evaluate
     metrics = same_tables(folder / "one", folder / "two", "metrics.csv",
                           ("seconds_per_image", "seconds_per_image_ratio"))
     assert len(metrics) > 20 and np.isfinite(metrics.value).sum() > 20
+    assert {"unedited", "edited", "random_control", "wen"} <= set(metrics.model)
     same_tables(folder / "one", folder / "two", "generations.csv")
     grids = sorted(path.name for path in (folder / "one" / "grids").iterdir())
     assert grids == ["memorized.png", "non_memorized.png"]
