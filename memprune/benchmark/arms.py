@@ -25,7 +25,7 @@ grows keeps one locate per mask (minutes each) and puts the source's row beside 
 for fine-tunes: the source is any arm that builds a model (a weight edit or another fine-tune). The random control
 of a masks_from arm matches its own mask (controls are drawn from the built model, so robust-wanda's grown mask,
 not the source's). A dependent arm's fingerprint holds its source's, so a resume refuses a changed source as a
-change of every arm built from it, and a source rebuilt by a resume (its folder gone) is rebuilt under it.
+change of every arm built from it, and an arm whose source a resume had to rebuild (its folder gone) is rebuilt too.
 
 The options an arm may set are read from the click declarations of the commands that build its kind (handed in as
 `CommandOptions`), so an option a command gains is accepted here without a change. An option whose help starts
