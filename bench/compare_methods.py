@@ -6,11 +6,12 @@
     python bench/compare_methods.py --out runs/compare_methods --resume   # continue a killed run
 
 The arms are the preset memprune/benchmark_presets/testbed.toml: Wanda at ratio 0.1 (the testbed's working ratio)
-beside its size-matched random control, Wanda at 0.01 (the paper's), NeMo, UniForget, the fine-tunes (gradient
-projection, DoCo, and plain fine-tuning on the same retain data as their step-matched control) and Wen's
-inference-time mitigation. `memprune benchmark` builds each with memprune's commands, runs ONE evaluate over all
-of them (same seeds, one copy threshold; the held-out memorized captions are those outside the 10 every locate
-used) and ONE attack, and joins them into comparison.csv, comparison.md and comparison.png.
+beside its size-matched random control, robust-wanda grown from that Wanda arm's masks (K = 2) beside a random
+control of its own size, Wanda at 0.01 (the paper's), UniForget, the fine-tunes (gradient projection, DoCo, plain
+fine-tuning on the same retain data as their step-matched control, and DoRI's adversarial fine-tuning); NeMo and
+Wen return with the ε-testbed (see the preset). `memprune benchmark` builds each with memprune's commands, runs
+ONE evaluate over all of them (same seeds, one copy threshold; the held-out memorized captions are those outside
+the 10 every locate used) and ONE attack, and joins them into comparison.csv, comparison.md and comparison.png.
 
 This script only adapts the preset to its options (--quick, --steps, ... rewrite the arms' settings into a copy of
 the preset) and runs the command; seconds per image come from the benchmark's one evaluate (the separate timing
@@ -42,12 +43,16 @@ PUBLISHED = ("comparison.csv", "comparison.md", "comparison.png", "arms.toml")
 
 def adapted_arms(args) -> dict[str, dict]:
     """The preset's arms with this script's settings: locate steps, sample and τ, UniForget's and the fine-tunes'
-    optimiser steps; only the arms named by --arms."""
+    optimiser steps, the attack steps of robust-wanda and adversarial (--attack-steps); only the arms named by --arms
+    and the arms they are built from (masks_from, from)."""
     arms = tomllib.loads(benchmark_preset("testbed")[0])["arms"]
     wanted = set(args.arms.split(",")) if args.arms else set(arms)
     unknown = wanted - set(arms)
     if unknown:
         raise SystemExit(f"Unknown arm {sorted(unknown)[0]!r}: the preset's arms are {', '.join(arms)}.")
+    for name in reversed(list(arms)):  # sources are defined above the arms built from them
+        if name in wanted:
+            wanted |= {arms[name][key] for key in ("masks_from", "from") if key in arms[name]}
     adapted = {}
     for name, table in arms.items():
         if name not in wanted:
@@ -58,10 +63,12 @@ def adapted_arms(args) -> dict[str, dict]:
             table["timesteps"] = args.timesteps
         if kind == "weight_edit" and stage == "locate":
             table.update(steps=args.steps, num_prompts=args.locate_prompts)
-        elif kind == "weight_edit":
+        elif table["method"] == "uniforget":
             table["train_steps"] = args.uniforget_steps
         elif kind == "finetune":
             table["steps"] = args.finetune_steps
+        if "attack_steps" in table and args.attack_steps is not None:  # robust-wanda, adversarial
+            table["attack_steps"] = args.attack_steps
         adapted[name] = table
     return adapted
 
@@ -88,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--locate-prompts", type=int, default=10)
     parser.add_argument("--uniforget-steps", type=int, default=50)
     parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--attack-steps", type=int, default=None,
+                        help="attack steps per prompt and round of robust-wanda and adversarial (preset's)")
     parser.add_argument("--attack-prompts", type=int, default=10, help="held-out memorized captions attacked")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 1 seed, tiny budgets")
@@ -98,6 +107,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.uniforget_steps, args.attack_prompts, args.finetune_steps = 4, 1, 2, 2, 2
+        args.attack_steps = 1
         args.timesteps = min(args.timesteps, args.steps)  # τ cannot exceed the recorded steps
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as scratch:

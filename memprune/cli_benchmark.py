@@ -21,7 +21,8 @@ from .cli_types import FINITE_FLOAT
 @model_option
 @click.option("--arms", "arms_file", default=None, type=click.Path(dir_okay=False),
               help="Arms file (TOML): one [arms.NAME] table per arm, method = \"NAME\" and that method's options as "
-                   "the command line names them (ratio = 0.1, timesteps = 10); control = false: no random control.")
+                   "the command line names them (ratio = 0.1, timesteps = 10); control = false: no random control; "
+                   "masks_from = \"ARM\" (robust-wanda) / from = \"ARM\" (fine-tunes): start from an arm above.")
 @click.option("--preset", type=click.Choice(["testbed", "field"]), default=None,
               help="A shipped arms file instead of --arms (testbed: the methods comparison of the embedded testbed; "
                    "field: the papers' edits at their authors' settings, for a real Stable Diffusion model).")

@@ -239,7 +239,7 @@ def test_wanda_options_map_to_the_commands(inputs):
 def test_help_lists_the_registered_methods_and_the_preset_parses():
     result = run("benchmark", "--help")
     assert result.exit_code == 0
-    for name in ("wanda", "nemo", "uniforget", "wen", "gradproj", "doco", "plain"):
+    for name in ("wanda", "nemo", "uniforget", "wen", "gradproj", "doco", "plain", "robust-wanda", "adversarial"):
         assert f"  {name} " in result.output
     from memprune.benchmark.arms import columns, parse_arms
     from memprune.cli import main
@@ -248,8 +248,14 @@ def test_help_lists_the_registered_methods_and_the_preset_parses():
 
     arms = parse_arms(*benchmark_preset("testbed")[:1], command_options(main))
     # NeMo and Wen refuse the zero-terminal-SNR v-testbed (first-step quantities undefined): not in the preset
-    assert columns(arms) == ["wanda_0.1", "random_0.1", "wanda_0.01", "uniforget", "gradproj", "doco",
-                             "plain_finetune"]
+    assert columns(arms) == ["wanda_0.1", "random_0.1", "robust_wanda", "random_robust_wanda", "wanda_0.01",
+                             "uniforget", "gradproj", "doco", "plain_finetune", "adversarial"]
+    named = {arm.name: arm for arm in arms}
+    robust, adversarial = named["robust_wanda"], named["adversarial"]
+    assert robust.masks_from == "wanda_0.1" and robust.argv("prune") == ["--rounds", "2", "--attack-steps", "50",
+                                                                          "--timesteps", "10"]
+    assert adversarial.from_arm is None and adversarial.argv("finetune") == ["--steps", "200", "--rounds", "2",
+                                                                             "--attack-steps", "10"]
 
 
 def test_field_preset_parses_with_a_random_control_beside_each_located_edit():

@@ -8,6 +8,25 @@
     control = true            # weight edits: a random control of the same size beside it (default); false: none;
                               # a string: the control's name
 
+    [arms.robust]
+    method = "robust-wanda"   # a prune-stage weight edit that starts from located masks ...
+    masks_from = "wanda_0.1"  # ... those of this located arm (its DIR/masks/wanda_0.1 is the prune's --masks)
+    rounds = 2
+
+    [arms.hardened]
+    method = "adversarial"    # a fine-tune ...
+    from = "wanda_0.1"        # ... of this arm's edited model (finetune --from DIR/models/wanda_0.1)
+
+Arms are built in file order, so an arm named by masks_from or from must be defined above the arm that names it.
+masks_from is for prune-stage weight edits (robust-wanda, which requires it and a Wanda arm as its source, and
+uniforget, which unites the source's mask with its own); the source must be a located arm (wanda, nemo: locate then
+prune), whose DIR/masks/NAME it reads. A robust-wanda arm does not run a locate of its own: naming the Wanda arm it
+grows keeps one locate per mask (minutes each) and puts the source's row beside the grown one in the table. from is
+for fine-tunes: the source is any arm that builds a model (a weight edit or another fine-tune). The random control
+of a masks_from arm matches its own mask (controls are drawn from the built model, so robust-wanda's grown mask,
+not the source's). A dependent arm's fingerprint holds its source's, so a resume refuses a changed source as a
+change of every arm built from it, and an arm whose source a resume had to rebuild (its folder gone) is rebuilt too.
+
 The options an arm may set are read from the click declarations of the commands that build its kind (handed in as
 `CommandOptions`), so an option a command gains is accepted here without a change. An option whose help starts
 with another method's name ("nemo: ...") belongs to that method only. Mitigations (Wen) take the evaluate options
@@ -18,7 +37,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import click
@@ -34,12 +53,15 @@ else:  # pragma: no cover - python 3.10
 # verb -> {"--long-option": click.Parameter}: the options of the commands an arm is built with
 CommandOptions = dict[str, dict[str, click.Parameter]]
 
-ARM_KEYS = ("method", "label", "control", "control_label")  # the arm's own keys; every other key is a command option
+# the arm's own keys; every other key is a command option
+ARM_KEYS = ("method", "label", "control", "control_label", "masks_from", "from")
 # Options the benchmark sets itself for every arm (where its outputs go, which model, on which device).
 RESERVED = ("--model", "--method", "--out", "--overwrite", "--device", "--masks", "--masks-out", "--resume",
-            "--edited", "--compare", "--mitigation")
+            "--edited", "--compare", "--mitigation", "--from")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RANDOM_CONTROL_SUFFIX = "_random_control"  # the name evaluate gives the random control of an edited column
+# Prune-stage methods that start from located masks (masks_from is required) -> the method that must have located them
+STARTS_FROM_MASKS = {"robust-wanda": "wanda"}
 
 
 @dataclass(frozen=True)
@@ -52,14 +74,27 @@ class Arm:
     label: str = ""
     control: str | None = None  # the name of its random control, None for none
     control_label: str = ""
+    masks_from: str | None = None  # the located arm whose DIR/masks/NAME is its prune's --masks
+    from_arm: str | None = None  # the arm whose DIR/models/NAME its finetune starts from (--from)
+    source_fingerprint: str | None = None  # that arm's fingerprint (parse_arms fills it in)
 
     @property
     def builds_model(self) -> bool:
         return self.kind != "mitigation"
 
+    @property
+    def source(self) -> str | None:
+        """The arm this one is built from (masks_from or from), None for none."""
+        return self.masks_from or self.from_arm
+
     def fingerprint(self) -> str:
-        """What the arm builds (everything but its label): two arms with the same fingerprint build the same."""
-        return json.dumps({"method": self.method, "options": self.options, "control": self.control}, sort_keys=True)
+        """What the arm builds (everything but its label): two arms with the same fingerprint build the same. An arm
+        built from another holds that arm's fingerprint, so a changed source is a change of this arm too."""
+        record: dict[str, Any] = {"method": self.method, "options": self.options, "control": self.control}
+        if self.source is not None:  # absent otherwise: the fingerprints of states written before stay the same
+            source = json.loads(self.source_fingerprint) if self.source_fingerprint else None
+            record.update({"masks_from": self.masks_from, "from": self.from_arm, "source": source})
+        return json.dumps(record, sort_keys=True)
 
     def argv(self, verb: str) -> list[str]:
         """The arm's options for command `verb` as command-line arguments."""
@@ -141,7 +176,7 @@ def parse_arms(text: str, commands: CommandOptions, source: str = "arms file") -
         raise MemPruneError(f"{source} defines no arm: add an [arms.NAME] table with method = \"...\".")
     arms = [_parse_arm(name, table, commands, source, text) for name, table in tables.items()]
     _check_names(arms, source, text)
-    return arms
+    return _link_sources(arms, source, text)
 
 
 def _parse_arm(name: str, table: Any, commands: CommandOptions, source: str, text: str) -> Arm:
@@ -179,8 +214,65 @@ def _parse_arm(name: str, table: Any, commands: CommandOptions, source: str, tex
     for key, value in (("label", label), ("control_label", control_label)):
         if not isinstance(value, str):
             raise MemPruneError(f"{_where(source, text, name, key)}: arm '{name}': {key} must be a string.")
+    masks_from, from_arm = (_source_key(table, key, name, method, info.kind, stage, _where(source, text, name, key))
+                            for key in ("masks_from", "from"))
     return Arm(name=name, method=method, kind=info.kind, stage=stage, options=options, label=label, control=control,
-               control_label=control_label)
+               control_label=control_label, masks_from=masks_from, from_arm=from_arm)
+
+
+def _source_key(table: dict, key: str, name: str, method: str, kind: str, stage: str, where: str) -> str | None:
+    """masks_from or from as given, refused when the method has no use for it (the arm it names is checked later)."""
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MemPruneError(f"{where}: arm '{name}', {key}: give the name of another arm as a string, not {value!r}.")
+    if key == "masks_from" and (kind != "weight_edit" or stage != "prune"):
+        why = "its masks come from its own locate" if stage == "locate" else f"it is a {kind.replace('_', ' ')}"
+        raise MemPruneError(f"{where}: arm '{name}' ({method}) takes no masks ({why}): masks_from is for prune-stage "
+                            "weight edits that start from located masks (robust-wanda, uniforget).")
+    if key == "from" and kind != "finetune":
+        raise MemPruneError(f"{where}: arm '{name}' ({method}) is a {kind.replace('_', ' ')}; from is for fine-tunes "
+                            "(finetune --from: harden another arm's edited model).")
+    return value
+
+
+def _link_sources(arms: list[Arm], source: str, text: str) -> list[Arm]:
+    """Each masks_from / from checked against the arms above it (arms are built in file order) and its source's
+    fingerprint put into the dependent arm's; a robust-wanda arm without masks_from refused."""
+    by_name: dict[str, Arm] = {}
+    controls = {arm.control: arm.name for arm in arms if arm.control}
+    names = [arm.name for arm in arms]
+    linked = []
+    for arm in arms:
+        needed = STARTS_FROM_MASKS.get(arm.method)
+        if needed and arm.masks_from is None:
+            raise MemPruneError(f"{_where(source, text, arm.name)}: arm '{arm.name}' ({arm.method}) starts from "
+                                f"located {needed} masks: set masks_from = \"NAME\" to a {needed} arm above it.")
+        key = "masks_from" if arm.masks_from else "from"
+        where = f"{_where(source, text, arm.name, key)}: arm '{arm.name}', {key} = {arm.source!r}"
+        if arm.source is not None:
+            target = by_name.get(arm.source)
+            if arm.source in controls:
+                raise MemPruneError(f"{where} is the random control of arm '{controls[arm.source]}', not an arm: "
+                                    "name an arm of the file.")
+            if arm.source not in names:
+                raise MemPruneError(f"{where} names no arm of the file: arms are {', '.join(names)}.")
+            if target is None:
+                raise MemPruneError(f"{where} is {'the arm itself' if arm.source == arm.name else 'defined after it'}"
+                                    ": arms are built in file order, so define the source above the arm built "
+                                    "from it.")
+            if key == "masks_from" and target.stage != "locate":
+                raise MemPruneError(f"{where} is not a located arm ({target.method} writes no locate masks): name "
+                                    "an arm whose method locates (wanda, nemo).")
+            if key == "masks_from" and needed and target.method != needed:
+                raise MemPruneError(f"{where} is a {target.method} arm: {arm.method} starts from {needed} masks.")
+            if key == "from" and not target.builds_model:
+                raise MemPruneError(f"{where} is a mitigation and builds no model to start from.")
+            arm = replace(arm, source_fingerprint=target.fingerprint())
+        by_name[arm.name] = arm
+        linked.append(arm)
+    return linked
 
 
 def _checked_value(value: Any, parameter: Any, where: str) -> Any:

@@ -11,8 +11,12 @@ Random controls are built here with memprune.control.random_control_of (the cont
 in memory: as many random non-zero weights per denoiser tensor as the edit zeroes, seeded per tensor) and saved as
 models of their own, so the attack scores them too; evaluate therefore runs with --no-random-control.
 
+Arms are built in file order, so an arm built from another (masks_from: the source's DIR/masks/NAME as its prune's
+--masks; from: the source's DIR/models/NAME as its finetune's --from) finds its source built.
+
 Resuming works at the granularity of models and scoring runs: a model in the state with a complete folder is not
-rebuilt, a finished evaluate or attack run is not rerun; a run killed midway is rerun whole (evaluate and attack
+rebuilt (unless what it is built from, its source arm or, for a control, its arm, was rebuilt by this run), a
+finished evaluate or attack run is not rerun; a run killed midway is rerun whole (evaluate and attack
 write their folders atomically at the end and have no resume of their own). By default one evaluate and one attack
 score every model together (each model generated once; a kill loses the whole run). With `per_model` each model
 gets its own evaluate (DIR/evaluate/NAME) and attack (DIR/attack/NAME), so a resume keeps every model's finished
@@ -85,15 +89,19 @@ def run_benchmark(arms: list[Arm], settings: BenchmarkSettings, state: Benchmark
     outputs = BenchmarkOutputs(state.folder)
     models = [arm for arm in arms if arm.builds_model]
     for number, arm in enumerate(models, 1):
-        for column, build in ((arm.name, lambda a=arm: build_arm(a, settings, state, runner, commands, device)),
-                              (arm.control, lambda a=arm: build_control(a, settings, state, device))):
+        # (column, how it is built, the column it is built from: an arm's source arm, a control's arm)
+        for column, build, source in (
+                (arm.name, lambda a=arm: build_arm(a, settings, state, runner, commands, device), arm.source),
+                (arm.control, lambda a=arm: build_control(a, settings, state, device), arm.name)):
             if column is None:
                 continue
-            if state.is_built(column):
+            rebuilt_source = source in outputs.built  # built from what this run (re)built: kept would be stale
+            if state.is_built(column) and not rebuilt_source:
                 outputs.skipped.append(column)
                 log(f"[{number}/{len(models)}] {column}: built before, kept.")
                 continue
-            log(f"[{number}/{len(models)}] building {column} ...")
+            why = f" (built from {source}, which was rebuilt)" if rebuilt_source and state.is_built(column) else ""
+            log(f"[{number}/{len(models)}] building {column}{why} ...")
             state.forget_stages(column)
             tic = time.perf_counter()
             build()
@@ -171,6 +179,11 @@ def build_arm(arm: Arm, settings: BenchmarkSettings, state: BenchmarkState, runn
         return [*shared, *arm.argv(verb)]
 
     what = f"arm '{arm.name}'"
+    source = []  # the arm it is built from: its located masks (masks_from) or its edited model (from)
+    if arm.masks_from:
+        source = ["--masks", str(state.folder / "masks" / arm.masks_from)]
+    elif arm.from_arm:
+        source = ["--from", str(state.model_folder(arm.from_arm))]
     if arm.stage == "locate":
         run_command(runner, ["locate", "--method", arm.method, *common, *options("locate"), "--out", str(masks),
                              "--overwrite"], what)
@@ -178,11 +191,11 @@ def build_arm(arm: Arm, settings: BenchmarkSettings, state: BenchmarkState, runn
         run_command(runner, ["prune", *common, "--masks", str(masks), *arm.argv("prune"), "--out", str(model),
                              "--overwrite"], what)
     elif arm.stage == "prune":
-        run_command(runner, ["prune", "--method", arm.method, *common, *options("prune"), "--masks-out", str(masks),
-                             "--out", str(model), "--overwrite"], what)
+        run_command(runner, ["prune", "--method", arm.method, *common, *options("prune"), *source, "--masks-out",
+                             str(masks), "--out", str(model), "--overwrite"], what)
     else:
-        run_command(runner, ["finetune", "--method", arm.method, *common, *options("finetune"), "--out", str(model),
-                             "--overwrite"], what)
+        run_command(runner, ["finetune", "--method", arm.method, *common, *options("finetune"), *source, "--out",
+                             str(model), "--overwrite"], what)
 
 
 def build_control(arm: Arm, settings: BenchmarkSettings, state: BenchmarkState, device: str) -> None:
