@@ -12,9 +12,9 @@ them), as for `locate`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from .distributed import Processes, check_devices, spawn
+from .distributed import Processes, check_devices, current_processes, spawn
 from .errors import MemPruneError
 
 
@@ -50,3 +50,29 @@ def start_processes(world: int, device: str, target: Callable[..., str], kwargs:
         raise MemPruneError(f"--processes must be at least 1, got {world}.")
     check_devices(device, world)
     return spawn(world, target, kwargs)
+
+
+Result = TypeVar("Result")
+
+
+def on_processes(world: int, target: Callable[..., str], kwargs: dict[str, Any],
+                 check_size: Callable[[Any, int], None], run: Callable[..., Result | None],
+                 log: Callable[[str], Any]) -> tuple[Processes, Result] | str:
+    """The opening `evaluate` and `attack` share; `kwargs` are the command's (settings, out, overwrite, device,
+    dtype, progress, log). With `world` > 1: `target(**kwargs)` started in that many local processes, and their
+    summary (a str). Else `run(settings, ...)` in this process's group (one process, or a launcher's, its size
+    checked by `check_size(settings, size)`): (group, result) on the main process; '' on the others, after waiting
+    for the main process to write the folder (it calls group.barrier() when done)."""
+    settings, device = kwargs["settings"], kwargs["device"]
+    if world != 1:
+        check_size(settings, max(world, 1))
+        return start_processes(world, device, target, kwargs)
+    group = current_processes(device)
+    if group.distributed:
+        check_size(settings, group.world)
+    result = run(settings, device=device, dtype=kwargs["dtype"], progress=kwargs["progress"], log=log,
+                 processes=group if group.distributed else None)
+    if result is None:
+        group.barrier()
+        return ""
+    return group, result

@@ -16,10 +16,9 @@ from typing import Any
 from ..attack.budget import write_budget
 from ..attack.groups import control_groups
 from ..attack.run import NO_THRESHOLD, AttackRun, AttackRunSettings, attack, select_prompts
-from ..distributed import current_processes
 from ..errors import MemPruneError
 from ..prompts import read_prompts
-from ..work_split import check_work, start_processes
+from ..work_split import check_work, on_processes
 from . import defaults
 from .output import ProgressLog, atomic_output_dir, refuse_output, write_run_json
 
@@ -68,20 +67,13 @@ def attack_to_folder(settings: AttackRunSettings, out, overwrite: bool = False, 
     launcher's other processes). `processes > 1` runs it in that many local processes (memprune.work_split)."""
     settings = with_testbed_defaults(settings)
     protected = refuse_output(out, overwrite, settings.model, *settings.edited)
-    if processes != 1:
-        check_work_size(settings, max(processes, 1))
-        return start_processes(processes, device, attack_to_folder, dict(
-            settings=settings, out=str(out), overwrite=overwrite, device=device, dtype=dtype, progress=progress,
-            log=log))
-    group = current_processes(device)
-    if group.distributed:
-        check_work_size(settings, group.world)
     progress_log = ProgressLog(log)
-    result = attack(settings, device=device, dtype=dtype, progress=progress, log=progress_log,
-                    processes=group if group.distributed else None)
-    if result is None:
-        group.barrier()  # the others wait until the main process has written the folder
-        return ""
+    command = dict(settings=settings, out=str(out), overwrite=overwrite, device=device, dtype=dtype,
+                   progress=progress, log=log)
+    outcome = on_processes(processes, attack_to_folder, command, check_work_size, attack, progress_log)
+    if isinstance(outcome, str):
+        return outcome  # the spawned processes' summary, or '' on a launcher's other processes
+    group, result = outcome
     with atomic_output_dir(out, overwrite, protected) as staging:
         result.metrics.to_csv(staging / "metrics.csv", index=False)
         result.per_prompt.to_csv(staging / "per_prompt.csv", index=False)

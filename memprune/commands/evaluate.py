@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ..distributed import Processes, current_processes
+from ..distributed import Processes
 from ..errors import MemPruneError
 from ..evaluation.inputs import read_sources
 from ..evaluation.report import metrics_markdown, summary_table, threshold_lines
@@ -23,7 +23,7 @@ from ..evaluation.run import EvaluationResult, evaluate
 from ..evaluation.settings import PROMPT_ROLES, EvaluateSettings
 from ..generate import call_plan
 from ..prune import PRUNE_INFO
-from ..work_split import check_work, start_processes
+from ..work_split import check_work, on_processes
 from . import defaults
 from .output import ProgressLog, atomic_output_dir, refuse_output, write_run_json
 
@@ -76,20 +76,13 @@ def evaluate_to_folder(settings: EvaluateSettings, out, overwrite: bool = False,
     launcher's other processes). `processes > 1` runs it in that many local processes (memprune.work_split)."""
     settings = with_testbed_defaults(settings)
     protected = refuse_output(out, overwrite, settings.model, *settings.edited_models().values())
-    if processes != 1:
-        check_work_size(settings, max(processes, 1))
-        return start_processes(processes, device, evaluate_to_folder, dict(
-            settings=settings, out=str(out), overwrite=overwrite, device=device, dtype=dtype, progress=progress,
-            log=log))
-    group = current_processes(device)
-    if group.distributed:
-        check_work_size(settings, group.world)
     progress_log = ProgressLog(log)
-    result = run_evaluation(settings, device=device, dtype=dtype, progress=progress, log=progress_log,
-                            processes=group if group.distributed else None)
-    if result is None:
-        group.barrier()  # the others wait until the main process has written the folder
-        return ""
+    command = dict(settings=settings, out=str(out), overwrite=overwrite, device=device, dtype=dtype,
+                   progress=progress, log=log)
+    outcome = on_processes(processes, evaluate_to_folder, command, check_work_size, run_evaluation, progress_log)
+    if isinstance(outcome, str):
+        return outcome  # the spawned processes' summary, or '' on a launcher's other processes
+    group, result = outcome
     with atomic_output_dir(out, overwrite, protected) as staging:
         result.metrics.to_csv(staging / "metrics.csv", index=False)
         result.generations.to_csv(staging / "generations.csv", index=False)
