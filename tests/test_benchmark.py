@@ -269,6 +269,7 @@ def test_field_preset_parses_with_a_random_control_beside_each_located_edit():
                                             "plain_finetune", "adversarial", "wen"]
     assert arms["wanda_0.01"].argv("locate") == ["--ratio", "0.01", "--num-prompts", "10", "--sample-seed", "0"]
     assert arms["doco"].argv("finetune") == ["--steps", "1000", "--lr", "5e-05"]  # CUIG's DoCo schedule
+    assert arms["adversarial"].from_arm == "wanda_0.01"  # DoRI hardens a pruned model
 
 
 def test_preset_testbed_needs_a_testbed(inputs, tmp_path):
