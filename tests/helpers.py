@@ -1,7 +1,11 @@
 """Helpers every test module shares: invoke the CLI in-process and check a clean refusal."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 from click.testing import CliRunner, Result
+from PIL import Image
 
 from memprune.cli import main
 
@@ -17,3 +21,16 @@ def assert_refused(result: Result, message: str) -> None:
     assert message in result.output, result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+def write_benchmark_inputs(folder: Path) -> Path:
+    """Three memorized captions with 16-pixel seeded random images (memorized.csv) and two reference captions
+    (reference.txt) in `folder`: the inputs of the benchmark tests."""
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir()
+    for name in ("circle", "cat", "square"):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / "images" / f"{name}.png")
+    (folder / "memorized.csv").write_text("caption,image\na red circle,images/circle.png\nthe cat,images/cat.png\n"
+                                          "a blue square,images/square.png\n")
+    (folder / "reference.txt").write_text("the green dog\na yellow star\n")
+    return folder

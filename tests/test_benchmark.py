@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import memprune.benchmark.run as benchmark_run
-from helpers import assert_refused, run
+from helpers import assert_refused, run, write_benchmark_inputs
 
 COMMON = ("--steps", 2, "--seeds", 2, "--device", "cpu", "--attack-prompts", 1,
           "--attack-option", "--attack-steps 2 --noise-samples 1 --seeds 1", "--evaluate-option", "--grid-prompts 0")
@@ -33,14 +33,7 @@ control = "heavy_random"
 
 @pytest.fixture(scope="module")
 def inputs(saved_pipelines, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("benchmark")
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir()
-    for name in ("circle", "cat", "square"):
-        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / "images" / f"{name}.png")
-    (folder / "memorized.csv").write_text("caption,image\na red circle,images/circle.png\nthe cat,images/cat.png\n"
-                                          "a blue square,images/square.png\n")
-    (folder / "reference.txt").write_text("the green dog\na yellow star\n")
+    folder = write_benchmark_inputs(tmp_path_factory.mktemp("benchmark"))
     (folder / "arms.toml").write_text(ARMS)
     return {"folder": folder, "model": saved_pipelines["sd1"]}
 

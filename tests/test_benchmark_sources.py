@@ -5,13 +5,11 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 import memprune.benchmark.run as benchmark_run
-from helpers import assert_refused, run
+from helpers import assert_refused, run, write_benchmark_inputs
 from memprune.benchmark.arms import parse_arms
 from memprune.benchmark.run import BenchmarkSettings, build_arm, run_benchmark
 from memprune.benchmark.state import BenchmarkState
@@ -144,14 +142,7 @@ def test_resume_rebuilds_what_was_built_from_a_rebuilt_arm(tmp_path, monkeypatch
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sources")
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir()
-    for name in ("circle", "cat", "square"):
-        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / "images" / f"{name}.png")
-    (folder / "memorized.csv").write_text("caption,image\na red circle,images/circle.png\nthe cat,images/cat.png\n"
-                                          "a blue square,images/square.png\n")
-    (folder / "reference.txt").write_text("the green dog\na yellow star\n")
+    folder = write_benchmark_inputs(tmp_path_factory.mktemp("sources"))
     (folder / "retain.txt").write_text("a green tree\na small house\n")
     return folder
 
