@@ -145,6 +145,17 @@ def test_folder_records_what_it_was_trained_on(tiny_run):
     assert "--preset tiny --seed 0 --steps 4 --threads 1`" in card and "on 1 CPU thread(s)" in card
 
 
+def test_card_names_each_presets_parametrization():
+    """The card's scheduler row comes from the config: the ε-testbed must not be described as the v-testbed."""
+    from memprune.testbed.model_card import describe_scheduler
+    from memprune.testbed.presets import late12d, late12d_eps
+
+    assert describe_scheduler(late12d().model.scheduler) == (
+        "scaled-linear betas rescaled to zero terminal SNR, v-prediction, trailing timesteps")
+    assert describe_scheduler(late12d_eps().model.scheduler) == (
+        "scaled-linear betas with SD 1.x's non-zero terminal SNR, ε-prediction (as SD 1.x), leading timesteps")
+
+
 def test_training_is_resumable_and_reproducible(tmp_path):
     """Stopping after 2 steps and resuming gives exactly the weights of an uninterrupted run."""
     from safetensors.torch import load_file

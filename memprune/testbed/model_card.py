@@ -83,6 +83,16 @@ def preset_name(config) -> str:
     return next((name for name, make in PRESETS.items() if loose(make()) == loose(config)), "full")
 
 
+PREDICTIONS = {"epsilon": "ε-prediction (as SD 1.x)", "v_prediction": "v-prediction", "sample": "x₀-prediction"}
+
+
+def describe_scheduler(scheduler) -> str:
+    """The card's words for a SchedulerConfig: betas, terminal SNR, prediction type and timestep spacing."""
+    betas = (f"{scheduler.beta_schedule.replace('_', '-')} betas "
+             + ("rescaled to zero terminal SNR" if scheduler.rescale_betas_zero_snr else "with SD 1.x's non-zero terminal SNR"))
+    return f"{betas}, {PREDICTIONS.get(scheduler.prediction_type, scheduler.prediction_type)}, {scheduler.timestep_spacing} timesteps"
+
+
 def describe_device(device, threads: int) -> str:
     """What a run trained on, for the card: the GPU's name, or the CPU thread count."""
     import torch
@@ -134,7 +144,7 @@ captions never seen in training, with their attributes), `captions/general_train
 | text encoder | CLIPTextModel, hidden {t.hidden_size}, {t.num_hidden_layers} layers, max length {t.max_length}; **random init, frozen** (SD's text encoder is frozen too) | {_params(pipe.text_encoder)} |
 | tokenizer | CLIPTokenizer from a BPE learned (deterministically) on all caption words as CLIP's `tokenizers` pre-tokenizer splits them, + the byte alphabet: every caption word is one token, any text tokenizes | {len(pipe.tokenizer)} tokens |
 | UNet | UNet2DConditionModel, channels {tuple(u.block_out_channels)}, {u.layers_per_block} resnet/block, {u.transformer_layers_per_block} transformer layers/block, cross-attention at every resolution; {n_ff} FeedForward layers (`ff.net.2` inputs are the neurons memprune prunes) | {_params(pipe.unet)} |
-| scheduler | DDPM training / DDIM sampling, scaled-linear betas rescaled to zero terminal SNR, v-prediction, trailing timesteps | — |
+| scheduler | DDPM training / DDIM sampling, {describe_scheduler(config.model.scheduler)} | — |
 
 No safety checker. Default sampler: DDIM, 50 steps, guidance scale 7.5. UNet and VAE weights are
 stored as float16 safetensors (stock `from_pretrained` loads them as float32); all measurements
