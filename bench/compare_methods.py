@@ -39,6 +39,42 @@ from memprune.commands.defaults import benchmark_preset  # noqa: E402
 from memprune.models import DEFAULT_MODEL  # noqa: E402
 
 PUBLISHED = ("comparison.csv", "comparison.md", "comparison.png", "arms.toml")
+NEMO_PER_PROMPT = "nemo_per_prompt"  # OUT/nemo_per_prompt: NeMo's own scenario, published as nemo_per_prompt.{csv,md}
+
+
+def located_memorized_file(model: str | Path, located: Path, out: Path) -> Path:
+    """The model's memorized captions (with their training images, as absolute paths) that a locate used: NeMo's
+    per-prompt scenario is scored on the prompts whose neurons were found, not on held-out ones."""
+    import pandas as pd
+
+    captions = Path(model) / "captions"
+    memorized = pd.read_csv(captions / "memorized.csv")
+    used = set(pd.read_csv(located / "prompts_used.csv")["caption"])
+    rows = memorized[memorized.caption.isin(used)].copy()
+    rows["image"] = [str((Path(model) / image).resolve()) for image in rows.image]
+    out.mkdir(parents=True, exist_ok=True)
+    rows[["caption", "image"]].to_csv(out / "located_memorized.csv", index=False)
+    return out / "located_memorized.csv"
+
+
+def nemo_per_prompt_command(args, memorized: Path) -> list:
+    """evaluate with each located prompt generated with its own NeMo neurons blocked (--mitigation nemo_prompt),
+    the unedited model beside it on the same seeds; one evaluate cannot hold it and Wen, so it runs on its own."""
+    return [sys.executable, "-m", "memprune", "evaluate", "--model", args.model, "--mitigation", "nemo_prompt",
+            "--nemo-neurons", args.out / "masks" / "nemo", "--memorized", memorized, "--no-random-control",
+            "--steps", args.steps, "--seeds", args.seeds, "--processes", args.processes,
+            "--out", args.out / NEMO_PER_PROMPT, "--overwrite"]
+
+
+def run_nemo_per_prompt(args, env: dict) -> int:
+    """NeMo's per-prompt scenario after a benchmark with a nemo arm (skipped when it already finished)."""
+    folder = args.out / NEMO_PER_PROMPT
+    if not (args.out / "masks" / "nemo" / "masks.json").is_file() or (folder / "metrics.csv").is_file():
+        return 0
+    memorized = located_memorized_file(args.model, args.out / "masks" / "nemo", args.out / "nemo_per_prompt_input")
+    command = nemo_per_prompt_command(args, memorized)
+    print("$ memprune " + " ".join(str(c) for c in command[3:]), flush=True)
+    return subprocess.run([str(c) for c in command], env=env, cwd=ROOT).returncode
 
 
 def adapted_arms(args) -> dict[str, dict]:
@@ -98,7 +134,9 @@ def main(argv=None) -> int:
     parser.add_argument("--attack-steps", type=int, default=None,
                         help="attack steps per prompt and round of robust-wanda and adversarial (preset's)")
     parser.add_argument("--attack-prompts", type=int, default=10, help="held-out memorized captions attacked")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (of each process)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="local processes for evaluate's and the attack's generations (same results)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 1 seed, tiny budgets")
     parser.add_argument("--resume", action="store_true", help="continue the benchmark in --out")
     parser.add_argument("--overwrite", action="store_true", help="start the benchmark in --out again")
@@ -115,10 +153,11 @@ def main(argv=None) -> int:
         arms_file.write_text(toml_text(adapted_arms(args)))
         command = [sys.executable, "-m", "memprune", "benchmark", "--model", args.model, "--arms", arms_file,
                    "--steps", args.steps, "--seeds", args.seeds, "--attack-prompts", args.attack_prompts,
-                   "--out", args.out, *(["--resume"] if args.resume else []),
+                   "--processes", args.processes, "--out", args.out, *(["--resume"] if args.resume else []),
                    *(["--overwrite"] if args.overwrite else [])]
         print("$ memprune " + " ".join(str(c) for c in command[3:]), flush=True)
         code = subprocess.run([str(c) for c in command], env=env, cwd=ROOT).returncode
+    code = code or run_nemo_per_prompt(args, env)
     if code:
         return code
     if args.publish:
@@ -126,6 +165,9 @@ def main(argv=None) -> int:
         target.mkdir(parents=True, exist_ok=True)
         for name in PUBLISHED:
             shutil.copy(args.out / name, target / name)
+        if (args.out / NEMO_PER_PROMPT / "metrics.csv").is_file():
+            for suffix in ("csv", "md"):
+                shutil.copy(args.out / NEMO_PER_PROMPT / f"metrics.{suffix}", target / f"{NEMO_PER_PROMPT}.{suffix}")
         print(f"published to {target}")
     return 0
 

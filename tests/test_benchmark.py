@@ -240,9 +240,11 @@ def test_help_lists_the_registered_methods_and_the_preset_parses():
     from memprune.commands.defaults import benchmark_preset
 
     arms = parse_arms(*benchmark_preset("testbed")[:1], command_options(main))
-    # NeMo and Wen refuse the zero-terminal-SNR v-testbed (first-step quantities undefined): not in the preset
+    # NeMo (with a random control of its size) and Wen: the shipped testbed predicts ε, as SD 1.x
     assert columns(arms) == ["wanda_0.1", "random_0.1", "robust_wanda", "random_robust_wanda", "wanda_0.01",
-                             "uniforget", "gradproj", "doco", "plain_finetune", "adversarial"]
+                             "nemo", "random_nemo", "uniforget", "gradproj", "doco", "plain_finetune", "adversarial",
+                             "wen"]
+    assert [arm.name for arm in arms if arm.kind == "mitigation"] == ["wen"]
     named = {arm.name: arm for arm in arms}
     robust, adversarial = named["robust_wanda"], named["adversarial"]
     assert robust.masks_from == "wanda_0.1" and robust.argv("prune") == ["--rounds", "2", "--attack-steps", "50",
@@ -386,3 +388,26 @@ def test_output_and_arms_source_refusals(inputs, tmp_path):
     (tmp_path / "taken").mkdir()
     assert_refused(bench(inputs, tmp_path / "taken"), "already exists: pass --resume to continue that benchmark")
     assert not (tmp_path / "out").exists() and not (inputs["model"] / "bench").exists()
+
+
+def test_nemo_per_prompt_scores_the_located_prompts_with_their_training_images(tmp_path):
+    """compare_methods' NeMo per-prompt scenario: the memorized captions a locate used, each with its image."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("compare_methods", root / "bench" / "compare_methods.py")
+    compare_methods = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_methods)
+    model = tmp_path / "model"
+    (model / "captions").mkdir(parents=True)
+    (model / "images").mkdir()
+    memorized = pd.DataFrame({"caption": ["hotel", "ship", "moon"],
+                              "image": ["images/0.png", "images/1.png", "images/2.png"]})
+    memorized.to_csv(model / "captions" / "memorized.csv", index=False)
+    located = tmp_path / "located"
+    located.mkdir()
+    pd.DataFrame({"caption": ["moon", "hotel"]}).to_csv(located / "prompts_used.csv", index=False)
+    written = pd.read_csv(compare_methods.located_memorized_file(model, located, tmp_path / "input"))
+    assert written.caption.tolist() == ["hotel", "moon"]
+    assert written.image.tolist() == [str((model / "images" / name).resolve()) for name in ("0.png", "2.png")]
