@@ -201,7 +201,7 @@ def render_measurements(res: dict, command: str) -> str:
     lines = [
         "## Measurements",
         "",
-        f"Command: `{command}` ({res.get('seconds', 0) / 60:.0f} min on 1 CPU thread). Sampler: DDIM "
+        f"Command: `{command}` ({res.get('seconds', 0) / 60:.0f} min on {res.get('threads', 1)} CPU thread(s)). Sampler: DDIM "
         f"{res['steps']} steps, guidance {res['guidance']}, seeds {m['seeds']}; SSIM on 32×32 RGB "
         "(Gaussian window 11, σ 1.5).",
         "",
@@ -298,7 +298,8 @@ def main(argv=None) -> None:
     pipe = load_pipeline(args.root, args.unet)
     seeds = list(range(args.seeds))
     m = measure_memorization(pipe, args.root, seeds, args.steps, args.guidance, max_prompts=args.max_prompts)
-    out = {"memorization": m.summary(), "unet": args.unet, "steps": args.steps, "guidance": args.guidance}
+    out = {"memorization": m.summary(), "unet": args.unet, "steps": args.steps, "guidance": args.guidance,
+           "threads": args.threads}
     print(json.dumps(out["memorization"], indent=1), flush=True)
     if not args.skip_utility:
         out["utility"] = measure_utility(pipe, args.root, seeds=seeds, steps=args.steps, guidance_scale=args.guidance,
