@@ -33,8 +33,9 @@ def testbed() -> None:
     show_default=True,
     help="auto (a GPU when there is one), cpu, cuda or cuda:N. Batches and noise are the same on every device.",
 )
-@click.option("--preset", default="late12d", show_default=True, type=click.Choice(sorted(PRESETS)),
-              help="'late12d' is the shipped recipe (data/testbed); 'tiny' is a seconds-long smoke test.")
+@click.option("--preset", default="late12d_eps", show_default=True, type=click.Choice(sorted(PRESETS)),
+              help="'late12d_eps' is the shipped recipe (data/testbed, ε-prediction as SD 1.x; 'late12d' its "
+                   "v-prediction twin); 'tiny' is a seconds-long smoke test.")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Checkpoints; rerun the same command to resume. Default: OUT.work")
 @click.option("--keep-work", is_flag=True, help="Keep the checkpoint folder after success.")

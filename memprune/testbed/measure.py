@@ -201,7 +201,8 @@ def render_measurements(res: dict, command: str) -> str:
     lines = [
         "## Measurements",
         "",
-        f"Command: `{command}` ({res.get('seconds', 0) / 60:.0f} min on {res.get('threads', 1)} CPU thread(s)). Sampler: DDIM "
+        f"Command: `{command}` ({res.get('seconds', 0) / 60:.0f} min on {res.get('threads', 1)} CPU thread(s)). "
+        "Sampler: DDIM "
         f"{res['steps']} steps, guidance {res['guidance']}, seeds {m['seeds']}; SSIM on 32×32 RGB "
         "(Gaussian window 11, σ 1.5).",
         "",
