@@ -1,15 +1,17 @@
 """Every editing method on the same model, seeds and metrics, in one table: `memprune benchmark --preset testbed`.
 
-    python bench/compare_methods.py --out runs/compare_methods            # the embedded testbed, ~1 h on 2 CPU cores
+    python bench/compare_methods.py --out runs/compare_methods --threads 1 --processes 2   # the testbed, 68 min on 2 cores
     python bench/compare_methods.py --out runs/cm --quick                 # a smoke run (minutes, numbers meaningless)
     python bench/compare_methods.py --out runs/compare_methods --publish  # also write data/testbed/comparison/
     python bench/compare_methods.py --out runs/compare_methods --resume   # continue a killed run
 
 The arms are the preset memprune/benchmark_presets/testbed.toml: Wanda at ratio 0.1 (the testbed's working ratio)
 beside its size-matched random control, robust-wanda grown from that Wanda arm's masks (K = 2) beside a random
-control of its own size, Wanda at 0.01 (the paper's), UniForget, the fine-tunes (gradient projection, DoCo, plain
-fine-tuning on the same retain data as their step-matched control, and DoRI's adversarial fine-tuning); NeMo and
-Wen return with the ε-testbed (see the preset). `memprune benchmark` builds each with memprune's commands, runs
+control of its own size, Wanda at 0.01 (the paper's), NeMo (union scenario) beside a random control of its size,
+UniForget, the fine-tunes (gradient projection, DoCo, plain fine-tuning on the same retain data as their
+step-matched control, and DoRI's adversarial fine-tuning) and Wen's mitigation. After the benchmark this script runs
+NeMo's own per-prompt scenario (evaluate --mitigation nemo_prompt on the located prompts; one evaluate holds one
+mitigation, and Wen's is in the benchmark's). `memprune benchmark` builds each with memprune's commands, runs
 ONE evaluate over all of them (same seeds, one copy threshold; the held-out memorized captions are those outside
 the 10 every locate used) and ONE attack, and joins them into comparison.csv, comparison.md and comparison.png.
 
