@@ -1,6 +1,6 @@
 """Every editing method on the same model, seeds and metrics, in one table: `memprune benchmark --preset testbed`.
 
-    python bench/compare_methods.py --out runs/compare_methods --threads 1 --processes 2   # the testbed, 68 min on 2 cores
+    python bench/compare_methods.py --out runs/compare_methods --threads 1 --processes 2   # testbed: 68 min, 2 cores
     python bench/compare_methods.py --out runs/cm --quick                 # a smoke run (minutes, numbers meaningless)
     python bench/compare_methods.py --out runs/compare_methods --publish  # also write data/testbed/comparison/
     python bench/compare_methods.py --out runs/compare_methods --resume   # continue a killed run
