@@ -39,6 +39,7 @@ from memprune import methods  # noqa: E402
 from memprune.benchmark.arms import tomllib  # noqa: E402
 from memprune.commands.defaults import benchmark_preset  # noqa: E402
 from memprune.models import DEFAULT_MODEL  # noqa: E402
+from memprune.prompts import read_prompts  # noqa: E402
 
 PUBLISHED = ("comparison.csv", "comparison.md", "comparison.png", "arms.toml")
 NEMO_PER_PROMPT = "nemo_per_prompt"  # OUT/nemo_per_prompt: NeMo's own scenario, published as nemo_per_prompt.{csv,md}
@@ -49,13 +50,12 @@ def located_memorized_file(model: str | Path, located: Path, out: Path) -> Path:
     per-prompt scenario is scored on the prompts whose neurons were found, not on held-out ones."""
     import pandas as pd
 
-    captions = Path(model) / "captions"
-    memorized = pd.read_csv(captions / "memorized.csv")
-    used = set(pd.read_csv(located / "prompts_used.csv")["caption"])
-    rows = memorized[memorized.caption.isin(used)].copy()
-    rows["image"] = [str((Path(model) / image).resolve()) for image in rows.image]
+    memorized = read_prompts(Path(model) / "captions" / "memorized.csv")  # resolves each image as evaluate does
+    used = set(read_prompts(located / "prompts_used.csv").prompts)
+    located_rows = memorized.subset([i for i, caption in enumerate(memorized.prompts) if caption in used])
+    images = [located_rows.image(i) for i in range(len(located_rows))]  # refuses a row without its image
     out.mkdir(parents=True, exist_ok=True)
-    rows[["caption", "image"]].to_csv(out / "located_memorized.csv", index=False)
+    pd.DataFrame({"caption": located_rows.prompts, "image": images}).to_csv(out / "located_memorized.csv", index=False)
     return out / "located_memorized.csv"
 
 

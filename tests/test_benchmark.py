@@ -402,6 +402,8 @@ def test_nemo_per_prompt_scores_the_located_prompts_with_their_training_images(t
     model = tmp_path / "model"
     (model / "captions").mkdir(parents=True)
     (model / "images").mkdir()
+    for name in ("0.png", "1.png", "2.png"):
+        Image.new("RGB", (4, 4)).save(model / "images" / name)
     memorized = pd.DataFrame({"caption": ["hotel", "ship", "moon"],
                               "image": ["images/0.png", "images/1.png", "images/2.png"]})
     memorized.to_csv(model / "captions" / "memorized.csv", index=False)

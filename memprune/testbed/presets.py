@@ -58,8 +58,7 @@ def late11d() -> TestbedConfig:
 def late12d() -> TestbedConfig:
     """The v-prediction testbed shipped as data/testbed until 2026-12-05 (kept as a preset so a zero-terminal-SNR
     v-model stays reachable): late12 (~740 views) on late11d's look-alike-free data. 84 min on 2 CPU threads: copies
-    93%, keeps 85.5% utility, and a ratio-0.1 Wanda mask takes held-out
-    memorization to 55% (random: 94%)."""
+    93%, keeps 85.5% utility, and a ratio-0.1 Wanda mask takes held-out memorization to 55% (random: 94%)."""
     return _on_lookalike_free_data(late12())
 
 
