@@ -4,8 +4,10 @@ DoRI showed that pruning hides memorized images from their prompts while a small
 embedding brings them back, and that fine-tuning *against* that search holds where pruning does not. Each round:
 
 1. **Attack.** For every memorized caption with a training image, memprune.attack.embedding.attack_prompt (the
-   same attack `memprune attack` runs) optimises a bounded perturbation δ of its token embeddings e toward the
-   training image on the *current* model: e + δ is an embedding that brings the copy back.
+   same attack `memprune attack` runs, with its DoRI defaults: Adam lr 0.1, 8 (t, ε) draws per step, unbounded,
+   started from the prompt) optimises a perturbation δ of its token embeddings e toward the training image on the
+   *current* model: e + δ is an embedding that brings the copy back. DoRI hardens against the attack it then
+   evaluates with; a weaker round attack leaves the model open to the stronger one (measured in the README).
 2. **Fine-tune.** The shared loop of memprune.finetune runs `steps` optimiser steps with two losses, each with its
    own gradient, summed (the loop's default combination), then clipped:
    - ``retain``: the loop's standard diffusion loss on its retain data (general captions), which keeps the model
@@ -28,8 +30,8 @@ embedding brings them back, and that fine-tuning *against* that search holds whe
 
 Other choices: each round is one call of the shared loop with a fresh Adam (DoRI alternates search and fine-tune;
 moment estimates of the previous round's embeddings do not carry over), seeded with ``seed + round`` so rounds
-draw different retain batches; the attack uses ROUND_ATTACK (lr 0.01, bound 0.25 · ‖e‖, 4 noise draws per step: the
-settings this method was built and tested with, pinned when `memprune attack` moved to DoRI's unbounded lr 0.1)
+draw different retain batches; each round's attack is ``round_attack`` (default: `memprune attack`'s DoRI settings;
+BOUNDED_ROUND_ATTACK, lr 0.01, bound 0.25 · ‖e‖, 4 draws, is the weaker one this method used until 2026-12-05)
 with ``attack_steps`` per round and ``attack_seed = seed + round``. The run
 costs rounds · (attack_steps · prompts + steps) denoiser passes (of batches); DoRI's own budget on SD 1.4 was not
 available to us. Captions without a training image are not attacked and trained on their original embedding
@@ -40,7 +42,7 @@ undone at the end and the summed delta returned.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -54,7 +56,8 @@ from ..finetune import FinetuneHooks, FinetuneResult, FinetuneSettings, RetainDa
 from ..models import denoiser
 from .base import MethodInfo
 
-ROUND_ATTACK = AttackSettings(attack_lr=0.01, bound=0.25, noise_samples=4)  # every round's attack (docstring)
+# The weaker round attack used until 2026-12-05 (module docstring); the default is AttackSettings(), DoRI's.
+BOUNDED_ROUND_ATTACK = AttackSettings(attack_lr=0.01, bound=0.25, noise_samples=4)
 
 METHOD = MethodInfo(
     name="adversarial", kind="finetune",
@@ -71,6 +74,7 @@ class AdversarialSettings:
     attack_steps: int = 50  # Adam steps of the attack per prompt and round (the attack's default budget)
     surrogate: str = "retain"  # "prompt": the starting model's own generation; "retain": a retain latent
     adversarial_weight: float = 1.0
+    round_attack: AttackSettings = field(default_factory=AttackSettings)  # its attack_steps/seed are set per round
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -202,7 +206,7 @@ def train(pipe, settings: FinetuneSettings, method_settings: AdversarialSettings
     histories, attacks = [], []
     try:
         for round_ in range(method_settings.rounds):
-            attack = dataclasses.replace(ROUND_ATTACK, attack_steps=method_settings.attack_steps,
+            attack = dataclasses.replace(method_settings.round_attack, attack_steps=method_settings.attack_steps,
                                          attack_seed=settings.seed + round_)
             attacked, records = attacked_embeddings(pipe, memorized, images, attack)
             attacks += [{"round": round_, **record} for record in records]
@@ -222,7 +226,10 @@ def train(pipe, settings: FinetuneSettings, method_settings: AdversarialSettings
                 params[name].copy_(value)
     frame = pd.DataFrame(attacks)
     info = {"rounds": method_settings.rounds, "attack_steps": method_settings.attack_steps,
-            "surrogate": method_settings.surrogate, "attacked_prompts": int(frame.prompt_index.nunique()),
+            "surrogate": method_settings.surrogate,
+            "round_attack": {key: getattr(method_settings.round_attack, key)
+                             for key in ("attack_lr", "bound", "noise_samples", "init")},
+            "attacked_prompts": int(frame.prompt_index.nunique()),
             "attack_objective_by_round": frame.groupby("round").objective_after.mean().round(6).tolist()}
     return FinetuneResult(delta=total, history=pd.concat(histories, ignore_index=True), info=info)
 
