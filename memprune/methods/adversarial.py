@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..attack.embedding import AttackSettings, attack_prompt
 from ..conditioning import STATES, Conditioning, asked_size, encode_conditioning, rows_of
@@ -127,15 +128,17 @@ def surrogate_latents(pipe, prompts: list[str], retain: RetainData, surrogate: s
 
 
 def attacked_embeddings(pipe, memorized: Conditioning, images: list[torch.Tensor | None],
-                        attack: AttackSettings) -> tuple[torch.Tensor, list[dict]]:
+                        attack: AttackSettings, progress: bool = False,
+                        desc: str = "attack") -> tuple[torch.Tensor, list[dict]]:
     """(N, T, D) e + δ per memorized caption on the pipeline as it is now (e where there is no image); the attack's
     objective before and after, per attacked caption."""
     embeddings, records = memorized.cond.detach().clone(), []
-    for i, image in enumerate(images):
-        if image is None:
-            continue
+    attacked = [(i, image) for i, image in enumerate(images) if image is not None]
+    bar = tqdm(attacked, desc=desc, disable=not progress, leave=False)
+    for i, image in bar:
         one = Conditioning(memorized.select(torch.tensor([i])), None, [memorized.prompts[i]])
         result = attack_prompt(pipe, memorized.prompts[i], image, attack, one)
+        bar.set_postfix(objective=f"{result.loss_after:.4f}")
         embeddings[i] = embeddings[i] + result.delta[0].to(embeddings)
         records.append({"prompt_index": i, "objective_before": result.loss_before,
                         "objective_after": result.loss_after, "perturbation_norm_relative": result.relative_norm})
@@ -208,7 +211,9 @@ def train(pipe, settings: FinetuneSettings, method_settings: AdversarialSettings
         for round_ in range(method_settings.rounds):
             attack = dataclasses.replace(method_settings.round_attack, attack_steps=method_settings.attack_steps,
                                          attack_seed=settings.seed + round_)
-            attacked, records = attacked_embeddings(pipe, memorized, images, attack)
+            attacked, records = attacked_embeddings(
+                pipe, memorized, images, attack, progress=settings.progress,
+                desc=f"adversarial round {round_ + 1}/{method_settings.rounds}: attack")
             attacks += [{"round": round_, **record} for record in records]
             round_settings = dataclasses.replace(settings, seed=settings.seed + round_)
             hooks = AdversarialHooks(memorized, attacked, surrogates, method_settings.adversarial_weight,
