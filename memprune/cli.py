@@ -310,6 +310,8 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, heigh
               help="adversarial: attack + fine-tune rounds, each of --steps steps [default: 2].")
 @click.option("--attack-steps", default=None, type=click.IntRange(min=0),
               help="adversarial: attack steps per memorized image and round [default: 50].")
+@click.option("--round-attack", default=None, type=click.Choice(["dori", "bounded"]),
+              help="adversarial: each round's attack, dori (memprune attack's) or bounded (lr 0.01) [default: dori].")
 @click.option("--from", "from_dir", default=None, type=click.Path(file_okay=False),
               help="Start from this edit of --model (e.g. a pruned folder) instead of --model itself.")
 @size_options
@@ -318,8 +320,8 @@ def detect(model, prompts, steps, seeds, seed, guidance_scale, batch_size, heigh
 @out_option
 @overwrite_option
 def finetune(model, method, memorized, retain, retain_images, anchors, data, protect, params, retention, energy, steps,
-             lr, batch_size, retain_prompts, sampling_steps, seed, rounds, attack_steps, from_dir, height, width,
-             device, dtype, out, overwrite):
+             lr, batch_size, retain_prompts, sampling_steps, seed, rounds, attack_steps, round_attack, from_dir, height,
+             width, device, dtype, out, overwrite):
     """Fine-tune the denoiser on retain data (gradient projection, DoCo, adversarial or the plain control); save it."""
     options = dict(locals())
     from .commands import finetune as command

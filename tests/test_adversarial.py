@@ -131,6 +131,9 @@ def test_settings_and_registry():
     assert adversarial.settings_from_options({}).surrogate == "retain"
     assert adversarial.settings_from_options({"from_dir": "pruned", "rounds": 3}).surrogate == "prompt"
     assert adversarial.settings_from_options({"rounds": 3, "attack_steps": 7}).rounds == 3
+    assert adversarial.settings_from_options({}).round_attack == AttackSettings()  # DoRI's, as `memprune attack`
+    bounded = adversarial.settings_from_options({"round_attack": "bounded"}).round_attack
+    assert (bounded.attack_lr, bounded.bound, bounded.noise_samples) == (0.01, 0.25, 4)
     with pytest.raises(MemPruneError, match="doco only"):
         adversarial.settings_from_options({"anchors": "a.txt"})
 

@@ -250,7 +250,8 @@ def test_help_lists_the_registered_methods_and_the_preset_parses():
     assert robust.masks_from == "wanda_0.1" and robust.argv("prune") == ["--rounds", "2", "--attack-steps", "50",
                                                                           "--timesteps", "10"]
     assert adversarial.from_arm is None and adversarial.argv("finetune") == ["--steps", "200", "--rounds", "2",
-                                                                             "--attack-steps", "10"]
+                                                                             "--attack-steps", "10",
+                                                                             "--round-attack", "bounded"]
 
 
 def test_field_preset_parses_with_a_random_control_beside_each_located_edit():

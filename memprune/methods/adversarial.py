@@ -96,14 +96,16 @@ def default_settings() -> AdversarialSettings:
 
 
 def settings_from_options(options: dict) -> AdversarialSettings:
-    """--rounds and --attack-steps (None: the defaults); the surrogate follows --from (module docstring)."""
+    """--rounds, --attack-steps and --round-attack (None: the defaults); the surrogate follows --from (module
+    docstring)."""
     if options.get("anchors") is not None:
         raise MemPruneError("--anchors is used by --method doco only.")
     defaults = default_settings()
     rounds, steps = options.get("rounds"), options.get("attack_steps")
+    round_attack = BOUNDED_ROUND_ATTACK if options.get("round_attack") == "bounded" else defaults.round_attack
     return AdversarialSettings(rounds=defaults.rounds if rounds is None else rounds,
                                attack_steps=defaults.attack_steps if steps is None else steps,
-                               surrogate="prompt" if options.get("from_dir") else "retain")
+                               surrogate="prompt" if options.get("from_dir") else "retain", round_attack=round_attack)
 
 
 # --------------------------------------------------------------------------------------------------------------
