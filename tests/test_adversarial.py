@@ -52,9 +52,6 @@ def memorizing(tmp_path_factory):
     return pipe, retain, path
 
 
-ROUND_ATTACKS = {"dori": AttackSettings(), "bounded": adversarial.BOUNDED_ROUND_ATTACK}
-
-
 def _objective(pipe, path, round_attack: AttackSettings) -> float:
     """The attack's objective after optimisation: the denoising loss of the memorized image (round 0's budget/seed)."""
     image = load_image(path, default_size(pipe))
@@ -66,7 +63,7 @@ def _objective(pipe, path, round_attack: AttackSettings) -> float:
 @pytest.mark.parametrize("params", ["kv", "unet"])
 def test_one_round_makes_the_same_attack_worse_and_changes_only_declared_parameters(memorizing, params, attack):
     pipe, retain, path = memorizing
-    round_attack = ROUND_ATTACKS[attack]
+    round_attack = adversarial.ROUND_ATTACKS[attack]
     before_state = _state(pipe)
     before = _objective(pipe, path, round_attack)
     settings = FinetuneSettings(**{**ROUND.__dict__, "params": params})
